@@ -1,0 +1,452 @@
+//! The build stage: pure functions that turn a validated `ComponentPlan` into whole Kubernetes
+//! objects (ConfigMap, Service, Deployment or StatefulSet, PodDisruptionBudget, HPA).
+//! Nothing here talks to the API server, so every object is unit-tested as a whole.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
+    MetricSpec, MetricTarget, ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, EnvVar, GRPCAction, HTTPGetAction, LocalObjectReference,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest, Sha256};
+
+use crate::component::{Component, METRICS_PORT};
+use crate::plan::{ComponentPlan, RelayPlan};
+
+/// The one field manager for every server-side apply the operator does.
+pub const FIELD_MANAGER: &str = "orly-operator";
+/// Pod template annotation carrying the ConfigMap's content hash, so a config change rolls pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "orly.dev/config-hash";
+/// Non-root user the images run as.
+const RUN_AS: i64 = 65532;
+
+/// The workload of a component: a Deployment, or a StatefulSet when it owns a volume.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    Deployment(Box<Deployment>),
+    StatefulSet(Box<StatefulSet>),
+}
+
+/// Every child object of one component.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComponentChildren {
+    pub config_map: ConfigMap,
+    pub service: Service,
+    pub workload: Workload,
+    /// Present when the component can run more than one replica.
+    pub pdb: Option<PodDisruptionBudget>,
+    /// Present when autoscaling is set.
+    pub hpa: Option<HorizontalPodAutoscaler>,
+}
+
+/// Build all children of `component`.
+pub fn build_children(plan: &RelayPlan, component: &ComponentPlan) -> ComponentChildren {
+    let config_map = build_config_map(plan, component);
+    let hash = config_hash(&config_map);
+    let workload = if component.storage.is_some() {
+        Workload::StatefulSet(Box::new(build_stateful_set(plan, component, &hash)))
+    } else {
+        Workload::Deployment(Box::new(build_deployment(plan, component, &hash)))
+    };
+    ComponentChildren {
+        config_map,
+        service: build_service(plan, component),
+        workload,
+        pdb: build_pdb(plan, component),
+        hpa: build_hpa(plan, component),
+    }
+}
+
+/// Labels that select one component's pods; stable across versions because selectors are
+/// immutable.
+pub fn selector_labels(relay: &str, component: Component) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "orly"),
+        ("app.kubernetes.io/instance", relay),
+        ("app.kubernetes.io/component", component.name()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// The Kubernetes recommended label set for a child.
+pub fn labels(relay: &str, component: &ComponentPlan) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(relay, component.component);
+    labels.insert("app.kubernetes.io/part-of".into(), "orly".into());
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "orly-operator".into(),
+    );
+    labels.insert("app.kubernetes.io/version".into(), component.version.clone());
+    labels
+}
+
+/// Name, namespace, labels and controller owner reference of a child.
+pub fn child_meta(plan: &RelayPlan, component: &ComponentPlan) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(component.child_name(&plan.name)),
+        namespace: Some(plan.namespace.clone()),
+        labels: Some(labels(&plan.name, component)),
+        owner_references: Some(vec![plan.owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The component's non-secret env, consumed through `envFrom`.
+pub fn build_config_map(plan: &RelayPlan, component: &ComponentPlan) -> ConfigMap {
+    ConfigMap {
+        metadata: child_meta(plan, component),
+        data: Some(component.config.clone()),
+        ..ConfigMap::default()
+    }
+}
+
+/// SHA-256 of the ConfigMap data (a BTreeMap, so the order is stable).
+pub fn config_hash(config_map: &ConfigMap) -> String {
+    let mut hasher = Sha256::new();
+    for (key, value) in config_map.data.iter().flatten() {
+        hasher.update(key.as_bytes());
+        hasher.update([0]);
+        hasher.update(value.as_bytes());
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// The Service: headless for scaled gRPC services so clients balance across pods themselves.
+pub fn build_service(plan: &RelayPlan, component: &ComponentPlan) -> Service {
+    let mut ports = vec![ServicePort {
+        name: Some(main_port_name(component.component).into()),
+        port: component.port,
+        target_port: Some(IntOrString::String(
+            main_port_name(component.component).into(),
+        )),
+        app_protocol: (component.component != Component::Relay)
+            .then(|| "kubernetes.io/h2c".to_string()),
+        ..ServicePort::default()
+    }];
+    if component.component != Component::Relay {
+        ports.push(ServicePort {
+            name: Some("metrics".into()),
+            port: METRICS_PORT,
+            target_port: Some(IntOrString::String("metrics".into())),
+            ..ServicePort::default()
+        });
+    }
+    Service {
+        metadata: child_meta(plan, component),
+        spec: Some(ServiceSpec {
+            type_: Some(component.service_type.as_str().into()),
+            cluster_ip: component.headless.then(|| "None".to_string()),
+            selector: Some(selector_labels(&plan.name, component.component)),
+            ports: Some(ports),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn main_port_name(component: Component) -> &'static str {
+    if component == Component::Relay {
+        "http"
+    } else {
+        "grpc"
+    }
+}
+
+/// Readiness and liveness probes: the named gRPC health service, or the relay's HTTP endpoints.
+fn probes(component: &ComponentPlan) -> (Probe, Probe) {
+    match component.component.grpc_health_service() {
+        Some(service) => {
+            let grpc = || GRPCAction {
+                port: component.port,
+                service: Some(service.to_string()),
+            };
+            (
+                Probe {
+                    grpc: Some(grpc()),
+                    period_seconds: Some(5),
+                    failure_threshold: Some(3),
+                    ..Probe::default()
+                },
+                Probe {
+                    grpc: Some(grpc()),
+                    initial_delay_seconds: Some(15),
+                    period_seconds: Some(10),
+                    failure_threshold: Some(6),
+                    ..Probe::default()
+                },
+            )
+        }
+        None => {
+            let http = |path: &str| HTTPGetAction {
+                path: Some(path.to_string()),
+                port: IntOrString::String("http".into()),
+                ..HTTPGetAction::default()
+            };
+            (
+                Probe {
+                    http_get: Some(http("/readyz")),
+                    period_seconds: Some(5),
+                    failure_threshold: Some(3),
+                    ..Probe::default()
+                },
+                Probe {
+                    http_get: Some(http("/healthz")),
+                    initial_delay_seconds: Some(15),
+                    period_seconds: Some(10),
+                    failure_threshold: Some(6),
+                    ..Probe::default()
+                },
+            )
+        }
+    }
+}
+
+/// Container env: Secret-backed vars, then the user's extra env, which wins on a name clash
+/// (duplicates are dropped because server-side apply refuses duplicate list-map keys).
+fn container_env(component: &ComponentPlan) -> Option<Vec<EnvVar>> {
+    let mut env: Vec<EnvVar> = component
+        .secret_env
+        .iter()
+        .filter(|e| !component.pod.env.iter().any(|u| u.name == e.name))
+        .cloned()
+        .collect();
+    env.extend(component.pod.env.iter().cloned());
+    (!env.is_empty()).then_some(env)
+}
+
+/// The pod template shared by Deployments and StatefulSets.
+pub fn build_pod_template(
+    plan: &RelayPlan,
+    component: &ComponentPlan,
+    config_hash: &str,
+) -> PodTemplateSpec {
+    let (readiness, liveness) = probes(component);
+    let mut ports = vec![ContainerPort {
+        name: Some(main_port_name(component.component).into()),
+        container_port: component.port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }];
+    if component.component != Component::Relay {
+        ports.push(ContainerPort {
+            name: Some("metrics".into()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        });
+    }
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..VolumeMount::default()
+    }];
+    if component.storage.is_some() {
+        mounts.push(VolumeMount {
+            name: "data".into(),
+            mount_path: "/data".into(),
+            ..VolumeMount::default()
+        });
+    }
+    let container = Container {
+        name: component.component.binary().into(),
+        image: Some(component.image.clone()),
+        image_pull_policy: component.pull_policy.clone(),
+        ports: Some(ports),
+        env_from: Some(vec![EnvFromSource {
+            config_map_ref: Some(ConfigMapEnvSource {
+                name: component.child_name(&plan.name),
+                optional: Some(false),
+            }),
+            ..EnvFromSource::default()
+        }]),
+        env: container_env(component),
+        resources: component.pod.resources.clone(),
+        readiness_probe: Some(readiness),
+        liveness_probe: Some(liveness),
+        volume_mounts: Some(mounts),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let mut labels = labels(&plan.name, component);
+    // The version label would roll pods on every tag change anyway; keeping it off the pod
+    // template keeps the template identical to what selectors and hashes describe.
+    labels.remove("app.kubernetes.io/version");
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([(
+                CONFIG_HASH_ANNOTATION.to_string(),
+                config_hash.to_string(),
+            )])),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            image_pull_secrets: (!component.pull_secrets.is_empty()).then(|| {
+                component
+                    .pull_secrets
+                    .iter()
+                    .map(|name| LocalObjectReference { name: name.clone() })
+                    .collect()
+            }),
+            node_selector: (!component.pod.node_selector.is_empty())
+                .then(|| component.pod.node_selector.clone()),
+            tolerations: (!component.pod.tolerations.is_empty())
+                .then(|| component.pod.tolerations.clone()),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS),
+                run_as_group: Some(RUN_AS),
+                fs_group: Some(RUN_AS),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            volumes: Some(vec![Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            }]),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// A Deployment; `spec.replicas` is left out when an HPA owns the count.
+pub fn build_deployment(
+    plan: &RelayPlan,
+    component: &ComponentPlan,
+    config_hash: &str,
+) -> Deployment {
+    Deployment {
+        metadata: child_meta(plan, component),
+        spec: Some(DeploymentSpec {
+            replicas: component
+                .autoscaling
+                .is_none()
+                .then_some(component.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&plan.name, component.component)),
+                ..LabelSelector::default()
+            },
+            template: build_pod_template(plan, component, config_hash),
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// A StatefulSet with a `data` PVC for db on SQLite.
+pub fn build_stateful_set(
+    plan: &RelayPlan,
+    component: &ComponentPlan,
+    config_hash: &str,
+) -> StatefulSet {
+    let storage = component.storage.clone().unwrap_or_default();
+    StatefulSet {
+        metadata: child_meta(plan, component),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(component.replicas),
+            service_name: Some(component.child_name(&plan.name)),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&plan.name, component.component)),
+                ..LabelSelector::default()
+            },
+            template: build_pod_template(plan, component, config_hash),
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("data".into()),
+                    labels: Some(selector_labels(&plan.name, component.component)),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    storage_class_name: storage.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([(
+                            "storage".to_string(),
+                            Quantity(storage.storage_size.clone()),
+                        )])),
+                        ..VolumeResourceRequirements::default()
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                ..PersistentVolumeClaim::default()
+            }]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+/// A PodDisruptionBudget allowing one pod down at a time, when more than one can run.
+pub fn build_pdb(plan: &RelayPlan, component: &ComponentPlan) -> Option<PodDisruptionBudget> {
+    (component.max_replicas() > 1).then(|| PodDisruptionBudget {
+        metadata: child_meta(plan, component),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&plan.name, component.component)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    })
+}
+
+/// An autoscaling/v2 HPA on CPU when autoscaling is set.
+pub fn build_hpa(plan: &RelayPlan, component: &ComponentPlan) -> Option<HorizontalPodAutoscaler> {
+    let autoscaling = component.autoscaling.as_ref()?;
+    Some(HorizontalPodAutoscaler {
+        metadata: child_meta(plan, component),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: component.child_name(&plan.name),
+            },
+            min_replicas: Some(autoscaling.min_replicas),
+            max_replicas: autoscaling.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".into(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".into(),
+                    target: MetricTarget {
+                        type_: "Utilization".into(),
+                        average_utilization: Some(autoscaling.target_cpu_utilization_percentage),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            ..HorizontalPodAutoscalerSpec::default()
+        }),
+        ..HorizontalPodAutoscaler::default()
+    })
+}

@@ -1,0 +1,653 @@
+//! The reconciler: validate → read existing children → apply tier by tier (each only once the
+//! tier below is Available) → prune → status and Events; plus the error policy with backoff and
+//! the `Controller` wiring that watches OrlyRelays and the children they own.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::error_boundary::{DeserializeGuard, InvalidObject};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use crate::builders::{build_children, Workload, FIELD_MANAGER};
+use crate::component::{child_name, Component, Tier};
+use crate::crd::{OrlyRelay, OrlyRelayStatus, Phase};
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::plan::{plan, ComponentPlan, OperatorDefaults, RelayPlan};
+use crate::status::{
+    compute_status, invalid_status, tier_available, ComponentState, StatusInput,
+    WorkloadObservation,
+};
+
+/// Requeue interval once everything is Ready: a safety net, since child watches trigger us.
+pub const READY_REQUEUE: Duration = Duration::from_secs(300);
+/// Requeue interval while a tier is rolling out.
+pub const PROGRESSING_REQUEUE: Duration = Duration::from_secs(30);
+/// First retry delay after an error; doubles per consecutive failure.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
+/// Upper bound of the retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Label selecting every child the operator manages.
+pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=orly-operator";
+
+/// Shared state of every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub defaults: OperatorDefaults,
+    /// Consecutive failures per OrlyRelay (`namespace/name`), for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context publishing Events as `reporter`.
+    pub fn new(client: Client, defaults: OperatorDefaults, reporter: Reporter) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            defaults,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn record_failure(&self, key: &str) -> u32 {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn reset_failures(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}
+
+/// The reporter identity for Events.
+pub fn reporter(instance: Option<String>) -> Reporter {
+    Reporter {
+        controller: "orly-operator".into(),
+        instance,
+    }
+}
+
+/// Delay before retry number `failures` (1-based): 5s, 10s, 20s, ... capped at 5 minutes.
+pub fn backoff_delay(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE
+        .saturating_mul(1u32 << exp)
+        .min(BACKOFF_MAX)
+}
+
+fn object_key(namespace: Option<&str>, name: &str) -> String {
+    format!("{}/{name}", namespace.unwrap_or_default())
+}
+
+fn guard_key(obj: &DeserializeGuard<OrlyRelay>) -> String {
+    match &obj.0 {
+        Ok(relay) => object_key(relay.metadata.namespace.as_deref(), &relay.name_any()),
+        Err(invalid) => object_key(
+            invalid.metadata.namespace.as_deref(),
+            invalid.metadata.name.as_deref().unwrap_or_default(),
+        ),
+    }
+}
+
+/// Reconcile one OrlyRelay (or report why it cannot be read).
+pub async fn reconcile(
+    obj: Arc<DeserializeGuard<OrlyRelay>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    let started = Instant::now();
+    let key = guard_key(&obj);
+    let result = match &obj.0 {
+        Ok(relay) => reconcile_relay(relay, &ctx).await,
+        Err(invalid) => report_invalid_object(invalid, &ctx).await,
+    };
+    metrics::record_reconcile(started.elapsed(), result.as_ref().err());
+    if result.is_ok() {
+        ctx.reset_failures(&key);
+    }
+    result
+}
+
+/// Requeue with exponential backoff per object, so one failing OrlyRelay never spins.
+pub fn error_policy(obj: Arc<DeserializeGuard<OrlyRelay>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = guard_key(&obj);
+    let failures = ctx.record_failure(&key);
+    let delay = backoff_delay(failures);
+    warn!(object = %key, failures, delay_secs = delay.as_secs(), error = %error, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// An object that does not deserialize: say so in its status once and wait for an edit.
+async fn report_invalid_object(invalid: &InvalidObject, ctx: &Context) -> Result<Action> {
+    let name = invalid.metadata.name.clone().unwrap_or_default();
+    let message = format!("OrlyRelay does not match the schema: {}", invalid.error);
+    warn!(object = %name, error = %invalid.error, "OrlyRelay does not deserialize");
+    let status = invalid_status(invalid.metadata.generation, &message, None, now());
+    let namespace = invalid.metadata.namespace.clone().unwrap_or_default();
+    patch_status(&ctx.client, &namespace, &name, &status).await?;
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(OrlyRelay::api_version(&()).into_owned()),
+        kind: Some(OrlyRelay::kind(&()).into_owned()),
+        name: Some(name),
+        namespace: Some(namespace),
+        uid: invalid.metadata.uid.clone(),
+        ..Default::default()
+    };
+    publish(ctx, &reference, EventType::Warning, "InvalidObject", "Validate", message).await;
+    Ok(Action::await_change())
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
+    let name = relay.name_any();
+    let namespace = relay.namespace().unwrap_or_default();
+    let reference = relay.object_ref(&());
+    let previous = relay.status.as_ref();
+
+    // validate
+    let plan = match plan(relay, &ctx.defaults) {
+        Ok(plan) => plan,
+        Err(Error::InvalidSpec(message)) => {
+            let status = invalid_status(relay.metadata.generation, &message, previous, now());
+            if previous != Some(&status) {
+                patch_status(&ctx.client, &namespace, &name, &status).await?;
+                publish(ctx, &reference, EventType::Warning, "InvalidSpec", "Validate", message)
+                    .await;
+            }
+            return Ok(Action::await_change());
+        }
+        Err(other) => return Err(other),
+    };
+
+    // read what exists
+    let existing = Existing::read(&ctx.client, &plan).await?;
+
+    // apply, tier by tier
+    let mut states: Vec<(Component, ComponentState)> = Vec::new();
+    let mut errors: Vec<Error> = Vec::new();
+    let mut gate_open = true;
+    for tier in Tier::ALL {
+        for component in plan.components.iter().filter(|c| c.component.tier() == tier) {
+            let state = if gate_open {
+                match apply_component(&ctx.client, &plan, component, &existing).await {
+                    Ok(observation) => ComponentState::Observed(observation),
+                    Err(error) => {
+                        warn!(relay = %name, component = %component.component, error = %error, "applying component failed");
+                        let state = ComponentState::Failed {
+                            desired: component.replicas,
+                            message: error.to_string(),
+                        };
+                        errors.push(error);
+                        state
+                    }
+                }
+            } else {
+                existing.observe(&plan, component)
+            };
+            states.push((component.component, state));
+        }
+        if gate_open && !tier_available(&states, tier) {
+            debug!(relay = %name, tier = %tier, "tier not available yet; higher tiers wait");
+            gate_open = false;
+        }
+    }
+
+    // prune disabled components
+    for component in &plan.disabled {
+        if existing.has_any(&child_name(&plan.name, *component)) {
+            if let Err(error) = delete_component(&ctx.client, &plan, *component).await {
+                warn!(relay = %name, component = %component, error = %error, "deleting disabled component failed");
+                errors.push(error);
+            } else {
+                info!(relay = %name, component = %component, "deleted disabled component");
+            }
+        }
+    }
+
+    // status and events
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let status = compute_status(&StatusInput {
+        generation: relay.metadata.generation,
+        components: &states,
+        errors: &messages,
+        previous,
+        now: now(),
+    });
+    if previous != Some(&status) {
+        patch_status(&ctx.client, &namespace, &name, &status).await?;
+    }
+    publish_transitions(ctx, &reference, previous, &status, &messages).await;
+
+    match errors.len() {
+        0 if status.phase == Some(Phase::Ready) => Ok(Action::requeue(READY_REQUEUE)),
+        0 => Ok(Action::requeue(PROGRESSING_REQUEUE)),
+        1 => Err(errors.remove(0)),
+        _ => Err(Error::Children(errors)),
+    }
+}
+
+async fn publish_transitions(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    previous: Option<&OrlyRelayStatus>,
+    status: &OrlyRelayStatus,
+    errors: &[String],
+) {
+    let before = previous.map_or(0, |p| p.available_tiers);
+    for tier in Tier::ALL
+        .iter()
+        .take(status.available_tiers as usize)
+        .skip(before as usize)
+    {
+        let next = Tier::ALL
+            .get(*tier as usize + 1)
+            .map_or("all tiers are available".to_string(), |t| {
+                format!("rolling out tier {t}")
+            });
+        publish(
+            ctx,
+            reference,
+            EventType::Normal,
+            "TierAvailable",
+            "Rollout",
+            format!("tier {tier} is available; {next}"),
+        )
+        .await;
+    }
+    if status.available_tiers < before {
+        publish(
+            ctx,
+            reference,
+            EventType::Warning,
+            "TierUnavailable",
+            "Rollout",
+            format!(
+                "tier {} is no longer available",
+                Tier::ALL[status.available_tiers as usize]
+            ),
+        )
+        .await;
+    }
+    if !errors.is_empty() {
+        publish(
+            ctx,
+            reference,
+            EventType::Warning,
+            "ApplyFailed",
+            "Apply",
+            errors.join("; "),
+        )
+        .await;
+    }
+}
+
+/// Events are advisory: a failure to publish one is logged, never fails the reconcile.
+async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, reference).await {
+        warn!(reason, error = %error, "publishing event failed");
+    }
+}
+
+/// Write the status through the status subresource with the operator's field manager.
+pub async fn patch_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &OrlyRelayStatus,
+) -> Result<()> {
+    let api: Api<OrlyRelay> = Api::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({
+        "apiVersion": OrlyRelay::api_version(&()),
+        "kind": OrlyRelay::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Status {
+        name: name.to_string(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// The children that exist now, read with one list per kind (label-selected).
+#[derive(Debug, Default)]
+struct Existing {
+    config_maps: BTreeSet<String>,
+    deployments: HashMap<String, Deployment>,
+    stateful_sets: HashMap<String, StatefulSet>,
+    pdbs: BTreeSet<String>,
+    hpas: BTreeSet<String>,
+}
+
+impl Existing {
+    async fn read(client: &Client, plan: &RelayPlan) -> Result<Self> {
+        let params = ListParams::default().labels(&format!(
+            "app.kubernetes.io/instance={},{MANAGED_BY_SELECTOR}",
+            plan.name
+        ));
+        let ns = plan.namespace.as_str();
+        Ok(Self {
+            config_maps: list::<ConfigMap>(client, ns, &params)
+                .await?
+                .into_iter()
+                .map(|o| o.name_any())
+                .collect(),
+            deployments: list::<Deployment>(client, ns, &params)
+                .await?
+                .into_iter()
+                .map(|o| (o.name_any(), o))
+                .collect(),
+            stateful_sets: list::<StatefulSet>(client, ns, &params)
+                .await?
+                .into_iter()
+                .map(|o| (o.name_any(), o))
+                .collect(),
+            pdbs: list::<PodDisruptionBudget>(client, ns, &params)
+                .await?
+                .into_iter()
+                .map(|o| o.name_any())
+                .collect(),
+            hpas: list::<HorizontalPodAutoscaler>(client, ns, &params)
+                .await?
+                .into_iter()
+                .map(|o| o.name_any())
+                .collect(),
+        })
+    }
+
+    /// The state of a component this reconcile may not touch (its tier is gated).
+    fn observe(&self, plan: &RelayPlan, component: &ComponentPlan) -> ComponentState {
+        let name = component.child_name(&plan.name);
+        // Only the kind the plan wants counts; a leftover of the other kind is being replaced.
+        let observed = if component.storage.is_some() {
+            self.stateful_sets
+                .get(&name)
+                .map(WorkloadObservation::from_stateful_set)
+        } else {
+            self.deployments
+                .get(&name)
+                .map(WorkloadObservation::from_deployment)
+        };
+        if let Some(observation) = observed {
+            ComponentState::Observed(observation)
+        } else {
+            ComponentState::NotCreated {
+                desired: component.replicas,
+            }
+        }
+    }
+
+    fn has_any(&self, name: &str) -> bool {
+        self.config_maps.contains(name)
+            || self.deployments.contains_key(name)
+            || self.stateful_sets.contains_key(name)
+            || self.pdbs.contains(name)
+            || self.hpas.contains(name)
+    }
+}
+
+async fn list<K>(client: &Client, namespace: &str, params: &ListParams) -> Result<Vec<K>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    Ok(api.list(params).await?.items)
+}
+
+fn child_error(
+    component: Component,
+    action: &'static str,
+    kind: &'static str,
+    name: &str,
+) -> impl FnOnce(kube::Error) -> Error {
+    let name = name.to_string();
+    move |source| Error::Child {
+        component,
+        action,
+        kind,
+        name,
+        source,
+    }
+}
+
+async fn apply<K>(client: &Client, namespace: &str, obj: &K, component: Component) -> Result<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(child_error(component, "apply", kind_of::<K>(), &name))
+}
+
+async fn delete<K>(client: &Client, namespace: &str, name: &str, component: Component) -> Result<()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        // Already gone is the outcome we wanted.
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(child_error(component, "delete", kind_of::<K>(), name)(source)),
+    }
+}
+
+fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "ConfigMap" => "ConfigMap",
+        "Service" => "Service",
+        "Deployment" => "Deployment",
+        "StatefulSet" => "StatefulSet",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        "HorizontalPodAutoscaler" => "HorizontalPodAutoscaler",
+        _ => "object",
+    }
+}
+
+/// Apply every child of one component; returns its workload's counts from the apply response.
+async fn apply_component(
+    client: &Client,
+    plan: &RelayPlan,
+    component: &ComponentPlan,
+    existing: &Existing,
+) -> Result<WorkloadObservation> {
+    let ns = plan.namespace.as_str();
+    let c = component.component;
+    let name = component.child_name(&plan.name);
+    let children = build_children(plan, component);
+    apply(client, ns, &children.config_map, c).await?;
+    apply(client, ns, &children.service, c).await?;
+    let observation = match &children.workload {
+        Workload::Deployment(d) => {
+            // db switching from sqlite to postgres leaves a StatefulSet behind.
+            if existing.stateful_sets.contains_key(&name) {
+                delete::<StatefulSet>(client, ns, &name, c).await?;
+            }
+            WorkloadObservation::from_deployment(&apply(client, ns, d.as_ref(), c).await?)
+        }
+        Workload::StatefulSet(s) => {
+            if existing.deployments.contains_key(&name) {
+                delete::<Deployment>(client, ns, &name, c).await?;
+            }
+            WorkloadObservation::from_stateful_set(&apply(client, ns, s.as_ref(), c).await?)
+        }
+    };
+    match &children.pdb {
+        Some(pdb) => {
+            apply(client, ns, pdb, c).await?;
+        }
+        None if existing.pdbs.contains(&name) => {
+            delete::<PodDisruptionBudget>(client, ns, &name, c).await?
+        }
+        None => {}
+    }
+    match &children.hpa {
+        Some(hpa) => {
+            apply(client, ns, hpa, c).await?;
+        }
+        None if existing.hpas.contains(&name) => {
+            delete::<HorizontalPodAutoscaler>(client, ns, &name, c).await?
+        }
+        None => {}
+    }
+    Ok(observation)
+}
+
+/// Delete every child of a disabled component, dependents first and the ConfigMap last, so a
+/// half-done deletion is still found (by its ConfigMap) next time.
+async fn delete_component(client: &Client, plan: &RelayPlan, component: Component) -> Result<()> {
+    let ns = plan.namespace.as_str();
+    let name = child_name(&plan.name, component);
+    delete::<HorizontalPodAutoscaler>(client, ns, &name, component).await?;
+    delete::<PodDisruptionBudget>(client, ns, &name, component).await?;
+    delete::<Deployment>(client, ns, &name, component).await?;
+    delete::<StatefulSet>(client, ns, &name, component).await?;
+    delete::<Service>(client, ns, &name, component).await?;
+    delete::<ConfigMap>(client, ns, &name, component).await?;
+    Ok(())
+}
+
+/// Settings of the running controller.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Watch only this namespace (WATCH_NAMESPACE); all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// Image defaults.
+    pub defaults: OperatorDefaults,
+    /// Events' reporting instance (the pod name).
+    pub instance: Option<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            concurrency: 4,
+            defaults: OperatorDefaults::default(),
+            instance: None,
+        }
+    }
+}
+
+fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Run the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ns = config.namespace.as_deref();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config.defaults.clone(),
+        reporter(config.instance.clone()),
+    ));
+    let children = watcher::Config::default()
+        .labels(MANAGED_BY_SELECTOR)
+        .any_semantic();
+    info!(namespace = ?ns, "starting OrlyRelay controller");
+    Controller::new(
+        scoped_api::<DeserializeGuard<OrlyRelay>>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(scoped_api::<ConfigMap>(&client, ns), children.clone())
+    .owns(scoped_api::<Service>(&client, ns), children.clone())
+    .owns(scoped_api::<Deployment>(&client, ns), children.clone())
+    .owns(scoped_api::<StatefulSet>(&client, ns), children.clone())
+    .owns(scoped_api::<PodDisruptionBudget>(&client, ns), children.clone())
+    .owns(scoped_api::<HorizontalPodAutoscaler>(&client, ns), children)
+    .with_config(controller::Config::default().concurrency(config.concurrency))
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        match result {
+            Ok((object, _)) => debug!(object = %object.name, "reconciled"),
+            Err(error) => debug!(error = %error, "reconcile did not complete"),
+        }
+    })
+    .await;
+    info!("OrlyRelay controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let delays: Vec<u64> = (1..=8).map(|n| backoff_delay(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(backoff_delay(u32::MAX), BACKOFF_MAX);
+    }
+}

@@ -1,0 +1,461 @@
+//! Reconcile flows against the fake API server: each test is one story of an OrlyRelay, told
+//! reconcile by reconcile, checking which children exist, what was sent, and the status.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{reconcile_stored, setup, FakeApi, NAME, NS};
+use http::Method;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::core::error_boundary::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::Api;
+use orly_operator::builders::CONFIG_HASH_ANNOTATION;
+use orly_operator::controller::{error_policy, reconcile, PROGRESSING_REQUEUE, READY_REQUEUE};
+use orly_operator::crd::{OrlyRelay, Phase};
+use serde_json::json;
+
+fn status(fake: &FakeApi) -> orly_operator::OrlyRelayStatus {
+    fake.get::<OrlyRelay>(NS, NAME)
+        .and_then(|r| r.status)
+        .expect("status written")
+}
+
+fn condition(fake: &FakeApi, type_: &str) -> (String, String, String, Option<i64>) {
+    let status = status(fake);
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("condition {type_}"));
+    (
+        c.status.clone(),
+        c.reason.clone(),
+        c.message.clone(),
+        c.observed_generation,
+    )
+}
+
+/// Writes (everything but GET) sent since the log was last cleared.
+fn writes(fake: &FakeApi) -> Vec<String> {
+    fake.requests()
+        .iter()
+        .filter(|r| r.method != Method::GET)
+        .map(|r| r.line())
+        .collect()
+}
+
+fn generation<K>(fake: &FakeApi, name: &str) -> i64
+where
+    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned,
+{
+    fake.get_json::<K>(NS, name).expect(name)["metadata"]["generation"]
+        .as_i64()
+        .unwrap()
+}
+
+fn event_reasons(fake: &FakeApi) -> Vec<String> {
+    fake.names::<Event>(NS)
+        .iter()
+        .filter_map(|n| fake.get::<Event>(NS, n))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+/// Reconcile and mark workloads available until the relay is Ready.
+async fn bring_to_ready(fake: &FakeApi, ctx: &Arc<orly_operator::controller::Context>) {
+    for _ in 0..4 {
+        reconcile_stored(fake, ctx).await.expect("reconcile");
+        for name in fake.names::<StatefulSet>(NS) {
+            fake.mark_available::<StatefulSet>(NS, &name);
+        }
+        for name in fake.names::<Deployment>(NS) {
+            fake.mark_available::<Deployment>(NS, &name);
+        }
+    }
+    reconcile_stored(fake, ctx).await.expect("reconcile");
+    assert_eq!(status(fake).phase, Some(Phase::Ready), "{:?}", status(fake));
+}
+
+#[tokio::test]
+async fn new_relay_gets_only_the_db_tier_and_is_progressing() {
+    let (fake, ctx) = setup("sync: {cluster: {enabled: true}}");
+    let action = reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(PROGRESSING_REQUEUE));
+
+    assert_eq!(
+        writes(&fake),
+        [
+            "PATCH /api/v1/namespaces/ns/configmaps/main-db",
+            "PATCH /api/v1/namespaces/ns/services/main-db",
+            "PATCH /apis/apps/v1/namespaces/ns/statefulsets/main-db",
+            "PATCH /apis/orly.dev/v1alpha1/namespaces/ns/orlyrelays/main/status",
+        ]
+    );
+    // Every child apply is a forced server-side apply under the one field manager.
+    for r in fake.requests().iter().filter(|r| r.method == Method::PATCH) {
+        assert!(r.query.contains("fieldManager=orly-operator"), "{}", r.query);
+        assert!(r.query.contains("force=true"), "{}", r.query);
+    }
+    assert_eq!(fake.names::<StatefulSet>(NS), ["main-db"]);
+    assert!(fake.names::<Deployment>(NS).is_empty());
+    assert_eq!(fake.names::<ConfigMap>(NS), ["main-db"]);
+
+    let status = status(&fake);
+    assert_eq!(status.phase, Some(Phase::Progressing));
+    assert_eq!(status.available_tiers, 0);
+    let (ready, reason, message, generation) = condition(&fake, "Ready");
+    assert_eq!((ready.as_str(), reason.as_str()), ("False", "TierNotAvailable"));
+    assert!(message.starts_with("waiting for tier db"), "{message}");
+    assert_eq!(generation, Some(1));
+    let (progressing, reason, _, _) = condition(&fake, "Progressing");
+    assert_eq!((progressing.as_str(), reason.as_str()), ("True", "RollingOut"));
+    let names: Vec<_> = status.components.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["db", "acl", "sync-cluster", "relay"]);
+}
+
+#[tokio::test]
+async fn once_db_is_available_the_services_tier_follows() {
+    let (fake, ctx) = setup("sync: {cluster: {enabled: true}, relaygroup: {enabled: true}}");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+
+    // The StatefulSet's controller has not caught up yet: still gated.
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(fake.names::<Deployment>(NS).is_empty());
+
+    fake.mark_available::<StatefulSet>(NS, "main-db");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(
+        fake.names::<Deployment>(NS),
+        ["main-acl", "main-sync-cluster", "main-sync-relaygroup"]
+    );
+    assert_eq!(status(&fake).available_tiers, 1);
+    assert!(event_reasons(&fake).contains(&"TierAvailable".to_string()));
+    let (_, _, message, _) = condition(&fake, "Progressing");
+    assert!(message.starts_with("waiting for tier services"), "{message}");
+}
+
+#[tokio::test]
+async fn the_relay_appears_only_after_every_enabled_sync_service_is_available() {
+    let (fake, ctx) = setup("sync: {cluster: {enabled: true}, negentropy: {enabled: true}}\nrelay: {nip77: true}");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    fake.mark_available::<StatefulSet>(NS, "main-db");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+
+    fake.mark_available::<Deployment>(NS, "main-acl");
+    fake.mark_available::<Deployment>(NS, "main-sync-cluster");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(
+        fake.get::<Deployment>(NS, "main-relay").is_none(),
+        "relay must wait for sync-negentropy"
+    );
+    let (_, _, message, _) = condition(&fake, "Ready");
+    assert!(message.contains("sync-negentropy"), "{message}");
+
+    fake.mark_available::<Deployment>(NS, "main-sync-negentropy");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let relay = fake.get::<Deployment>(NS, "main-relay").expect("relay applied");
+    assert_eq!(
+        relay.spec.unwrap().template.spec.unwrap().containers[0].image.as_deref(),
+        Some("ghcr.io/orly-relay/orly:1.2.3")
+    );
+    let relay_config = fake.get::<ConfigMap>(NS, "main-relay").unwrap().data.unwrap();
+    assert_eq!(relay_config["ORLY_GRPC_SYNC_NEGENTROPY"], "main-sync-negentropy:50064");
+    assert_eq!(relay_config["ORLY_NEGENTROPY_ENABLED"], "true");
+
+    fake.mark_available::<Deployment>(NS, "main-relay");
+    let action = reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(READY_REQUEUE));
+    let status = status(&fake);
+    assert_eq!(status.phase, Some(Phase::Ready));
+    assert_eq!(status.relay_replicas.as_deref(), Some("1/1"));
+    assert_eq!(status.available_tiers, 3);
+    assert_eq!(condition(&fake, "Ready").0, "True");
+    assert_eq!(condition(&fake, "Progressing").0, "False");
+    assert_eq!(condition(&fake, "Degraded").0, "False");
+}
+
+#[tokio::test]
+async fn a_spec_change_rolls_only_the_changed_components_tier_by_tier() {
+    let (fake, ctx) = setup("sync: {cluster: {enabled: true}}");
+    bring_to_ready(&fake, &ctx).await;
+    let db_generation = generation::<StatefulSet>(&fake, "main-db");
+    let cluster_generation = generation::<Deployment>(&fake, "main-sync-cluster");
+    let acl_generation = generation::<Deployment>(&fake, "main-acl");
+    let relay_generation = generation::<Deployment>(&fake, "main-relay");
+    let relay_hash = fake.get::<Deployment>(NS, "main-relay").unwrap().spec.unwrap().template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone();
+
+    // acl.mode feeds acl and the relay: acl rolls first, the relay only once acl is back.
+    fake.edit::<OrlyRelay>(NS, NAME, |r| r["spec"]["acl"] = json!({"mode": "follows"}));
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(generation::<Deployment>(&fake, "main-acl"), acl_generation + 1);
+    assert_eq!(generation::<StatefulSet>(&fake, "main-db"), db_generation);
+    assert_eq!(generation::<Deployment>(&fake, "main-sync-cluster"), cluster_generation);
+    assert_eq!(
+        generation::<Deployment>(&fake, "main-relay"),
+        relay_generation,
+        "relay waits while acl rolls"
+    );
+    for (type_, _) in [("Ready", ()), ("Progressing", ()), ("Degraded", ())] {
+        assert_eq!(condition(&fake, type_).3, Some(2), "{type_} carries observedGeneration");
+    }
+    assert_eq!(status(&fake).phase, Some(Phase::Progressing));
+
+    fake.mark_available::<Deployment>(NS, "main-acl");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(generation::<Deployment>(&fake, "main-relay"), relay_generation + 1);
+    assert_eq!(generation::<Deployment>(&fake, "main-sync-cluster"), cluster_generation);
+    let relay = fake.get::<Deployment>(NS, "main-relay").unwrap();
+    let new_hash = relay.spec.unwrap().template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone();
+    assert_ne!(new_hash, relay_hash, "config change re-hashes the pod template");
+    assert_eq!(
+        fake.get::<ConfigMap>(NS, "main-relay").unwrap().data.unwrap()["ORLY_ACL_MODE"],
+        "follows"
+    );
+}
+
+#[tokio::test]
+async fn disabling_a_sync_service_deletes_its_objects() {
+    let (fake, ctx) = setup(
+        "sync: {cluster: {enabled: true, autoscaling: {minReplicas: 2, maxReplicas: 4}}, relaygroup: {enabled: true}}",
+    );
+    bring_to_ready(&fake, &ctx).await;
+    assert!(fake.get::<HorizontalPodAutoscaler>(NS, "main-sync-cluster").is_some());
+    assert!(fake.get::<PodDisruptionBudget>(NS, "main-sync-cluster").is_some());
+
+    fake.edit::<OrlyRelay>(NS, NAME, |r| r["spec"]["sync"]["cluster"]["enabled"] = json!(false));
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let deletes: Vec<_> = writes(&fake).into_iter().filter(|w| w.starts_with("DELETE")).collect();
+    assert_eq!(
+        deletes,
+        [
+            "DELETE /apis/autoscaling/v2/namespaces/ns/horizontalpodautoscalers/main-sync-cluster",
+            "DELETE /apis/policy/v1/namespaces/ns/poddisruptionbudgets/main-sync-cluster",
+            "DELETE /apis/apps/v1/namespaces/ns/deployments/main-sync-cluster",
+            "DELETE /apis/apps/v1/namespaces/ns/statefulsets/main-sync-cluster",
+            "DELETE /api/v1/namespaces/ns/services/main-sync-cluster",
+            "DELETE /api/v1/namespaces/ns/configmaps/main-sync-cluster",
+        ]
+    );
+    assert!(fake.get::<Deployment>(NS, "main-sync-cluster").is_none());
+    assert!(fake.get::<Service>(NS, "main-sync-cluster").is_none());
+    assert!(fake.get::<ConfigMap>(NS, "main-sync-cluster").is_none());
+    assert!(fake.get::<Deployment>(NS, "main-sync-relaygroup").is_some());
+    let relay_config = fake.get::<ConfigMap>(NS, "main-relay").unwrap().data.unwrap();
+    assert!(!relay_config.contains_key("ORLY_GRPC_SYNC_CLUSTER"));
+    assert!(relay_config.contains_key("ORLY_GRPC_SYNC_RELAYGROUP"));
+
+    // Nothing left to prune: the next reconcile deletes nothing.
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(writes(&fake).iter().all(|w| !w.starts_with("DELETE")), "{:?}", writes(&fake));
+}
+
+#[tokio::test]
+async fn autoscaling_hands_replicas_to_the_hpa() {
+    let (fake, ctx) = setup("sync: {negentropy: {enabled: true, replicas: 3, autoscaling: {minReplicas: 2, maxReplicas: 6, targetCPUUtilizationPercentage: 70}}}");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    fake.mark_available::<StatefulSet>(NS, "main-db");
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let applied = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.method == Method::PATCH && r.path.ends_with("deployments/main-sync-negentropy"))
+        .and_then(|r| r.body)
+        .expect("deployment applied");
+    assert!(applied["spec"].get("replicas").is_none(), "HPA owns replicas: {}", applied["spec"]);
+    let hpa = fake.get::<HorizontalPodAutoscaler>(NS, "main-sync-negentropy").unwrap().spec.unwrap();
+    assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 6));
+
+    // Turning autoscaling off removes the HPA and gives replicas back to the Deployment.
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["spec"]["sync"]["negentropy"] = json!({"enabled": true, "replicas": 3})
+    });
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(fake.get::<HorizontalPodAutoscaler>(NS, "main-sync-negentropy").is_none());
+    let deployment = fake.get::<Deployment>(NS, "main-sync-negentropy").unwrap();
+    assert_eq!(deployment.spec.unwrap().replicas, Some(3));
+    assert!(fake.get::<PodDisruptionBudget>(NS, "main-sync-negentropy").is_some());
+}
+
+#[tokio::test]
+async fn a_conflict_on_one_child_requeues_with_backoff_and_spares_the_others() {
+    let (fake, ctx) = setup("sync: {cluster: {enabled: true}}");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    fake.mark_available::<StatefulSet>(NS, "main-db");
+    fake.fail(Method::PATCH, "/deployments/main-acl", 409, "Conflict", 2);
+
+    let error = reconcile_stored(&fake, &ctx).await.expect_err("conflict surfaces");
+    assert!(error.to_string().contains("Deployment main-acl"), "{error}");
+    assert!(
+        fake.get::<Deployment>(NS, "main-sync-cluster").is_some(),
+        "a broken acl does not wedge sync-cluster"
+    );
+    let status = status(&fake);
+    assert_eq!(status.phase, Some(Phase::Degraded));
+    let (degraded, reason, message, _) = condition(&fake, "Degraded");
+    assert_eq!((degraded.as_str(), reason.as_str()), ("True", "ApplyFailed"));
+    assert!(message.contains("409") || message.contains("Conflict"), "{message}");
+    assert!(event_reasons(&fake).contains(&"ApplyFailed".to_string()));
+
+    let stored: OrlyRelay = fake.get(NS, NAME).unwrap();
+    let guard = Arc::new(DeserializeGuard(Ok(stored)));
+    assert_eq!(error_policy(guard.clone(), &error, ctx.clone()), Action::requeue(Duration::from_secs(5)));
+    let error = reconcile_stored(&fake, &ctx).await.expect_err("second conflict");
+    assert_eq!(error_policy(guard.clone(), &error, ctx.clone()), Action::requeue(Duration::from_secs(10)));
+
+    // The fault is gone: the retry succeeds and resets the backoff.
+    reconcile_stored(&fake, &ctx).await.expect("recovered");
+    assert!(fake.get::<Deployment>(NS, "main-acl").is_some());
+    assert_eq!(condition(&fake, "Degraded").0, "False");
+    assert_eq!(error_policy(guard, &error, ctx.clone()), Action::requeue(Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn a_server_error_requeues_with_backoff() {
+    let (fake, ctx) = setup("{}");
+    fake.fail(Method::PATCH, "/statefulsets/main-db", 500, "InternalError", 1);
+    let error = reconcile_stored(&fake, &ctx).await.expect_err("500 surfaces");
+    assert!(error.to_string().contains("StatefulSet main-db"), "{error}");
+    let stored: OrlyRelay = fake.get(NS, NAME).unwrap();
+    assert_eq!(
+        error_policy(Arc::new(DeserializeGuard(Ok(stored))), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(status(&fake).phase, Some(Phase::Degraded));
+    reconcile_stored(&fake, &ctx).await.expect("retry succeeds");
+    assert_eq!(status(&fake).phase, Some(Phase::Progressing));
+}
+
+#[tokio::test]
+async fn an_undeserializable_relay_is_reported_in_status_and_not_retried() {
+    let fake = FakeApi::new();
+    let mut raw = serde_json::to_value(common::relay("{}")).unwrap();
+    raw["spec"]["database"] = json!({"type": "mysql"});
+    fake.insert_json::<OrlyRelay>(raw);
+    let ctx = common::context(&fake);
+
+    // Read it the way the controller's watcher does.
+    let api: Api<DeserializeGuard<OrlyRelay>> = Api::namespaced(fake.client(), NS);
+    let guard = api.get(NAME).await.expect("guarded get succeeds");
+    assert!(guard.0.is_err(), "mysql is not a database type");
+
+    let action = reconcile(Arc::new(guard), ctx).await.expect("reported, not failed");
+    assert_eq!(action, Action::await_change());
+    let status = fake.get_json::<OrlyRelay>(NS, NAME).unwrap()["status"].clone();
+    assert_eq!(status["phase"], "Invalid");
+    assert_eq!(status["conditions"][2]["type"], "Degraded");
+    assert_eq!(status["conditions"][2]["reason"], "InvalidSpec");
+    assert!(status["conditions"][2]["message"].as_str().unwrap().contains("mysql"));
+    assert!(fake.names::<StatefulSet>(NS).is_empty());
+    assert!(event_reasons(&fake).contains(&"InvalidObject".to_string()));
+}
+
+#[tokio::test]
+async fn an_inconsistent_spec_is_reported_once_and_waits_for_an_edit() {
+    // Two SQLite db replicas, as if stored before the CRD's CEL rules existed.
+    let (fake, ctx) = setup("database: {replicas: 2}");
+    let action = reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(status(&fake).phase, Some(Phase::Invalid));
+    assert_eq!(condition(&fake, "Degraded").2, "sqlite allows one db replica");
+    assert!(fake.names::<StatefulSet>(NS).is_empty());
+
+    // Reconciling again (a resync) writes nothing: no hot loop of status updates.
+    fake.clear_requests();
+    assert_eq!(reconcile_stored(&fake, &ctx).await.unwrap(), Action::await_change());
+    assert!(writes(&fake).is_empty(), "{:?}", writes(&fake));
+}
+
+#[tokio::test]
+async fn a_deleted_child_is_recreated() {
+    let (fake, ctx) = setup("{}");
+    bring_to_ready(&fake, &ctx).await;
+    fake.remove::<Service>(NS, "main-acl");
+    fake.remove::<ConfigMap>(NS, "main-relay");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(fake.get::<Service>(NS, "main-acl").is_some());
+    assert!(fake.get::<ConfigMap>(NS, "main-relay").is_some());
+}
+
+#[tokio::test]
+async fn switching_db_to_postgres_replaces_the_stateful_set() {
+    let (fake, ctx) = setup("{}");
+    bring_to_ready(&fake, &ctx).await;
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["spec"]["database"] = json!({"type": "postgres", "replicas": 2, "postgres": {"urlSecret": {"name": "pg"}}})
+    });
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(fake.get::<StatefulSet>(NS, "main-db").is_none());
+    let db = fake.get::<Deployment>(NS, "main-db").expect("db deployment");
+    assert_eq!(db.spec.unwrap().replicas, Some(2));
+    let service = fake.get::<Service>(NS, "main-db").unwrap();
+    assert_eq!(service.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+    assert!(fake.get::<PodDisruptionBudget>(NS, "main-db").is_some());
+}
+
+/// The real controller, with its watches, against the fake: watch events alone drive the
+/// rollout to Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_drives_a_relay_to_ready_through_watch_events() {
+    let fake = FakeApi::new();
+    let client = fake.client();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(orly_operator::controller::run(
+        client,
+        orly_operator::controller::ControllerConfig::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    fake.insert(&common::relay("sync: {relaygroup: {enabled: true}}"));
+
+    let wait = |what: &'static str, check: Box<dyn Fn() -> bool + Send>| async move {
+        for _ in 0..200 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("timed out waiting for {what}");
+    };
+    let f = fake.clone();
+    wait("db", Box::new(move || f.get::<StatefulSet>(NS, "main-db").is_some())).await;
+    fake.mark_available::<StatefulSet>(NS, "main-db");
+    let f = fake.clone();
+    wait("services tier", Box::new(move || f.names::<Deployment>(NS).len() == 2)).await;
+    fake.mark_available::<Deployment>(NS, "main-acl");
+    fake.mark_available::<Deployment>(NS, "main-sync-relaygroup");
+    let f = fake.clone();
+    wait("relay", Box::new(move || f.get::<Deployment>(NS, "main-relay").is_some())).await;
+    fake.mark_available::<Deployment>(NS, "main-relay");
+    let f = fake.clone();
+    wait(
+        "Ready",
+        Box::new(move || {
+            f.get::<OrlyRelay>(NS, NAME)
+                .and_then(|r| r.status)
+                .is_some_and(|s| s.phase == Some(Phase::Ready))
+        }),
+    )
+    .await;
+
+    // Deleting a child is noticed through the owned-object watch and repaired.
+    fake.remove::<Service>(NS, "main-relay");
+    let f = fake.clone();
+    wait("relay Service recreated", Box::new(move || f.get::<Service>(NS, "main-relay").is_some())).await;
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), controller)
+        .await
+        .expect("controller stops")
+        .expect("controller task");
+}

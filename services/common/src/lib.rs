@@ -1,0 +1,13 @@
+//! What every orly binary shares: logging, shutdown signals, the gRPC server with
+//! `grpc.health.v1` readiness, Prometheus metrics, and small config parsers.
+
+pub mod config;
+pub mod grpc;
+pub mod metrics;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{parse_duration, parse_pubkey, parse_pubkey_list};
+pub use grpc::{serve_grpc, ReadinessCheck};
+pub use shutdown::shutdown_signal;
+pub use telemetry::init_tracing;

@@ -1,0 +1,1 @@
+//! TEMPORARY stub: the gRPC server replaces this file.

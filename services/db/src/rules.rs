@@ -1,0 +1,1 @@
+//! TEMPORARY stub: shared storage rules replace this file.
