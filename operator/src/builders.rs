@@ -450,3 +450,329 @@ pub fn build_hpa(plan: &RelayPlan, component: &ComponentPlan) -> Option<Horizont
         ..HorizontalPodAutoscaler::default()
     })
 }
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{plan, OperatorDefaults};
+    use crate::testdata::relay_from_yaml;
+    use serde_json::{json, Value};
+
+    fn plan_of(yaml: &str) -> RelayPlan {
+        let defaults = OperatorDefaults {
+            repository: "r".into(),
+            tag: "t".into(),
+        };
+        plan(&relay_from_yaml(yaml), &defaults).expect("valid spec")
+    }
+
+    fn children(yaml: &str, component: Component) -> ComponentChildren {
+        let plan = plan_of(yaml);
+        build_children(&plan, plan.component(component).expect("enabled"))
+    }
+
+    fn selector(component: &str) -> Value {
+        json!({
+            "app.kubernetes.io/component": component,
+            "app.kubernetes.io/instance": "test",
+            "app.kubernetes.io/name": "orly",
+        })
+    }
+
+    /// The metadata every child carries: name, namespace, recommended labels, owner.
+    fn meta(component: &str) -> Value {
+        json!({
+            "name": format!("test-{component}"),
+            "namespace": "ns",
+            "labels": {
+                "app.kubernetes.io/component": component,
+                "app.kubernetes.io/instance": "test",
+                "app.kubernetes.io/managed-by": "orly-operator",
+                "app.kubernetes.io/name": "orly",
+                "app.kubernetes.io/part-of": "orly",
+                "app.kubernetes.io/version": "t",
+            },
+            "ownerReferences": [{
+                "apiVersion": "orly.dev/v1alpha1", "kind": "OrlyRelay", "name": "test",
+                "uid": "uid-1", "controller": true, "blockOwnerDeletion": true,
+            }],
+        })
+    }
+
+    fn to_json<T: serde::Serialize>(value: &T) -> Value {
+        serde_json::to_value(value).unwrap()
+    }
+
+    const SECURITY: fn() -> (Value, Value) = || {
+        (
+            json!({"fsGroup": 65532, "runAsGroup": 65532, "runAsNonRoot": true, "runAsUser": 65532,
+                   "seccompProfile": {"type": "RuntimeDefault"}}),
+            json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                   "readOnlyRootFilesystem": true}),
+        )
+    };
+
+    #[test]
+    fn sqlite_db_is_a_stateful_set_with_a_volume_claim() {
+        let c = children("database: {sqlite: {storageSize: 5Gi, storageClassName: fast}}", Component::Db);
+        let (pod_security, container_security) = SECURITY();
+        let hash = config_hash(&c.config_map);
+        let mut pod_labels = meta("db")["labels"].clone();
+        pod_labels.as_object_mut().unwrap().remove("app.kubernetes.io/version");
+        let expected = json!({
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": meta("db"),
+            "spec": {
+                "replicas": 1,
+                "serviceName": "test-db",
+                "selector": {"matchLabels": selector("db")},
+                "template": {
+                    "metadata": {
+                        "annotations": {"orly.dev/config-hash": hash},
+                        "labels": pod_labels,
+                    },
+                    "spec": {
+                        "containers": [{
+                            "name": "orly-db",
+                            "image": "r/orly-db:t",
+                            "envFrom": [{"configMapRef": {"name": "test-db", "optional": false}}],
+                            "ports": [
+                                {"containerPort": 50051, "name": "grpc", "protocol": "TCP"},
+                                {"containerPort": 9100, "name": "metrics", "protocol": "TCP"},
+                            ],
+                            "readinessProbe": {"grpc": {"port": 50051, "service": "orlydb.v1.DatabaseService"},
+                                               "periodSeconds": 5, "failureThreshold": 3},
+                            "livenessProbe": {"grpc": {"port": 50051, "service": "orlydb.v1.DatabaseService"},
+                                              "initialDelaySeconds": 15, "periodSeconds": 10, "failureThreshold": 6},
+                            "securityContext": container_security,
+                            "volumeMounts": [
+                                {"mountPath": "/tmp", "name": "tmp"},
+                                {"mountPath": "/data", "name": "data"},
+                            ],
+                        }],
+                        "securityContext": pod_security,
+                        "volumes": [{"emptyDir": {}, "name": "tmp"}],
+                    },
+                },
+                "volumeClaimTemplates": [{
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": "data", "labels": selector("db")},
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "storageClassName": "fast",
+                        "resources": {"requests": {"storage": "5Gi"}},
+                    },
+                }],
+            },
+        });
+        let Workload::StatefulSet(sts) = &c.workload else {
+            panic!("sqlite db must be a StatefulSet")
+        };
+        assert_eq!(to_json(sts), expected);
+        assert_eq!(
+            to_json(&c.config_map),
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("db"),
+                "data": {
+                    "ORLY_DATA_DIR": "/data",
+                    "ORLY_DB_LISTEN": "0.0.0.0:50051",
+                    "ORLY_DB_TYPE": "sqlite",
+                    "ORLY_LOG_LEVEL": "info",
+                    "ORLY_METRICS_LISTEN": "0.0.0.0:9100",
+                },
+            })
+        );
+        assert_eq!(
+            to_json(&c.service),
+            json!({
+                "apiVersion": "v1", "kind": "Service", "metadata": meta("db"),
+                "spec": {
+                    "type": "ClusterIP",
+                    "selector": selector("db"),
+                    "ports": [
+                        {"name": "grpc", "port": 50051, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"},
+                        {"name": "metrics", "port": 9100, "targetPort": "metrics"},
+                    ],
+                },
+            })
+        );
+        assert!(c.pdb.is_none() && c.hpa.is_none());
+    }
+
+    #[test]
+    fn postgres_db_is_a_scaled_deployment_reading_the_url_from_the_secret() {
+        let c = children(
+            "database: {type: postgres, replicas: 3, postgres: {urlSecret: {name: pg, key: dsn}}}",
+            Component::Db,
+        );
+        let Workload::Deployment(d) = &c.workload else {
+            panic!("postgres db must be a Deployment")
+        };
+        let d = to_json(d);
+        assert_eq!(d["spec"]["replicas"], 3);
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["env"],
+            json!([{"name": "ORLY_DB_URL",
+                    "valueFrom": {"secretKeyRef": {"name": "pg", "key": "dsn", "optional": false}}}])
+        );
+        assert_eq!(to_json(&c.service)["spec"]["clusterIP"], "None");
+        assert_eq!(
+            to_json(&c.pdb),
+            json!({
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta("db"),
+                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector("db")}},
+            })
+        );
+        assert!(!c.config_map.data.as_ref().unwrap().contains_key("ORLY_DB_URL"), "no secret in a ConfigMap");
+    }
+
+    #[test]
+    fn autoscaled_sync_service_leaves_replicas_to_its_hpa() {
+        let c = children(
+            "sync: {negentropy: {enabled: true, peers: [wss://a, wss://b], idSize: 32, autoscaling: {minReplicas: 2, maxReplicas: 5, targetCPUUtilizationPercentage: 60}}}",
+            Component::SyncNegentropy,
+        );
+        let Workload::Deployment(d) = &c.workload else {
+            panic!("sync services are Deployments")
+        };
+        assert!(d.spec.as_ref().unwrap().replicas.is_none());
+        assert_eq!(
+            to_json(&c.hpa),
+            json!({
+                "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                "metadata": meta("sync-negentropy"),
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "test-sync-negentropy"},
+                    "minReplicas": 2,
+                    "maxReplicas": 5,
+                    "metrics": [{"type": "Resource",
+                                 "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}],
+                },
+            })
+        );
+        assert_eq!(
+            to_json(&c.service),
+            json!({
+                "apiVersion": "v1", "kind": "Service", "metadata": meta("sync-negentropy"),
+                "spec": {
+                    "type": "ClusterIP",
+                    "clusterIP": "None",
+                    "selector": selector("sync-negentropy"),
+                    "ports": [
+                        {"name": "grpc", "port": 50064, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"},
+                        {"name": "metrics", "port": 9100, "targetPort": "metrics"},
+                    ],
+                },
+            })
+        );
+        assert_eq!(
+            to_json(&c.config_map)["data"],
+            json!({
+                "ORLY_LOG_LEVEL": "info",
+                "ORLY_METRICS_LISTEN": "0.0.0.0:9100",
+                "ORLY_SYNC_NEGENTROPY_DB_SERVER": "test-db:50051",
+                "ORLY_SYNC_NEGENTROPY_DB_TYPE": "grpc",
+                "ORLY_SYNC_NEGENTROPY_ID_SIZE": "32",
+                "ORLY_SYNC_NEGENTROPY_LISTEN": "0.0.0.0:50064",
+                "ORLY_SYNC_NEGENTROPY_PEERS": "wss://a,wss://b",
+            })
+        );
+        assert!(c.pdb.is_some(), "up to 5 replicas need a PDB");
+    }
+
+    #[test]
+    fn relay_deployment_probes_http_and_carries_pod_overrides() {
+        let c = children(
+            r#"
+images: {pullPolicy: Always, pullSecrets: [regcred]}
+relay:
+  port: 7777
+  serviceType: LoadBalancer
+  nodeSelector: {disk: ssd}
+  tolerations: [{key: dedicated, operator: Equal, value: orly, effect: NoSchedule}]
+  resources: {requests: {cpu: 500m}}
+  env: [{name: RUST_LOG, value: debug}]
+"#,
+            Component::Relay,
+        );
+        let (pod_security, container_security) = SECURITY();
+        let hash = config_hash(&c.config_map);
+        let mut pod_labels = meta("relay")["labels"].clone();
+        pod_labels.as_object_mut().unwrap().remove("app.kubernetes.io/version");
+        let Workload::Deployment(d) = &c.workload else {
+            panic!("relay is a Deployment")
+        };
+        assert_eq!(
+            to_json(d),
+            json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": meta("relay"),
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": selector("relay")},
+                    "template": {
+                        "metadata": {"annotations": {"orly.dev/config-hash": hash}, "labels": pod_labels},
+                        "spec": {
+                            "containers": [{
+                                "name": "orly",
+                                "image": "r/orly:t",
+                                "imagePullPolicy": "Always",
+                                "env": [{"name": "RUST_LOG", "value": "debug"}],
+                                "envFrom": [{"configMapRef": {"name": "test-relay", "optional": false}}],
+                                "ports": [{"containerPort": 7777, "name": "http", "protocol": "TCP"}],
+                                "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"},
+                                                   "periodSeconds": 5, "failureThreshold": 3},
+                                "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
+                                                  "initialDelaySeconds": 15, "periodSeconds": 10, "failureThreshold": 6},
+                                "resources": {"requests": {"cpu": "500m"}},
+                                "securityContext": container_security,
+                                "volumeMounts": [{"mountPath": "/tmp", "name": "tmp"}],
+                            }],
+                            "imagePullSecrets": [{"name": "regcred"}],
+                            "nodeSelector": {"disk": "ssd"},
+                            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "orly", "effect": "NoSchedule"}],
+                            "securityContext": pod_security,
+                            "volumes": [{"emptyDir": {}, "name": "tmp"}],
+                        },
+                    },
+                },
+            })
+        );
+        assert_eq!(
+            to_json(&c.service),
+            json!({
+                "apiVersion": "v1", "kind": "Service", "metadata": meta("relay"),
+                "spec": {
+                    "type": "LoadBalancer",
+                    "selector": selector("relay"),
+                    "ports": [{"name": "http", "port": 7777, "targetPort": "http"}],
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn user_env_replaces_an_operator_secret_env_of_the_same_name() {
+        let c = children(
+            "database: {type: postgres, postgres: {urlSecret: {name: pg}}, env: [{name: ORLY_DB_URL, value: 'postgres://x'}]}",
+            Component::Db,
+        );
+        let Workload::Deployment(d) = &c.workload else { panic!() };
+        let env = to_json(d)["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+        assert_eq!(env, json!([{"name": "ORLY_DB_URL", "value": "postgres://x"}]));
+    }
+
+    #[test]
+    fn config_hash_follows_the_config_only() {
+        let a = children("acl: {mode: follows}", Component::Acl);
+        let b = children("acl: {mode: follows}", Component::Acl);
+        let c = children("acl: {mode: managed}", Component::Acl);
+        assert_eq!(config_hash(&a.config_map), config_hash(&b.config_map));
+        assert_ne!(config_hash(&a.config_map), config_hash(&c.config_map));
+        assert_eq!(config_hash(&a.config_map).len(), 64);
+    }
+}

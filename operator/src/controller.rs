@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::error_boundary::{DeserializeGuard, InvalidObject};
+use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
@@ -142,10 +143,30 @@ pub fn error_policy(obj: Arc<DeserializeGuard<OrlyRelay>>, error: &Error, ctx: A
 /// An object that does not deserialize: say so in its status once and wait for an edit.
 async fn report_invalid_object(invalid: &InvalidObject, ctx: &Context) -> Result<Action> {
     let name = invalid.metadata.name.clone().unwrap_or_default();
+    let namespace = invalid.metadata.namespace.clone().unwrap_or_default();
     let message = format!("OrlyRelay does not match the schema: {}", invalid.error);
     warn!(object = %name, error = %invalid.error, "OrlyRelay does not deserialize");
-    let status = invalid_status(invalid.metadata.generation, &message, None, now());
-    let namespace = invalid.metadata.namespace.clone().unwrap_or_default();
+    // The guard keeps only metadata; read the current status untyped so that an unchanged
+    // report is not written again (a new transition time would trigger another reconcile).
+    let raw: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &namespace,
+        &ApiResource::erase::<OrlyRelay>(&()),
+    );
+    let previous: Option<OrlyRelayStatus> = raw
+        .get_opt(&name)
+        .await?
+        .and_then(|o| o.data.get("status").cloned())
+        .and_then(|s| serde_json::from_value(s).ok());
+    let status = invalid_status(
+        invalid.metadata.generation,
+        &message,
+        previous.as_ref(),
+        now(),
+    );
+    if previous.as_ref() == Some(&status) {
+        return Ok(Action::await_change());
+    }
     patch_status(&ctx.client, &namespace, &name, &status).await?;
     let reference = k8s_openapi::api::core::v1::ObjectReference {
         api_version: Some(OrlyRelay::api_version(&()).into_owned()),
@@ -334,7 +355,8 @@ pub async fn patch_status(
     name: &str,
     status: &OrlyRelayStatus,
 ) -> Result<()> {
-    let api: Api<OrlyRelay> = Api::namespaced(client.clone(), namespace);
+    // Guarded, so that writing the status of an object our types cannot read still works.
+    let api: Api<DeserializeGuard<OrlyRelay>> = Api::namespaced(client.clone(), namespace);
     let patch = serde_json::json!({
         "apiVersion": OrlyRelay::api_version(&()),
         "kind": OrlyRelay::kind(&()),

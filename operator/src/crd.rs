@@ -31,14 +31,10 @@ const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
     status = "OrlyRelayStatus",
     derive = "PartialEq",
     doc = "An orly Nostr relay: db, acl, the chosen sync services and the relay, rolled out tier by tier.",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Relay", type_ = "string", json_path = ".status.relayReplicas"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Relay", "type": "string", "jsonPath": ".status.relayReplicas"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
     validation = Rule::new("self.database.type != 'sqlite' || self.relay.replicas <= 1")
@@ -322,7 +318,7 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
     /// Average CPU utilisation the autoscaler aims at, in percent of the request.
-    #[serde(default = "default_cpu_target")]
+    #[serde(default = "default_cpu_target", rename = "targetCPUUtilizationPercentage")]
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization_percentage: i32,
 }

@@ -46,3 +46,36 @@ pub async fn serve(addr: SocketAddr, state: HttpState) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, router(state)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn status_of(router: Router, path: &str) -> StatusCode {
+        router
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+            .status()
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_the_ready_flag() {
+        let ready = Arc::new(AtomicBool::new(false));
+        let state = HttpState {
+            ready: ready.clone(),
+            metrics: None,
+        };
+        assert_eq!(status_of(router(state.clone()), "/healthz").await, StatusCode::OK);
+        assert_eq!(
+            status_of(router(state.clone()), "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        ready.store(true, Ordering::Release);
+        assert_eq!(status_of(router(state.clone()), "/readyz").await, StatusCode::OK);
+        assert_eq!(status_of(router(state), "/metrics").await, StatusCode::OK);
+    }
+}

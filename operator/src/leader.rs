@@ -70,3 +70,45 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Work runs only while leading, stops when leadership goes and restarts when it returns.
+    #[tokio::test]
+    async fn work_follows_leadership() {
+        let (tx, rx) = watch::channel(false);
+        let started = Arc::new(AtomicUsize::new(0));
+        let stopped = Arc::new(AtomicUsize::new(0));
+        let (s, t) = (started.clone(), stopped.clone());
+        let runner = tokio::spawn(run_while_leader(rx, move |stop| {
+            let (s, t) = (s.clone(), t.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                stop.await;
+                t.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+        let settle = || tokio::time::sleep(Duration::from_millis(50));
+        settle().await;
+        assert_eq!(started.load(Ordering::SeqCst), 0, "not leader yet");
+        tx.send(true).unwrap();
+        settle().await;
+        assert_eq!((started.load(Ordering::SeqCst), stopped.load(Ordering::SeqCst)), (1, 0));
+        tx.send(false).unwrap();
+        settle().await;
+        assert_eq!(stopped.load(Ordering::SeqCst), 1, "stopped on loss");
+        tx.send(true).unwrap();
+        settle().await;
+        assert_eq!(started.load(Ordering::SeqCst), 2, "restarted on regain");
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(1), runner)
+            .await
+            .expect("runner ends with the election")
+            .unwrap();
+    }
+}

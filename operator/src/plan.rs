@@ -112,9 +112,11 @@ pub fn plan(relay: &OrlyRelay, defaults: &OperatorDefaults) -> Result<RelayPlan>
         .namespace
         .clone()
         .ok_or_else(|| Error::InvalidSpec("metadata.namespace is missing".into()))?;
-    let owner = relay
+    let mut owner = relay
         .controller_owner_ref(&())
         .ok_or_else(|| Error::InvalidSpec("metadata.uid is missing".into()))?;
+    // Foreground deletion of the OrlyRelay waits for its children.
+    owner.block_owner_deletion = Some(true);
     let spec = &relay.spec;
     validate(spec)?;
 

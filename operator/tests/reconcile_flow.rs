@@ -348,7 +348,8 @@ async fn an_undeserializable_relay_is_reported_in_status_and_not_retried() {
     let guard = api.get(NAME).await.expect("guarded get succeeds");
     assert!(guard.0.is_err(), "mysql is not a database type");
 
-    let action = reconcile(Arc::new(guard), ctx).await.expect("reported, not failed");
+    let guard = Arc::new(guard);
+    let action = reconcile(guard.clone(), ctx.clone()).await.expect("reported, not failed");
     assert_eq!(action, Action::await_change());
     let status = fake.get_json::<OrlyRelay>(NS, NAME).unwrap()["status"].clone();
     assert_eq!(status["phase"], "Invalid");
@@ -357,6 +358,12 @@ async fn an_undeserializable_relay_is_reported_in_status_and_not_retried() {
     assert!(status["conditions"][2]["message"].as_str().unwrap().contains("mysql"));
     assert!(fake.names::<StatefulSet>(NS).is_empty());
     assert!(event_reasons(&fake).contains(&"InvalidObject".to_string()));
+
+    // The status write triggers another reconcile; it must write nothing (no hot loop).
+    fake.clear_requests();
+    let guard = Arc::new(api.get(NAME).await.unwrap());
+    assert_eq!(reconcile(guard, ctx).await.unwrap(), Action::await_change());
+    assert!(writes(&fake).is_empty(), "{:?}", writes(&fake));
 }
 
 #[tokio::test]

@@ -63,9 +63,9 @@ struct Target {
 
 fn parse_path(path: &str) -> Option<Target> {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (base, rest) = match segs.first()? {
-        &"api" => (format!("/api/{}", segs.get(1)?), &segs[2..]),
-        &"apis" => (
+    let (base, rest) = match *segs.first()? {
+        "api" => (format!("/api/{}", segs.get(1)?), &segs[2..]),
+        "apis" => (
             format!("/apis/{}/{}", segs.get(1)?, segs.get(2)?),
             &segs[3..],
         ),
@@ -110,8 +110,10 @@ struct State {
     faults: Vec<Fault>,
     watchers: Vec<Watcher>,
     history: Vec<HistoryEntry>,
-    /// When set, history is not kept (benchmarks with many writes).
-    no_history: bool,
+    /// When set, history and the request log are not kept (benchmarks with many writes).
+    quiet: bool,
+    /// When set, applied Deployments and StatefulSets become Available at once.
+    auto_available: bool,
 }
 
 /// The fake API server; cheap to clone, every clone shares the store.
@@ -248,7 +250,7 @@ impl State {
 
     fn emit(&mut self, kind: &'static str, key: &Key, object: &Value) {
         let rv = self.rv;
-        if !self.no_history {
+        if !self.quiet {
             self.history.push(HistoryEntry {
                 rv,
                 key: key.clone(),
@@ -321,6 +323,36 @@ impl State {
         obj
     }
 
+    fn make_available(&mut self, key: &Key) {
+        let Some(mut value) = self.objects.get(key).cloned() else {
+            return;
+        };
+        let replicas = value
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        let generation = value["metadata"]["generation"].clone();
+        value["status"] = json!({
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": replicas,
+            "availableReplicas": replicas,
+            "currentReplicas": replicas,
+        });
+        let rv = self.next_rv();
+        value["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.objects.insert(key.clone(), value.clone());
+        self.emit("MODIFIED", key, &value);
+    }
+
+    /// With `auto_available`, a written workload is reported Available at once.
+    fn after_write(&mut self, key: &Key) {
+        if self.auto_available && matches!(key.1.as_str(), "deployments" | "statefulsets") {
+            self.make_available(key);
+        }
+    }
+
     fn take_fault(&mut self, method: &Method, path: &str) -> Option<(u16, String)> {
         let fault = self
             .faults
@@ -336,9 +368,16 @@ impl FakeApi {
         Self::default()
     }
 
-    /// Stop keeping watch history (replay) to bound memory in long benchmarks.
-    pub fn without_history(self) -> Self {
-        self.state.lock().unwrap().no_history = true;
+    /// Keep no watch history and no request log, to bound memory in benchmarks.
+    pub fn quiet(self) -> Self {
+        self.state.lock().unwrap().quiet = true;
+        self
+    }
+
+    /// Play instant workload controllers: every applied Deployment or StatefulSet is
+    /// reported Available right away.
+    pub fn auto_available(self) -> Self {
+        self.state.lock().unwrap().auto_available = true;
         self
     }
 
@@ -479,28 +518,8 @@ impl FakeApi {
     pub fn mark_available<K: Resource<DynamicType = ()>>(&self, namespace: &str, name: &str) {
         let key = Self::key_of::<K>(namespace, name);
         let mut state = self.state.lock().unwrap();
-        let mut value = state
-            .objects
-            .get(&key)
-            .cloned()
-            .unwrap_or_else(|| panic!("{name} exists"));
-        let replicas = value
-            .pointer("/spec/replicas")
-            .and_then(Value::as_i64)
-            .unwrap_or(1);
-        let generation = value["metadata"]["generation"].clone();
-        value["status"] = json!({
-            "observedGeneration": generation,
-            "replicas": replicas,
-            "updatedReplicas": replicas,
-            "readyReplicas": replicas,
-            "availableReplicas": replicas,
-            "currentReplicas": replicas,
-        });
-        let rv = state.next_rv();
-        value["metadata"]["resourceVersion"] = json!(rv.to_string());
-        state.objects.insert(key.clone(), value.clone());
-        state.emit("MODIFIED", &key, &value);
+        assert!(state.objects.contains_key(&key), "{name} exists");
+        state.make_available(&key);
     }
 
     async fn handle(&self, request: Request<Body>) -> Response<FakeBody> {
@@ -520,12 +539,14 @@ impl FakeApi {
             .unwrap_or_default()
             .to_string();
         let mut state = self.state.lock().unwrap();
-        state.log.push(Recorded {
-            method: parts.method.clone(),
-            path: path.clone(),
-            query: query.clone(),
-            body: body.clone(),
-        });
+        if !state.quiet {
+            state.log.push(Recorded {
+                method: parts.method.clone(),
+                path: path.clone(),
+                query: query.clone(),
+                body: body.clone(),
+            });
+        }
         if let Some((code, reason)) = state.take_fault(&parts.method, &path) {
             return error(code, &reason, &format!("injected {code} {reason}"));
         }
@@ -653,7 +674,9 @@ impl FakeApi {
                         if status_only {
                             return error(404, "NotFound", &format!("{name} not found"));
                         }
-                        let created = state.create(key, patch, Some(&manager));
+                        let created = state.create(key.clone(), patch, Some(&manager));
+                        state.after_write(&key);
+                        let created = state.objects.get(&key).cloned().unwrap_or(created);
                         return respond(201, &created);
                     };
                     if !force {
@@ -662,12 +685,14 @@ impl FakeApi {
                         let owners = state.owners.get(&key).cloned().unwrap_or_default();
                         for (path, value) in &wanted {
                             let other = owners.get(path).filter(|m| **m != manager);
-                            if other.is_some() && existing.pointer(path) != Some(value) {
-                                return error(
-                                    409,
-                                    "Conflict",
-                                    &format!("Apply failed with 1 conflict: conflict with {:?}: {path}", other.unwrap()),
-                                );
+                            if let Some(other) = other {
+                                if existing.pointer(path) != Some(value) {
+                                    return error(
+                                        409,
+                                        "Conflict",
+                                        &format!("Apply failed with 1 conflict: conflict with {other:?}: {path}"),
+                                    );
+                                }
                             }
                         }
                     }
@@ -690,6 +715,8 @@ impl FakeApi {
                         owners.insert(path, manager.clone());
                     }
                     let updated = state.update(&key, next);
+                    state.after_write(&key);
+                    let updated = state.objects.get(&key).cloned().unwrap_or(updated);
                     respond(200, &updated)
                 } else {
                     let Some(mut next) = existing else {

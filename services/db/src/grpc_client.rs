@@ -1,5 +1,490 @@
-//! TEMPORARY stub: the gRPC client replaces this file.
-crate::unbuilt_store!(GrpcStore);
+//! [`GrpcStore`]: an [`EventStore`] that lives in an orly-db process, reached over gRPC.
+//!
+//! The channel is lazy: creating the client never fails because orly-db is down, calls made
+//! while it is down fail with [`StoreError::Unavailable`] within the call timeout, and the
+//! channel reconnects by itself when orly-db comes back.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nostr::{Event, EventId, Filter, PublicKey, Timestamp};
+use orly_proto::orlydb::v1 as pb;
+use pb::database_service_client::DatabaseServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::grpc_server::{MAX_IDS_PER_REQUEST, MAX_MESSAGE_SIZE, MAX_SERIAL_PAGE};
+use crate::{EventStore, LeaseState, Result, SaveOutcome, SerialEntry, StoreError};
+
+/// Longest wait for a TCP connection to orly-db (capped further by the call timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP and HTTP/2 keepalive: find dead connections (a killed orly-db, a dropped NAT entry).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The orly-db service as an [`EventStore`]. Cheap to clone (one shared HTTP/2 channel).
+#[derive(Clone)]
+pub struct GrpcStore {
+    client: DatabaseServiceClient<Channel>,
+    addr: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for GrpcStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcStore")
+            .field("addr", &self.addr)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 impl GrpcStore {
-    pub fn connect_lazy(_addr: &str, _timeout: std::time::Duration) -> crate::Result<Self> { Err(e()) }
+    /// A client for orly-db at `addr` (`host:port` or `http://host:port`) whose every call
+    /// (for streams: every message) must finish within `timeout`. Does not connect yet; must
+    /// be called inside a tokio runtime.
+    pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<Self> {
+        let addr = addr.trim();
+        if addr.is_empty() {
+            return Err(StoreError::Config("empty orly-db address".into()));
+        }
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let timeout = if timeout.is_zero() {
+            Duration::from_secs(10)
+        } else {
+            timeout
+        };
+        let endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|e| StoreError::Config(format!("invalid orly-db address {addr:?}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+            .tcp_nodelay(true)
+            .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect_lazy();
+        let client = DatabaseServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        Ok(Self {
+            client,
+            addr: uri,
+            timeout,
+        })
+    }
+
+    /// The address this client talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn status_error(&self, s: Status) -> StoreError {
+        match s.code() {
+            Code::InvalidArgument => StoreError::InvalidRequest(s.message().to_string()),
+            code => {
+                let mut msg = format!("orly-db at {}: {code:?}: {}", self.addr, s.message());
+                if let Some(src) = std::error::Error::source(&s) {
+                    msg.push_str(&format!(" ({src})"));
+                }
+                StoreError::Unavailable(msg)
+            }
+        }
+    }
+
+    fn deadline_error(&self, what: &str) -> StoreError {
+        StoreError::Unavailable(format!(
+            "orly-db at {}: {what} timed out after {:?}",
+            self.addr, self.timeout
+        ))
+    }
+
+    /// One unary call under the call timeout (sent as the gRPC deadline too, so the server
+    /// gives up when the client has).
+    async fn unary<Q, R, F, Fut>(&self, what: &str, msg: Q, call: F) -> Result<R>
+    where
+        F: FnOnce(DatabaseServiceClient<Channel>, Request<Q>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<R>, Status>>,
+    {
+        let mut request = Request::new(msg);
+        request.set_timeout(self.timeout);
+        match tokio::time::timeout(self.timeout, call(self.client.clone(), request)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(self.status_error(status)),
+            Err(_) => Err(self.deadline_error(what)),
+        }
+    }
+
+    /// Opens a server stream; the timeout bounds the opening and then each message.
+    async fn open_stream<R, F, Fut>(
+        &self,
+        what: &str,
+        msg: pb::QueryEventsRequest,
+        call: F,
+    ) -> Result<Streaming<R>>
+    where
+        F: FnOnce(DatabaseServiceClient<Channel>, Request<pb::QueryEventsRequest>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<Streaming<R>>, Status>>,
+    {
+        match tokio::time::timeout(self.timeout, call(self.client.clone(), Request::new(msg))).await
+        {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(self.status_error(status)),
+            Err(_) => Err(self.deadline_error(what)),
+        }
+    }
+
+    async fn next_message<R>(&self, what: &str, stream: &mut Streaming<R>) -> Result<Option<R>> {
+        match tokio::time::timeout(self.timeout, stream.message()).await {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(status)) => Err(self.status_error(status)),
+            Err(_) => Err(self.deadline_error(what)),
+        }
+    }
+}
+
+fn query_request(filters: &[Filter]) -> pb::QueryEventsRequest {
+    pb::QueryEventsRequest {
+        filter: None,
+        filters: filters.iter().map(pb::Filter::from).collect(),
+    }
+}
+
+fn event_from(p: pb::Event) -> Result<Event> {
+    Event::try_from(p).map_err(|e| StoreError::Corrupt(format!("event from orly-db: {e}")))
+}
+
+fn id_from(bytes: &[u8]) -> Result<EventId> {
+    EventId::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("event id from orly-db: {e}")))
+}
+
+fn entry_from(p: pb::IdPkTs) -> Result<SerialEntry> {
+    Ok(SerialEntry {
+        serial: p.serial,
+        id: id_from(&p.id)?,
+        pubkey: PublicKey::from_slice(&p.pubkey)
+            .map_err(|e| StoreError::Corrupt(format!("pubkey from orly-db: {e}")))?,
+        created_at: Timestamp::from(
+            u64::try_from(p.timestamp)
+                .map_err(|e| StoreError::Corrupt(format!("timestamp from orly-db: {e}")))?,
+        ),
+        kind: u16::try_from(p.kind)
+            .map_err(|e| StoreError::Corrupt(format!("kind from orly-db: {e}")))?,
+    })
+}
+
+#[async_trait]
+impl EventStore for GrpcStore {
+    async fn ping(&self) -> Result<()> {
+        let resp = self
+            .unary(
+                "Ready",
+                pb::Empty {},
+                |mut c, r| async move { c.ready(r).await },
+            )
+            .await?;
+        if resp.ready {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "orly-db at {} is up but its database is not ready",
+                self.addr
+            )))
+        }
+    }
+
+    async fn save_event(&self, event: &Event) -> Result<SaveOutcome> {
+        let msg = pb::SaveEventRequest {
+            event: Some(pb::Event::from(event)),
+        };
+        let resp = self
+            .unary(
+                "SaveEvent",
+                msg,
+                |mut c, r| async move { c.save_event(r).await },
+            )
+            .await?;
+        Ok(match pb::SaveStatus::try_from(resp.status) {
+            Ok(pb::SaveStatus::Stored) => SaveOutcome::Stored {
+                serial: resp.serial,
+            },
+            Ok(pb::SaveStatus::Duplicate) => SaveOutcome::Duplicate,
+            Ok(pb::SaveStatus::Rejected) => SaveOutcome::Rejected(resp.message),
+            // A server that only fills ORLY's `exists` field.
+            _ if resp.exists => SaveOutcome::Duplicate,
+            _ => SaveOutcome::Stored {
+                serial: resp.serial,
+            },
+        })
+    }
+
+    async fn query(&self, filters: &[Filter]) -> Result<Vec<Event>> {
+        let mut stream = self
+            .open_stream(
+                "QueryEvents",
+                query_request(filters),
+                |mut c, r| async move { c.query_events(r).await },
+            )
+            .await?;
+        let mut out = Vec::new();
+        while let Some(batch) = self.next_message("QueryEvents", &mut stream).await? {
+            out.reserve(batch.events.len());
+            for p in batch.events {
+                out.push(event_from(p)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn count(&self, filters: &[Filter]) -> Result<u64> {
+        let resp = self
+            .unary(
+                "CountEvents",
+                query_request(filters),
+                |mut c, r| async move { c.count_events(r).await },
+            )
+            .await?;
+        Ok(resp.count)
+    }
+
+    async fn fetch_by_ids(&self, ids: &[EventId]) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(MAX_IDS_PER_REQUEST) {
+            let msg = pb::FetchEventsByIdsRequest {
+                ids: chunk.iter().map(|i| i.as_bytes().to_vec()).collect(),
+            };
+            let resp = self
+                .unary("FetchEventsByIds", msg, |mut c, r| async move {
+                    c.fetch_events_by_ids(r).await
+                })
+                .await?;
+            for p in resp.events {
+                out.push(event_from(p)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn negentropy_items(&self, filters: &[Filter]) -> Result<Vec<(Timestamp, EventId)>> {
+        let mut stream = self
+            .open_stream(
+                "QueryNegentropyItems",
+                query_request(filters),
+                |mut c, r| async move { c.query_negentropy_items(r).await },
+            )
+            .await?;
+        let mut out = Vec::new();
+        while let Some(batch) = self
+            .next_message("QueryNegentropyItems", &mut stream)
+            .await?
+        {
+            out.reserve(batch.items.len());
+            for item in batch.items {
+                let ts = u64::try_from(item.created_at).map_err(|e| {
+                    StoreError::Corrupt(format!("negentropy timestamp from orly-db: {e}"))
+                })?;
+                out.push((Timestamp::from(ts), id_from(&item.id)?));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_event(&self, id: &EventId) -> Result<bool> {
+        let msg = pb::DeleteEventRequest {
+            id: id.as_bytes().to_vec(),
+        };
+        let resp = self
+            .unary("DeleteEvent", msg, |mut c, r| async move {
+                c.delete_event(r).await
+            })
+            .await?;
+        Ok(resp.deleted)
+    }
+
+    async fn delete_expired(&self) -> Result<u64> {
+        let resp = self
+            .unary("DeleteExpired", pb::Empty {}, |mut c, r| async move {
+                c.delete_expired(r).await
+            })
+            .await?;
+        Ok(resp.count)
+    }
+
+    async fn latest_serial(&self) -> Result<u64> {
+        let resp = self
+            .unary("GetLatestSerial", pb::Empty {}, |mut c, r| async move {
+                c.get_latest_serial(r).await
+            })
+            .await?;
+        Ok(resp.serial)
+    }
+
+    /// Pages through the range when `limit` exceeds the server's page size.
+    async fn ids_by_serial_range(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<SerialEntry>> {
+        let mut out: Vec<SerialEntry> = Vec::new();
+        let mut next = from;
+        loop {
+            let remaining = limit - out.len() as u32;
+            let page = remaining.min(MAX_SERIAL_PAGE);
+            let msg = pb::SerialRangeRequest {
+                from: next,
+                to,
+                limit: page,
+            };
+            let resp = self
+                .unary("GetIdsBySerialRange", msg, |mut c, r| async move {
+                    c.get_ids_by_serial_range(r).await
+                })
+                .await?;
+            let got = resp.items.len();
+            for p in resp.items {
+                out.push(entry_from(p)?);
+            }
+            let done = remaining <= MAX_SERIAL_PAGE || (got as u32) < page;
+            match out.last() {
+                Some(last) if !done && last.serial < to && last.serial >= next => {
+                    next = last.serial + 1;
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    async fn fetch_by_serials(&self, serials: &[u64]) -> Result<Vec<(u64, Event)>> {
+        let mut out = Vec::new();
+        for chunk in serials.chunks(MAX_IDS_PER_REQUEST) {
+            let msg = pb::FetchEventsBySerialRequest {
+                serials: chunk.to_vec(),
+            };
+            let resp = self
+                .unary("FetchEventsBySerial", msg, |mut c, r| async move {
+                    c.fetch_events_by_serial(r).await
+                })
+                .await?;
+            for (serial, p) in resp.events {
+                out.push((serial, event_from(p)?));
+            }
+        }
+        out.sort_by_key(|(s, _)| *s);
+        Ok(out)
+    }
+
+    async fn serial_by_id(&self, id: &EventId) -> Result<Option<u64>> {
+        let msg = pb::GetSerialByIdRequest {
+            id: id.as_bytes().to_vec(),
+        };
+        let resp = self
+            .unary("GetSerialById", msg, |mut c, r| async move {
+                c.get_serial_by_id(r).await
+            })
+            .await?;
+        Ok(resp.found.then_some(resp.serial))
+    }
+
+    async fn relay_identity_secret(&self) -> Result<[u8; 32]> {
+        let resp = self
+            .unary(
+                "GetOrCreateRelayIdentitySecret",
+                pb::Empty {},
+                |mut c, r| async move { c.get_or_create_relay_identity_secret(r).await },
+            )
+            .await?;
+        <[u8; 32]>::try_from(resp.secret_key.as_slice()).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "relay identity secret from orly-db has {} bytes, expected 32",
+                resp.secret_key.len()
+            ))
+        })
+    }
+
+    async fn set_marker(&self, key: &str, value: &[u8]) -> Result<()> {
+        let msg = pb::SetMarkerRequest {
+            key: key.to_string(),
+            value: value.to_vec(),
+        };
+        self.unary(
+            "SetMarker",
+            msg,
+            |mut c, r| async move { c.set_marker(r).await },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn get_marker(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let msg = pb::MarkerKey {
+            key: key.to_string(),
+        };
+        let resp = self
+            .unary(
+                "GetMarker",
+                msg,
+                |mut c, r| async move { c.get_marker(r).await },
+            )
+            .await?;
+        Ok(resp.found.then_some(resp.value))
+    }
+
+    async fn delete_marker(&self, key: &str) -> Result<()> {
+        let msg = pb::MarkerKey {
+            key: key.to_string(),
+        };
+        self.unary("DeleteMarker", msg, |mut c, r| async move {
+            c.delete_marker(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn list_markers(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let msg = pb::ListMarkersRequest {
+            prefix: prefix.to_string(),
+        };
+        let resp = self
+            .unary("ListMarkers", msg, |mut c, r| async move {
+                c.list_markers(r).await
+            })
+            .await?;
+        Ok(resp.markers.into_iter().map(|m| (m.key, m.value)).collect())
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<LeaseState> {
+        let msg = pb::AcquireLeaseRequest {
+            name: name.to_string(),
+            holder: holder.to_string(),
+            ttl_ms,
+        };
+        let resp = self
+            .unary("AcquireLease", msg, |mut c, r| async move {
+                c.acquire_lease(r).await
+            })
+            .await?;
+        Ok(LeaseState {
+            acquired: resp.acquired,
+            holder: resp.holder,
+            expires_at_ms: resp.expires_at_ms,
+        })
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        let msg = pb::ReleaseLeaseRequest {
+            name: name.to_string(),
+            holder: holder.to_string(),
+        };
+        self.unary("ReleaseLease", msg, |mut c, r| async move {
+            c.release_lease(r).await
+        })
+        .await?;
+        Ok(())
+    }
 }

@@ -1,1 +1,144 @@
-fn main() {}
+//! orly-db: the storage service. Opens (and migrates) a SQLite or PostgreSQL store and serves
+//! it as `orlydb.v1.DatabaseService` with `grpc.health.v1`, until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use orly_db::{config, grpc_server, open_store, StoreConfig, StoreKind};
+
+/// How often expired (NIP-40) events are purged.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orly-db",
+    version,
+    about = "orly storage service: events, serials, markers and leases over gRPC"
+)]
+struct Args {
+    /// gRPC listen address (host:port).
+    #[arg(long, env = "ORLY_DB_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Storage backend: sqlite or postgres.
+    #[arg(long, env = "ORLY_DB_TYPE", default_value = "sqlite")]
+    db_type: StoreKind,
+    /// Data directory holding the SQLite file (orly.db).
+    #[arg(long, env = "ORLY_DATA_DIR", default_value_os_t = config::default_data_dir())]
+    data_dir: PathBuf,
+    /// PostgreSQL URL (with --db-type postgres), e.g. postgres://user:pass@127.0.0.1/orly.
+    #[arg(long, env = "ORLY_DB_URL")]
+    db_url: Option<String>,
+    /// Connection pool size of the SQL backend.
+    #[arg(long, env = "ORLY_DB_MAX_CONNECTIONS", default_value_t = 8)]
+    max_connections: u32,
+    /// Log level or tracing filter directive (falls back to ORLY_DB_LOG_LEVEL when unset).
+    #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Prometheus /metrics listen address (host:port); empty disables metrics.
+    #[arg(long, env = "ORLY_METRICS_LISTEN", default_value = "")]
+    metrics_listen: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("orly-db: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orly-db: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let level = match (
+        matches.value_source("log_level"),
+        std::env::var("ORLY_DB_LOG_LEVEL"),
+    ) {
+        (Some(ValueSource::DefaultValue), Ok(l)) if !l.trim().is_empty() => l,
+        _ => args.log_level.clone(),
+    };
+    orly_common::init_tracing(&level);
+
+    if args.db_type == StoreKind::Grpc {
+        bail!(
+            "ORLY_DB_TYPE=grpc makes no sense for orly-db: it is the gRPC store itself; \
+             use sqlite or postgres"
+        );
+    }
+    let metrics_addr = match args.metrics_listen.trim() {
+        "" => None,
+        s => Some(
+            s.parse::<SocketAddr>()
+                .with_context(|| format!("invalid ORLY_METRICS_LISTEN {s:?}"))?,
+        ),
+    };
+
+    let cfg = StoreConfig {
+        kind: args.db_type,
+        data_dir: args.data_dir.clone(),
+        postgres_url: args.db_url.clone(),
+        max_connections: args.max_connections,
+        ..StoreConfig::default()
+    };
+    let store = open_store(&cfg)
+        .await
+        .with_context(|| format!("cannot open the {} store", cfg.kind))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, db_type = %cfg.kind, "orly-db listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        orly_common::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    if let Some(addr) = metrics_addr {
+        let shutdown = stopped();
+        tokio::spawn(async move {
+            if let Err(e) = orly_common::metrics::serve(addr, shutdown).await {
+                tracing::error!(%addr, error = %e, "metrics server failed");
+            }
+        });
+    }
+
+    let expiry_store = store.clone();
+    let expiry = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match expiry_store.delete_expired().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "deleted expired events"),
+                Err(e) => tracing::warn!(error = %e, "deleting expired events failed"),
+            }
+        }
+    });
+
+    let result = grpc_server::serve(listener, store, stopped()).await;
+    expiry.abort();
+    result.context("gRPC server failed")?;
+    tracing::info!("orly-db stopped");
+    Ok(())
+}

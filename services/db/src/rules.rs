@@ -1,1 +1,445 @@
-//! TEMPORARY stub: shared storage rules replace this file.
+//! Storage rules shared by the SQL backends: kind classes, deletion targets (NIP-09),
+//! expiration (NIP-40), tag extraction for indexing, filter normalisation, result ordering,
+//! and the group-commit writer loop.
+//!
+//! Decisions documented here apply to both backends:
+//! * A filter without `limit` returns at most [`MAX_UNLIMITED_RESULTS`] events (the newest).
+//! * A filter with `search` (NIP-50) matches nothing: NIP-50 is not supported (and must not
+//!   be listed in NIP-11).
+//! * As in `nostr::Filter::match_event`, an empty `ids`, `authors` or `kinds` list is no
+//!   constraint, while a `#x` tag filter with no values matches nothing.
+//! * Only single-letter tags are indexed (their first value), and only values of at most
+//!   [`MAX_INDEXED_TAG_VALUE`] bytes without NUL characters; a `#x` filter value outside those
+//!   bounds cannot match.
+//! * Expired events (NIP-40, `expiration <= now`) are never returned by any read API.
+
+use std::collections::HashSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use nostr::{Event, EventId, Filter, PublicKey};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Result, SaveOutcome, StoreError};
+
+/// Results returned for one filter that has no `limit`.
+pub const MAX_UNLIMITED_RESULTS: u64 = 10_000;
+/// Longest single-letter tag value (bytes) that is indexed, and longest accepted `d` tag.
+pub const MAX_INDEXED_TAG_VALUE: usize = 1024;
+/// Largest number of save requests committed in one transaction.
+pub const MAX_WRITE_BATCH: usize = 512;
+
+pub const MSG_EPHEMERAL: &str = "invalid: ephemeral events are not stored";
+pub const MSG_EXPIRED: &str = "invalid: event has expired";
+pub const MSG_DELETED: &str = "blocked: this event was deleted by its author";
+pub const MSG_NEWER: &str = "duplicate: a newer version of this event is stored";
+pub const MSG_FOREIGN_DELETE: &str = "blocked: cannot delete events of other authors";
+pub const MSG_D_TOO_LONG: &str = "invalid: d tag is too long or contains NUL";
+
+/// How a kind is stored (NIP-01).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KindClass {
+    Regular,
+    /// 0, 3, 10000-19999: one event per (kind, pubkey).
+    Replaceable,
+    /// 20000-29999: never stored.
+    Ephemeral,
+    /// 30000-39999: one event per (kind, pubkey, d tag).
+    Addressable,
+}
+
+pub fn kind_class(kind: u16) -> KindClass {
+    match kind {
+        0 | 3 | 10_000..=19_999 => KindClass::Replaceable,
+        20_000..=29_999 => KindClass::Ephemeral,
+        30_000..=39_999 => KindClass::Addressable,
+        _ => KindClass::Regular,
+    }
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Seconds as stored (SQL integers are signed).
+pub fn ts_i64(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+pub fn event_kind(event: &Event) -> u16 {
+    event.kind.as_u16()
+}
+
+/// The first value of the first `d` tag ("" when absent).
+pub fn d_tag(event: &Event) -> &str {
+    event
+        .tags
+        .iter()
+        .map(|t| t.as_slice())
+        .find(|s| s.first().map(String::as_str) == Some("d"))
+        .and_then(|s| s.get(1))
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
+/// The replacement key's `d` column: `Some("")` for replaceable kinds, `Some(d)` for
+/// addressable kinds, `None` otherwise.
+pub fn replace_key(event: &Event) -> Option<&str> {
+    match kind_class(event_kind(event)) {
+        KindClass::Replaceable => Some(""),
+        KindClass::Addressable => Some(d_tag(event)),
+        _ => None,
+    }
+}
+
+/// NIP-40: the first `expiration` tag's value, when it parses as unix seconds.
+pub fn expiration(event: &Event) -> Option<i64> {
+    event
+        .tags
+        .iter()
+        .map(|t| t.as_slice())
+        .find(|s| s.first().map(String::as_str) == Some("expiration"))
+        .and_then(|s| s.get(1))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(ts_i64)
+}
+
+pub fn indexable_value(v: &str) -> bool {
+    v.len() <= MAX_INDEXED_TAG_VALUE && !v.contains('\0')
+}
+
+/// The `(name, value)` pairs indexed for `#x` filters: every tag whose name is one ASCII
+/// letter, with its first value; deduplicated.
+pub fn index_tags(event: &Event) -> Vec<(String, String)> {
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    let mut out = Vec::new();
+    for tag in event.tags.iter() {
+        let s = tag.as_slice();
+        let (Some(name), Some(value)) = (s.first(), s.get(1)) else {
+            continue;
+        };
+        if name.len() != 1 || !name.as_bytes()[0].is_ascii_alphabetic() {
+            continue;
+        }
+        if !indexable_value(value) {
+            continue;
+        }
+        if seen.insert((name.as_str(), value.as_str())) {
+            out.push((name.clone(), value.clone()));
+        }
+    }
+    out
+}
+
+/// An `a` deletion target: `kind:pubkey:d`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrTarget {
+    pub kind: u16,
+    pub pubkey: PublicKey,
+    /// "" for replaceable kinds.
+    pub d: String,
+}
+
+/// The targets of a kind-5 deletion.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeletionTargets {
+    pub ids: Vec<EventId>,
+    pub addrs: Vec<AddrTarget>,
+    /// An `a` tag whose pubkey is not the deletion's author (refuses the deletion).
+    pub foreign_addr: bool,
+}
+
+/// Parses the `e` and `a` tags of a kind-5 event. Malformed targets are ignored; `a` targets
+/// of kinds that are neither replaceable nor addressable are ignored too.
+pub fn deletion_targets(event: &Event) -> DeletionTargets {
+    let mut out = DeletionTargets::default();
+    for tag in event.tags.iter() {
+        let s = tag.as_slice();
+        match (s.first().map(String::as_str), s.get(1)) {
+            (Some("e"), Some(v)) => {
+                if let Ok(id) = EventId::from_hex(v.trim()) {
+                    if !out.ids.contains(&id) {
+                        out.ids.push(id);
+                    }
+                }
+            }
+            (Some("a"), Some(v)) => {
+                let mut parts = v.splitn(3, ':');
+                let (Some(k), Some(pk)) = (parts.next(), parts.next()) else {
+                    continue;
+                };
+                let d = parts.next().unwrap_or("");
+                let (Ok(kind), Ok(pubkey)) = (k.parse::<u16>(), PublicKey::from_hex(pk)) else {
+                    continue;
+                };
+                if pubkey != event.pubkey {
+                    out.foreign_addr = true;
+                    continue;
+                }
+                let d = match kind_class(kind) {
+                    KindClass::Replaceable => String::new(),
+                    KindClass::Addressable => d.to_string(),
+                    _ => continue,
+                };
+                let t = AddrTarget { kind, pubkey, d };
+                if !out.addrs.contains(&t) {
+                    out.addrs.push(t);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A filter reduced to what the SQL backends need.
+#[derive(Debug, Clone, Default)]
+pub struct NormFilter {
+    pub ids: Vec<[u8; 32]>,
+    pub authors: Vec<[u8; 32]>,
+    pub kinds: Vec<i64>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    /// AND'd tag constraints, each matching any of its values.
+    pub tags: Vec<(String, Vec<String>)>,
+    /// Effective limit (`None`: no limit, used by count).
+    pub limit: Option<u64>,
+}
+
+/// Why a filter may use a limit or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitMode {
+    /// `query`: the filter's limit, or [`MAX_UNLIMITED_RESULTS`].
+    Query,
+    /// `negentropy_items`: the filter's limit if present, else everything.
+    IfPresent,
+    /// `count`: limits are ignored.
+    Ignore,
+}
+
+/// Normalises a filter; `None` when it can match nothing.
+pub fn normalize(filter: &Filter, mode: LimitMode) -> Option<NormFilter> {
+    if filter.search.is_some() {
+        return None;
+    }
+    let limit = match mode {
+        LimitMode::Query => Some(filter.limit.map_or(MAX_UNLIMITED_RESULTS, |l| l as u64)),
+        LimitMode::IfPresent => filter.limit.map(|l| l as u64),
+        LimitMode::Ignore => None,
+    };
+    if limit == Some(0) {
+        return None;
+    }
+    let since = filter.since.map(|t| ts_i64(t.as_secs()));
+    let until = filter.until.map(|t| ts_i64(t.as_secs()));
+    if let (Some(s), Some(u)) = (since, until) {
+        if s > u {
+            return None;
+        }
+    }
+    let mut tags = Vec::new();
+    for (name, values) in filter.generic_tags.iter() {
+        let vals: Vec<String> = values.iter().filter(|v| indexable_value(v)).cloned().collect();
+        if vals.is_empty() {
+            return None;
+        }
+        tags.push((name.as_char().to_string(), vals));
+    }
+    Some(NormFilter {
+        ids: filter
+            .ids
+            .as_ref()
+            .map(|s| s.iter().map(|i| i.to_bytes()).collect())
+            .unwrap_or_default(),
+        authors: filter
+            .authors
+            .as_ref()
+            .map(|s| s.iter().map(|p| p.to_bytes()).collect())
+            .unwrap_or_default(),
+        kinds: filter
+            .kinds
+            .as_ref()
+            .map(|s| s.iter().map(|k| i64::from(k.as_u16())).collect())
+            .unwrap_or_default(),
+        since,
+        until,
+        tags,
+        limit,
+    })
+}
+
+pub fn clamp_limit(limit: u64) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// A matched row before its JSON is parsed.
+#[derive(Debug, Clone)]
+pub struct RawRow {
+    pub created_at: i64,
+    pub id: Vec<u8>,
+    pub json: String,
+}
+
+/// Deduplicates by id and orders by created_at descending then id ascending, then parses.
+pub fn finish_rows(mut rows: Vec<RawRow>) -> Result<Vec<Event>> {
+    rows.sort_unstable_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.id.cmp(&b.id)));
+    rows.dedup_by(|a, b| a.id == b.id);
+    rows.iter().map(|r| parse_event(&r.json)).collect()
+}
+
+pub fn parse_event(json: &str) -> Result<Event> {
+    use nostr::JsonUtil;
+    Event::from_json(json).map_err(|e| StoreError::Corrupt(format!("stored event JSON: {e}")))
+}
+
+pub fn event_id(bytes: &[u8]) -> Result<EventId> {
+    EventId::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("stored event id: {e}")))
+}
+
+pub fn public_key(bytes: &[u8]) -> Result<PublicKey> {
+    PublicKey::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("stored pubkey: {e}")))
+}
+
+pub fn u64_of(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {what}: {v}")))
+}
+
+pub fn kind_of(v: i64) -> Result<u16> {
+    u16::try_from(v).map_err(|_| StoreError::Corrupt(format!("stored kind out of range: {v}")))
+}
+
+/// Validates a stored identity secret.
+pub fn identity_secret(bytes: &[u8]) -> Result<[u8; 32]> {
+    let arr: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("relay identity secret is not 32 bytes".into()))?;
+    nostr::SecretKey::from_slice(&arr)
+        .map_err(|e| StoreError::Corrupt(format!("relay identity secret: {e}")))?;
+    Ok(arr)
+}
+
+pub fn new_identity_secret() -> [u8; 32] {
+    nostr::Keys::generate().secret_key().to_secret_bytes()
+}
+
+/// Checks that can be made on an event alone, before touching the database.
+pub fn precheck(event: &Event, now: i64) -> Option<SaveOutcome> {
+    if kind_class(event_kind(event)) == KindClass::Ephemeral {
+        return Some(SaveOutcome::Rejected(MSG_EPHEMERAL.into()));
+    }
+    if let Some(exp) = expiration(event) {
+        if exp <= now {
+            return Some(SaveOutcome::Rejected(MSG_EXPIRED.into()));
+        }
+    }
+    if let Some(d) = replace_key(event) {
+        if !indexable_value(d) {
+            return Some(SaveOutcome::Rejected(MSG_D_TOO_LONG.into()));
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------
+// Group commit
+// ---------------------------------------------------------------------------------------
+
+/// A backend's batch saver: saves several events in one transaction.
+#[async_trait]
+pub trait BatchSaver: Send + 'static {
+    /// Saves `events` in one transaction, in order (later events see earlier ones). On `Ok`,
+    /// the transaction is committed and holds one outcome per event. On `Err`, nothing of
+    /// the batch is kept.
+    async fn save_batch(&mut self, events: &[Event]) -> Result<Vec<SaveOutcome>>;
+}
+
+pub struct SaveRequest {
+    pub event: Event,
+    pub reply: oneshot::Sender<Result<SaveOutcome>>,
+}
+
+/// Spawns the single writer task; returns the channel that feeds it.
+pub fn spawn_writer<S: BatchSaver>(saver: S) -> mpsc::Sender<SaveRequest> {
+    let (tx, rx) = mpsc::channel(MAX_WRITE_BATCH * 4);
+    tokio::spawn(run_writer(saver, rx));
+    tx
+}
+
+async fn run_writer<S: BatchSaver>(mut saver: S, mut rx: mpsc::Receiver<SaveRequest>) {
+    let mut batch: Vec<SaveRequest> = Vec::with_capacity(MAX_WRITE_BATCH);
+    loop {
+        if rx.recv_many(&mut batch, MAX_WRITE_BATCH).await == 0 {
+            return; // every sender is gone
+        }
+        let events: Vec<Event> = batch.iter().map(|r| r.event.clone()).collect();
+        match saver.save_batch(&events).await {
+            Ok(outcomes) if outcomes.len() == batch.len() => {
+                for (req, out) in batch.drain(..).zip(outcomes) {
+                    let _ = req.reply.send(Ok(out));
+                }
+            }
+            Ok(_) => {
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(StoreError::Corrupt(
+                        "writer returned a wrong number of outcomes".into(),
+                    )));
+                }
+            }
+            Err(err) if batch.len() == 1 => {
+                if let Some(req) = batch.pop() {
+                    let _ = req.reply.send(Err(err));
+                }
+            }
+            Err(err) => {
+                // One bad event must not fail the others: retry each alone.
+                tracing::warn!(error = %err, size = batch.len(), "batch save failed; retrying one by one");
+                for (req, ev) in batch.drain(..).zip(events) {
+                    let res = saver
+                        .save_batch(std::slice::from_ref(&ev))
+                        .await
+                        .and_then(|mut v| {
+                            v.pop().ok_or_else(|| StoreError::Corrupt("no outcome".into()))
+                        });
+                    let _ = req.reply.send(res);
+                }
+            }
+        }
+    }
+}
+
+/// Sends one event to the writer and waits for its outcome.
+pub async fn save_via(tx: &mpsc::Sender<SaveRequest>, event: &Event) -> Result<SaveOutcome> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(SaveRequest { event: event.clone(), reply })
+        .await
+        .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+    rx.await
+        .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        assert_eq!(kind_class(0), KindClass::Replaceable);
+        assert_eq!(kind_class(1), KindClass::Regular);
+        assert_eq!(kind_class(3), KindClass::Replaceable);
+        assert_eq!(kind_class(5), KindClass::Regular);
+        assert_eq!(kind_class(10_002), KindClass::Replaceable);
+        assert_eq!(kind_class(20_001), KindClass::Ephemeral);
+        assert_eq!(kind_class(30_023), KindClass::Addressable);
+        assert_eq!(kind_class(40_000), KindClass::Regular);
+    }
+}

@@ -1,5 +1,650 @@
-//! TEMPORARY stub: the SQLite backend replaces this file.
-crate::unbuilt_store!(SqliteStore);
+//! The SQLite backend (the embedded default).
+//!
+//! One file in WAL mode with `synchronous=NORMAL`: a committed transaction survives a process
+//! crash (`kill -9`); only a power loss may drop the last transactions. SQLite allows one
+//! writer at a time, so every `save_event` goes to a single writer task that owns its own
+//! connection and commits everything waiting in one transaction (group commit, at most
+//! [`MAX_WRITE_BATCH`](crate::rules::MAX_WRITE_BATCH) events). Each event keeps its own outcome:
+//! all refusals are decided by checks before any write, and if the batch fails with a
+//! database error it is rolled back and its events are retried one by one. Serials come from
+//! `INTEGER PRIMARY KEY AUTOINCREMENT`, so with one writer serial order is commit order.
+//! Reads (and the rare small writes: markers, leases, admin deletes) use a separate pool.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nostr::{Event, EventId, Filter, JsonUtil, Timestamp};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
+    SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Row, Sqlite};
+use tokio::sync::mpsc;
+
+use crate::rules::{self, BatchSaver, LimitMode, NormFilter, RawRow, SaveRequest};
+use crate::{EventStore, LeaseState, Result, SaveOutcome, SerialEntry, StoreError};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Read connections in the pool.
+const READ_CONNECTIONS: u32 = 4;
+/// Lists longer than this are passed as one JSON array instead of one bind each.
+const MAX_INLINE_LIST: usize = 256;
+/// Serials / ids fetched per statement.
+const FETCH_CHUNK: usize = 256;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    writer: mpsc::Sender<SaveRequest>,
+}
+
 impl SqliteStore {
-    pub async fn open(_path: &std::path::Path) -> crate::Result<Self> { Err(e()) }
+    /// Opens (creating if missing) and migrates the database file at `path`.
+    pub async fn open(path: &Path) -> Result<SqliteStore> {
+        let opts = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(StoreError::Database)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true)
+            .pragma("temp_store", "memory");
+        let mut conn = opts.clone().pragma("cache_size", "-16000").connect().await?;
+        MIGRATOR.run(&mut conn).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(READ_CONNECTIONS)
+            .min_connections(1)
+            .connect_with(opts)
+            .await?;
+        let writer = rules::spawn_writer(SqliteSaver { conn });
+        Ok(SqliteStore { pool, writer })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Writing
+// ---------------------------------------------------------------------------------------
+
+struct SqliteSaver {
+    conn: SqliteConnection,
+}
+
+#[async_trait]
+impl BatchSaver for SqliteSaver {
+    async fn save_batch(&mut self, events: &[Event]) -> Result<Vec<SaveOutcome>> {
+        let now = rules::now_secs();
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut self.conn).await?;
+        let mut outcomes = Vec::with_capacity(events.len());
+        for ev in events {
+            match save_one(&mut self.conn, ev, now).await {
+                Ok(o) => outcomes.push(o),
+                Err(e) => {
+                    let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = sqlx::query("COMMIT").execute(&mut self.conn).await {
+            let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+            return Err(e.into());
+        }
+        Ok(outcomes)
+    }
+}
+
+/// Saves one event inside the writer's open transaction. Every refusal is decided before
+/// the first write.
+async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<SaveOutcome> {
+    if let Some(out) = rules::precheck(ev, now) {
+        return Ok(out);
+    }
+    let id = ev.id.as_bytes().as_slice();
+    let pk = ev.pubkey.as_bytes().as_slice();
+    let kind = i64::from(rules::event_kind(ev));
+    let created = rules::ts_i64(ev.created_at.as_secs());
+    let d = rules::replace_key(ev);
+
+    let row = sqlx::query(
+        "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1), \
+                EXISTS(SELECT 1 FROM deleted_ids WHERE id = ?1 AND pubkey = ?2), \
+                EXISTS(SELECT 1 FROM deleted_addrs WHERE kind = ?3 AND pubkey = ?2 AND d = ?4 \
+                       AND deleted_until >= ?5), \
+                EXISTS(SELECT 1 FROM events WHERE kind = ?3 AND pubkey = ?2 AND d = ?4 \
+                       AND (created_at > ?5 OR (created_at = ?5 AND id < ?1)))",
+    )
+    .bind(id)
+    .bind(pk)
+    .bind(kind)
+    .bind(d)
+    .bind(created)
+    .fetch_one(&mut *conn)
+    .await?;
+    let (dup, del_id, del_addr, newer): (bool, bool, bool, bool) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+    if dup {
+        return Ok(SaveOutcome::Duplicate);
+    }
+    // NIP-09: deleting a deletion has no effect, so kind 5 is never blocked by `e` targets.
+    if (del_id && kind != 5) || del_addr {
+        return Ok(SaveOutcome::Rejected(rules::MSG_DELETED.into()));
+    }
+    if newer {
+        return Ok(SaveOutcome::Rejected(rules::MSG_NEWER.into()));
+    }
+
+    let targets = if kind == 5 {
+        let t = rules::deletion_targets(ev);
+        if t.foreign_addr {
+            return Ok(SaveOutcome::Rejected(rules::MSG_FOREIGN_DELETE.into()));
+        }
+        for chunk in t.ids.chunks(FETCH_CHUNK) {
+            let sql = format!(
+                "SELECT pubkey FROM events WHERE id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.as_bytes().as_slice());
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                let owner: Vec<u8> = r.try_get(0)?;
+                if owner.as_slice() != pk {
+                    return Ok(SaveOutcome::Rejected(rules::MSG_FOREIGN_DELETE.into()));
+                }
+            }
+        }
+        Some(t)
+    } else {
+        None
+    };
+
+    if let Some(d) = d {
+        sqlx::query("DELETE FROM events WHERE kind = ?1 AND pubkey = ?2 AND d = ?3")
+            .bind(kind)
+            .bind(pk)
+            .bind(d)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let serial: i64 = sqlx::query_scalar(
+        "INSERT INTO events (id, pubkey, created_at, kind, d, expires_at, json) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING serial",
+    )
+    .bind(id)
+    .bind(pk)
+    .bind(created)
+    .bind(kind)
+    .bind(d)
+    .bind(rules::expiration(ev))
+    .bind(ev.as_json())
+    .fetch_one(&mut *conn)
+    .await?;
+    let tags = rules::index_tags(ev);
+    if !tags.is_empty() {
+        let json = serde_json::to_string(&tags)
+            .map_err(|e| StoreError::Corrupt(format!("encoding tags: {e}")))?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO tags (name, value, created_at, serial) \
+             SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), ?1, ?2 \
+             FROM json_each(?3)",
+        )
+        .bind(created)
+        .bind(serial)
+        .bind(json)
+        .execute(&mut *conn)
+        .await?;
+    }
+
+    if let Some(t) = targets {
+        for target in &t.ids {
+            let tid = target.as_bytes().as_slice();
+            sqlx::query("INSERT OR IGNORE INTO deleted_ids (id, pubkey) VALUES (?1, ?2)")
+                .bind(tid)
+                .bind(pk)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("DELETE FROM events WHERE id = ?1 AND pubkey = ?2 AND kind != 5")
+                .bind(tid)
+                .bind(pk)
+                .execute(&mut *conn)
+                .await?;
+        }
+        for a in &t.addrs {
+            sqlx::query(
+                "INSERT INTO deleted_addrs (kind, pubkey, d, deleted_until) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (kind, pubkey, d) DO UPDATE \
+                 SET deleted_until = max(deleted_until, excluded.deleted_until)",
+            )
+            .bind(i64::from(a.kind))
+            .bind(pk)
+            .bind(&a.d)
+            .bind(created)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "DELETE FROM events WHERE kind = ?1 AND pubkey = ?2 AND d = ?3 AND created_at <= ?4",
+            )
+            .bind(i64::from(a.kind))
+            .bind(pk)
+            .bind(&a.d)
+            .bind(created)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(SaveOutcome::Stored { serial: rules::u64_of(serial, "serial")? })
+}
+
+// ---------------------------------------------------------------------------------------
+// Query building
+// ---------------------------------------------------------------------------------------
+
+enum Arg {
+    Int(i64),
+    Blob(Vec<u8>),
+    Text(String),
+}
+
+fn placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(n * 2);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push('?');
+    }
+    s
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
+    args: Vec<Arg>,
+) -> sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>> {
+    for a in args {
+        q = match a {
+            Arg::Int(v) => q.bind(v),
+            Arg::Blob(v) => q.bind(v),
+            Arg::Text(v) => q.bind(v),
+        };
+    }
+    q
+}
+
+/// `col IN (...)` for 32-byte values.
+fn in_bytes(col: &str, vals: &[[u8; 32]], w: &mut Vec<String>, args: &mut Vec<Arg>) {
+    if vals.len() > MAX_INLINE_LIST {
+        let hexes: Vec<String> = vals.iter().map(hex::encode).collect();
+        w.push(format!("{col} IN (SELECT unhex(value) FROM json_each(?))"));
+        args.push(Arg::Text(serde_json::Value::from(hexes).to_string()));
+    } else {
+        w.push(format!("{col} IN ({})", placeholders(vals.len())));
+        args.extend(vals.iter().map(|v| Arg::Blob(v.to_vec())));
+    }
+}
+
+/// The WHERE clause (without the keyword) of one filter over `events e`.
+fn where_clause(f: &NormFilter, now: i64, args: &mut Vec<Arg>) -> String {
+    let mut w: Vec<String> = Vec::new();
+    if !f.ids.is_empty() {
+        in_bytes("e.id", &f.ids, &mut w, args);
+    }
+    if !f.authors.is_empty() {
+        in_bytes("e.pubkey", &f.authors, &mut w, args);
+    }
+    if !f.kinds.is_empty() {
+        if f.kinds.len() > MAX_INLINE_LIST {
+            w.push("e.kind IN (SELECT value FROM json_each(?))".into());
+            args.push(Arg::Text(serde_json::Value::from(f.kinds.clone()).to_string()));
+        } else {
+            w.push(format!("e.kind IN ({})", placeholders(f.kinds.len())));
+            args.extend(f.kinds.iter().map(|k| Arg::Int(*k)));
+        }
+    }
+    if let Some(s) = f.since {
+        w.push("e.created_at >= ?".into());
+        args.push(Arg::Int(s));
+    }
+    if let Some(u) = f.until {
+        w.push("e.created_at <= ?".into());
+        args.push(Arg::Int(u));
+    }
+    for (name, values) in &f.tags {
+        args.push(Arg::Text(name.clone()));
+        if values.len() > MAX_INLINE_LIST {
+            w.push(
+                "e.serial IN (SELECT t.serial FROM tags t WHERE t.name = ? \
+                 AND t.value IN (SELECT value FROM json_each(?)))"
+                    .into(),
+            );
+            args.push(Arg::Text(serde_json::Value::from(values.clone()).to_string()));
+        } else {
+            w.push(format!(
+                "e.serial IN (SELECT t.serial FROM tags t WHERE t.name = ? AND t.value IN ({}))",
+                placeholders(values.len())
+            ));
+            args.extend(values.iter().map(|v| Arg::Text(v.clone())));
+        }
+    }
+    w.push("(e.expires_at IS NULL OR e.expires_at > ?)".into());
+    args.push(Arg::Int(now));
+    w.join(" AND ")
+}
+
+/// One filter's SELECT of `cols`, newest first, with its limit (if any).
+fn select_sql(f: &NormFilter, cols: &str, now: i64, args: &mut Vec<Arg>) -> String {
+    let w = where_clause(f, now, args);
+    match f.limit {
+        Some(l) => {
+            args.push(Arg::Int(rules::clamp_limit(l)));
+            format!(
+                "SELECT {cols} FROM events e WHERE {w} \
+                 ORDER BY e.created_at DESC, e.id ASC LIMIT ?"
+            )
+        }
+        None => format!("SELECT {cols} FROM events e WHERE {w}"),
+    }
+}
+
+impl SqliteStore {
+    /// The SQL and binds of one filter, for `EXPLAIN QUERY PLAN` in tests and benches.
+    #[doc(hidden)]
+    pub async fn explain(&self, filter: &Filter) -> Result<Vec<String>> {
+        let Some(f) = rules::normalize(filter, LimitMode::Query) else {
+            return Ok(vec![]);
+        };
+        let mut args = Vec::new();
+        let sql = format!(
+            "EXPLAIN QUERY PLAN {}",
+            select_sql(&f, "e.created_at, e.id, e.json", rules::now_secs(), &mut args)
+        );
+        let rows = bind_all(sqlx::query(&sql), args).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(3).map_err(StoreError::from))
+            .collect()
+    }
+}
+
+fn raw_row(r: &SqliteRow) -> Result<RawRow> {
+    Ok(RawRow { created_at: r.try_get(0)?, id: r.try_get(1)?, json: r.try_get(2)? })
+}
+
+fn serial_entry(r: &SqliteRow) -> Result<SerialEntry> {
+    let id: Vec<u8> = r.try_get(1)?;
+    let pk: Vec<u8> = r.try_get(2)?;
+    Ok(SerialEntry {
+        serial: rules::u64_of(r.try_get(0)?, "serial")?,
+        id: rules::event_id(&id)?,
+        pubkey: rules::public_key(&pk)?,
+        created_at: Timestamp::from(rules::u64_of(r.try_get(3)?, "created_at")?),
+        kind: rules::kind_of(r.try_get(4)?)?,
+    })
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn save_event(&self, event: &Event) -> Result<SaveOutcome> {
+        // Refusals that need no database do not queue behind the writer.
+        if let Some(out) = rules::precheck(event, rules::now_secs()) {
+            return Ok(out);
+        }
+        rules::save_via(&self.writer, event).await
+    }
+
+    async fn query(&self, filters: &[Filter]) -> Result<Vec<Event>> {
+        let now = rules::now_secs();
+        let mut rows = Vec::new();
+        for filter in filters {
+            let Some(f) = rules::normalize(filter, LimitMode::Query) else {
+                continue;
+            };
+            let mut args = Vec::new();
+            let sql = select_sql(&f, "e.created_at, e.id, e.json", now, &mut args);
+            for r in bind_all(sqlx::query(&sql), args).fetch_all(&self.pool).await? {
+                rows.push(raw_row(&r)?);
+            }
+        }
+        rules::finish_rows(rows)
+    }
+
+    async fn count(&self, filters: &[Filter]) -> Result<u64> {
+        let now = rules::now_secs();
+        let mut args = Vec::new();
+        let arms: Vec<String> = filters
+            .iter()
+            .filter_map(|f| rules::normalize(f, LimitMode::Ignore))
+            .map(|f| select_sql(&f, "e.serial", now, &mut args))
+            .collect();
+        if arms.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!("SELECT COUNT(*) FROM ({})", arms.join(" UNION "));
+        let n: i64 = bind_all(sqlx::query(&sql), args)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        rules::u64_of(n, "count")
+    }
+
+    async fn fetch_by_ids(&self, ids: &[EventId]) -> Result<Vec<Event>> {
+        let now = rules::now_secs();
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(FETCH_CHUNK) {
+            let sql = format!(
+                "SELECT json FROM events WHERE id IN ({}) \
+                 AND (expires_at IS NULL OR expires_at > ?)",
+                placeholders(chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.as_bytes().as_slice());
+            }
+            for r in q.bind(now).fetch_all(&self.pool).await? {
+                out.push(rules::parse_event(r.try_get(0)?)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn negentropy_items(&self, filters: &[Filter]) -> Result<Vec<(Timestamp, EventId)>> {
+        let now = rules::now_secs();
+        let mut set = std::collections::BTreeSet::new();
+        for filter in filters {
+            let Some(f) = rules::normalize(filter, LimitMode::IfPresent) else {
+                continue;
+            };
+            let mut args = Vec::new();
+            let sql = select_sql(&f, "e.created_at, e.id", now, &mut args);
+            for r in bind_all(sqlx::query(&sql), args).fetch_all(&self.pool).await? {
+                let created: i64 = r.try_get(0)?;
+                let id: Vec<u8> = r.try_get(1)?;
+                set.insert((created, id));
+            }
+        }
+        set.into_iter()
+            .map(|(c, id)| {
+                Ok((Timestamp::from(rules::u64_of(c, "created_at")?), rules::event_id(&id)?))
+            })
+            .collect()
+    }
+
+    async fn delete_event(&self, id: &EventId) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM events WHERE id = ?1")
+            .bind(id.as_bytes().as_slice())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn delete_expired(&self) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM events WHERE expires_at IS NOT NULL AND expires_at <= ?1")
+            .bind(rules::now_secs())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn latest_serial(&self) -> Result<u64> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+                .fetch_optional(&self.pool)
+                .await?;
+        rules::u64_of(seq.unwrap_or(0), "serial")
+    }
+
+    async fn ids_by_serial_range(&self, from: u64, to: u64, limit: u32) -> Result<Vec<SerialEntry>> {
+        if from > to || limit == 0 {
+            return Ok(vec![]);
+        }
+        let rows = sqlx::query(
+            "SELECT serial, id, pubkey, created_at, kind FROM events \
+             WHERE serial >= ?1 AND serial <= ?2 AND (expires_at IS NULL OR expires_at > ?3) \
+             ORDER BY serial ASC LIMIT ?4",
+        )
+        .bind(rules::clamp_limit(from))
+        .bind(rules::clamp_limit(to))
+        .bind(rules::now_secs())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(serial_entry).collect()
+    }
+
+    async fn fetch_by_serials(&self, serials: &[u64]) -> Result<Vec<(u64, Event)>> {
+        let now = rules::now_secs();
+        let mut out = Vec::with_capacity(serials.len());
+        for chunk in serials.chunks(FETCH_CHUNK) {
+            let sql = format!(
+                "SELECT serial, json FROM events WHERE serial IN ({}) \
+                 AND (expires_at IS NULL OR expires_at > ?)",
+                placeholders(chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for s in chunk {
+                q = q.bind(rules::clamp_limit(*s));
+            }
+            for r in q.bind(now).fetch_all(&self.pool).await? {
+                let serial = rules::u64_of(r.try_get(0)?, "serial")?;
+                out.push((serial, rules::parse_event(r.try_get(1)?)?));
+            }
+        }
+        out.sort_by_key(|(s, _)| *s);
+        out.dedup_by_key(|(s, _)| *s);
+        Ok(out)
+    }
+
+    async fn serial_by_id(&self, id: &EventId) -> Result<Option<u64>> {
+        let s: Option<i64> = sqlx::query_scalar("SELECT serial FROM events WHERE id = ?1")
+            .bind(id.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await?;
+        s.map(|s| rules::u64_of(s, "serial")).transpose()
+    }
+
+    async fn relay_identity_secret(&self) -> Result<[u8; 32]> {
+        let get = || {
+            sqlx::query_scalar::<_, Vec<u8>>("SELECT secret FROM relay_identity WHERE id = 1")
+                .fetch_optional(&self.pool)
+        };
+        if let Some(s) = get().await? {
+            return rules::identity_secret(&s);
+        }
+        sqlx::query("INSERT INTO relay_identity (id, secret) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING")
+            .bind(rules::new_identity_secret().to_vec())
+            .execute(&self.pool)
+            .await?;
+        match get().await? {
+            Some(s) => rules::identity_secret(&s),
+            None => Err(StoreError::Corrupt("relay identity secret vanished".into())),
+        }
+    }
+
+    async fn set_marker(&self, key: &str, value: &[u8]) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO markers (key, value) VALUES (?1, ?2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_marker(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT value FROM markers WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn delete_marker(&self, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM markers WHERE key = ?1").bind(key).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn list_markers(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let rows = sqlx::query(
+            "SELECT key, value FROM markers WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<LeaseState> {
+        let now = rules::now_ms();
+        let expires = now.saturating_add(ttl_ms);
+        let won = sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+                 expires_at_ms = excluded.expires_at_ms \
+             WHERE leases.expires_at_ms <= ?4 OR leases.holder = excluded.holder \
+             RETURNING holder, expires_at_ms",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(expires)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(r) = won {
+            return Ok(LeaseState {
+                acquired: true,
+                holder: r.try_get(0)?,
+                expires_at_ms: r.try_get(1)?,
+            });
+        }
+        let r = sqlx::query("SELECT holder, expires_at_ms FROM leases WHERE name = ?1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        match r {
+            Some(r) => {
+                let h: String = r.try_get(0)?;
+                Ok(LeaseState { acquired: h == holder, holder: h, expires_at_ms: r.try_get(1)? })
+            }
+            None => Ok(LeaseState { acquired: false, holder: String::new(), expires_at_ms: 0 }),
+        }
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        sqlx::query("DELETE FROM leases WHERE name = ?1 AND holder = ?2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
 }

@@ -1,0 +1,787 @@
+//! Behaviour tests of the `EventStore` backends, written once and run against SQLite (a temp
+//! dir) and PostgreSQL (a fresh database per test on the server at `ORLY_TEST_PG_URL`; see
+//! `scripts/test-postgres.sh`). Without `ORLY_TEST_PG_URL` the PostgreSQL tests say so and pass.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nostr::{Event, EventBuilder, EventId, Filter, Keys, Kind, SingleLetterTag, Tag, Timestamp};
+use orly_db::postgres::PostgresStore;
+use orly_db::sqlite::SqliteStore;
+use orly_db::{EventStore, SaveOutcome};
+use sqlx::Connection;
+
+const T0: u64 = 1_700_000_000;
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------
+
+enum Backend {
+    Sqlite { _dir: tempfile::TempDir, path: PathBuf },
+    Postgres { admin_url: String, db: String, url: String },
+}
+
+struct Fx {
+    store: Arc<dyn EventStore>,
+    backend: Backend,
+}
+
+impl Fx {
+    async fn sqlite() -> Fx {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("orly.db");
+        let store = SqliteStore::open(&path).await.expect("open sqlite");
+        Fx { store: Arc::new(store), backend: Backend::Sqlite { _dir: dir, path } }
+    }
+
+    async fn postgres() -> Option<Fx> {
+        let Ok(admin_url) = std::env::var("ORLY_TEST_PG_URL") else {
+            println!("skipping PostgreSQL store tests: ORLY_TEST_PG_URL is not set");
+            return None;
+        };
+        let db = format!("orly_test_{:016x}", rand::random::<u64>());
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect admin");
+        sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &db);
+        let store = PostgresStore::connect(&url, 8).await.expect("connect postgres");
+        Some(Fx { store: Arc::new(store), backend: Backend::Postgres { admin_url, db, url } })
+    }
+
+    /// A second, independent handle on the same database (as after a restart).
+    async fn reopen(&self) -> Arc<dyn EventStore> {
+        match &self.backend {
+            Backend::Sqlite { path, .. } => Arc::new(SqliteStore::open(path).await.expect("reopen")),
+            Backend::Postgres { url, .. } => {
+                Arc::new(PostgresStore::connect(url, 4).await.expect("reconnect"))
+            }
+        }
+    }
+
+    async fn finish(self) {
+        let Fx { store, backend } = self;
+        drop(store);
+        if let Backend::Postgres { admin_url, db, .. } = backend {
+            if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await;
+            }
+        }
+    }
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_part = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{host_part}/{db}?{q}"),
+        None => format!("{host_part}/{db}"),
+    }
+}
+
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let fx = super::Fx::sqlite().await;
+                    super::$name(&fx).await;
+                    fx.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(fx) = super::Fx::postgres().await else { return };
+                    super::$name(&fx).await;
+                    fx.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+store_tests!(
+    save_and_duplicate,
+    filter_fields,
+    tag_queries,
+    limit_and_ordering,
+    or_filters_with_separate_limits,
+    replaceable_events,
+    addressable_events,
+    deletion_by_e_tag,
+    deletion_by_a_tag,
+    expiration,
+    ephemeral_refused,
+    serials,
+    negentropy_items,
+    markers,
+    leases,
+    identity_secret_persists,
+    count,
+    concurrent_saves,
+    search_is_unsupported,
+    admin_delete,
+);
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn ev(keys: &Keys, kind: u16, content: &str, created_at: u64, tags: Vec<Tag>) -> Event {
+    EventBuilder::new(Kind::from(kind), content)
+        .tags(tags)
+        .custom_created_at(Timestamp::from(created_at))
+        .sign_with_keys(keys)
+        .expect("sign")
+}
+
+fn tag(parts: &[&str]) -> Tag {
+    Tag::parse(parts.iter().copied()).expect("tag")
+}
+
+async fn stored(store: &dyn EventStore, e: &Event) -> u64 {
+    match store.save_event(e).await.expect("save") {
+        SaveOutcome::Stored { serial } => serial,
+        other => panic!("expected Stored for {}, got {other:?}", e.id),
+    }
+}
+
+async fn rejected(store: &dyn EventStore, e: &Event, prefix: &str) {
+    match store.save_event(e).await.expect("save") {
+        SaveOutcome::Rejected(msg) => {
+            assert!(msg.starts_with(prefix), "expected {prefix}..., got {msg:?}")
+        }
+        other => panic!("expected Rejected({prefix}...), got {other:?}"),
+    }
+}
+
+async fn ids(store: &dyn EventStore, filters: Vec<Filter>) -> Vec<EventId> {
+    store.query(&filters).await.expect("query").into_iter().map(|e| e.id).collect()
+}
+
+/// Expected order: created_at descending, then id ascending.
+fn ordered(events: &[&Event]) -> Vec<EventId> {
+    let mut v: Vec<&Event> = events.to_vec();
+    v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+    v.into_iter().map(|e| e.id).collect()
+}
+
+fn now() -> u64 {
+    Timestamp::now().as_secs()
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+async fn save_and_duplicate(fx: &Fx) {
+    let s = fx.store.as_ref();
+    s.ping().await.expect("ping");
+    let k = Keys::generate();
+    let e = ev(&k, 1, "hello", T0, vec![]);
+    let serial = stored(s, &e).await;
+    assert_eq!(s.save_event(&e).await.unwrap(), SaveOutcome::Duplicate);
+    assert_eq!(s.serial_by_id(&e.id).await.unwrap(), Some(serial));
+    let got = s.fetch_by_ids(&[e.id, EventId::all_zeros()]).await.unwrap();
+    assert_eq!(got, vec![e.clone()]);
+    assert_eq!(ids(s, vec![Filter::new()]).await, vec![e.id]);
+    assert_eq!(s.serial_by_id(&EventId::all_zeros()).await.unwrap(), None);
+}
+
+async fn filter_fields(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let (a, b) = (Keys::generate(), Keys::generate());
+    let e1 = ev(&a, 1, "a1", T0 + 10, vec![]);
+    let e2 = ev(&a, 7, "a7", T0 + 20, vec![]);
+    let e3 = ev(&b, 1, "b1", T0 + 30, vec![]);
+    let e4 = ev(&b, 42, "b42", T0 + 40, vec![]);
+    for e in [&e1, &e2, &e3, &e4] {
+        stored(s, e).await;
+    }
+    assert_eq!(ids(s, vec![Filter::new().id(e2.id)]).await, vec![e2.id]);
+    assert_eq!(
+        ids(s, vec![Filter::new().ids([e1.id, e4.id])]).await,
+        ordered(&[&e1, &e4])
+    );
+    assert_eq!(ids(s, vec![Filter::new().author(a.public_key())]).await, ordered(&[&e1, &e2]));
+    assert_eq!(
+        ids(s, vec![Filter::new().authors([a.public_key(), b.public_key()])]).await,
+        ordered(&[&e1, &e2, &e3, &e4])
+    );
+    assert_eq!(ids(s, vec![Filter::new().kind(Kind::from(1))]).await, ordered(&[&e1, &e3]));
+    assert_eq!(
+        ids(s, vec![Filter::new().kinds([Kind::from(7), Kind::from(42)])]).await,
+        ordered(&[&e2, &e4])
+    );
+    // since / until are inclusive
+    assert_eq!(
+        ids(s, vec![Filter::new().since(Timestamp::from(T0 + 20))]).await,
+        ordered(&[&e2, &e3, &e4])
+    );
+    assert_eq!(
+        ids(s, vec![Filter::new().until(Timestamp::from(T0 + 20))]).await,
+        ordered(&[&e1, &e2])
+    );
+    assert_eq!(
+        ids(
+            s,
+            vec![Filter::new()
+                .since(Timestamp::from(T0 + 20))
+                .until(Timestamp::from(T0 + 30))]
+        )
+        .await,
+        ordered(&[&e2, &e3])
+    );
+    assert!(ids(
+        s,
+        vec![Filter::new().since(Timestamp::from(T0 + 31)).until(Timestamp::from(T0 + 30))]
+    )
+    .await
+    .is_empty());
+    // all fields together
+    assert_eq!(
+        ids(
+            s,
+            vec![Filter::new()
+                .author(b.public_key())
+                .kind(Kind::from(1))
+                .since(Timestamp::from(T0))
+                .until(Timestamp::from(T0 + 100))
+                .id(e3.id)]
+        )
+        .await,
+        vec![e3.id]
+    );
+    assert!(ids(s, vec![Filter::new().author(a.public_key()).kind(Kind::from(42))])
+        .await
+        .is_empty());
+}
+
+async fn tag_queries(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let k = Keys::generate();
+    let (p1, p2) = (Keys::generate().public_key(), Keys::generate().public_key());
+    let e1 = ev(&k, 1, "1", T0 + 1, vec![Tag::public_key(p1), Tag::hashtag("nostr")]);
+    let e2 = ev(&k, 1, "2", T0 + 2, vec![Tag::public_key(p2), Tag::hashtag("rust")]);
+    let e3 = ev(&k, 1, "3", T0 + 3, vec![Tag::public_key(p1), Tag::public_key(p2)]);
+    let e4 = ev(&k, 1, "4", T0 + 4, vec![tag(&["L", "label"]), tag(&["t", "nostr", "x"])]);
+    for e in [&e1, &e2, &e3, &e4] {
+        stored(s, e).await;
+    }
+    let p = SingleLetterTag::lowercase(nostr::Alphabet::P);
+    let t = SingleLetterTag::lowercase(nostr::Alphabet::T);
+    let upper_l = SingleLetterTag::uppercase(nostr::Alphabet::L);
+    assert_eq!(
+        ids(s, vec![Filter::new().custom_tag(p, p1.to_hex())]).await,
+        ordered(&[&e1, &e3])
+    );
+    // any value matches
+    assert_eq!(
+        ids(s, vec![Filter::new().custom_tags(p, [p1.to_hex(), p2.to_hex()])]).await,
+        ordered(&[&e1, &e2, &e3])
+    );
+    // tag keys are AND'd
+    assert_eq!(
+        ids(s, vec![Filter::new().custom_tag(p, p1.to_hex()).custom_tag(t, "nostr")]).await,
+        vec![e1.id]
+    );
+    assert_eq!(ids(s, vec![Filter::new().hashtag("nostr")]).await, ordered(&[&e1, &e4]));
+    assert_eq!(ids(s, vec![Filter::new().custom_tag(upper_l, "label")]).await, vec![e4.id]);
+    // only the first value is indexed
+    assert!(ids(s, vec![Filter::new().custom_tag(t, "x")]).await.is_empty());
+    // with other fields
+    assert_eq!(
+        ids(
+            s,
+            vec![Filter::new()
+                .custom_tag(p, p2.to_hex())
+                .author(k.public_key())
+                .since(Timestamp::from(T0 + 3))]
+        )
+        .await,
+        vec![e3.id]
+    );
+    assert!(ids(s, vec![Filter::new().custom_tag(p, p2.to_hex()).kind(Kind::from(7))])
+        .await
+        .is_empty());
+    // a tag filter with no values matches nothing
+    let mut f = Filter::new();
+    f.generic_tags.insert(p, Default::default());
+    assert!(ids(s, vec![f]).await.is_empty());
+}
+
+async fn limit_and_ordering(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let k = Keys::generate();
+    let mut all = Vec::new();
+    for i in 0..10u64 {
+        // pairs share created_at, so the id decides
+        all.push(ev(&k, 1, &format!("n{i}"), T0 + i / 2, vec![]));
+    }
+    for e in &all {
+        stored(s, e).await;
+    }
+    let refs: Vec<&Event> = all.iter().collect();
+    let expected = ordered(&refs);
+    assert_eq!(ids(s, vec![Filter::new()]).await, expected);
+    assert_eq!(ids(s, vec![Filter::new().limit(3)]).await, expected[..3].to_vec());
+    assert_eq!(ids(s, vec![Filter::new().limit(1)]).await, expected[..1].to_vec());
+    assert!(ids(s, vec![Filter::new().limit(0)]).await.is_empty());
+    assert_eq!(ids(s, vec![Filter::new().limit(100)]).await, expected);
+    assert_eq!(
+        ids(s, vec![Filter::new().author(k.public_key()).kind(Kind::from(1)).limit(5)]).await,
+        expected[..5].to_vec()
+    );
+    // the limit keeps the newest matching events even with until
+    let until = ids(s, vec![Filter::new().until(Timestamp::from(T0 + 2)).limit(2)]).await;
+    let older: Vec<&Event> = refs.iter().copied().filter(|e| e.created_at.as_secs() <= T0 + 2).collect();
+    assert_eq!(until, ordered(&older)[..2].to_vec());
+}
+
+async fn or_filters_with_separate_limits(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let (a, b) = (Keys::generate(), Keys::generate());
+    let mut ea = Vec::new();
+    let mut eb = Vec::new();
+    for i in 0..5u64 {
+        ea.push(ev(&a, 1, &format!("a{i}"), T0 + i * 2, vec![]));
+        eb.push(ev(&b, 1, &format!("b{i}"), T0 + i * 2 + 1, vec![]));
+    }
+    for e in ea.iter().chain(eb.iter()) {
+        stored(s, e).await;
+    }
+    let got = ids(
+        s,
+        vec![
+            Filter::new().author(a.public_key()).limit(2),
+            Filter::new().author(b.public_key()).limit(3),
+        ],
+    )
+    .await;
+    assert_eq!(got, ordered(&[&ea[4], &ea[3], &eb[4], &eb[3], &eb[2]]));
+    // overlapping filters are deduplicated
+    let got = ids(
+        s,
+        vec![Filter::new().author(a.public_key()), Filter::new().kind(Kind::from(1)).limit(1)],
+    )
+    .await;
+    let mut exp: Vec<&Event> = ea.iter().collect();
+    exp.push(&eb[4]);
+    assert_eq!(got, ordered(&exp));
+    let got = ids(s, vec![Filter::new().id(ea[0].id), Filter::new().id(ea[0].id)]).await;
+    assert_eq!(got, vec![ea[0].id]);
+}
+
+async fn replaceable_events(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let k = Keys::generate();
+    let v1 = ev(&k, 0, "{\"name\":\"v1\"}", T0 + 10, vec![]);
+    let v2 = ev(&k, 0, "{\"name\":\"v2\"}", T0 + 20, vec![]);
+    let old = ev(&k, 0, "{\"name\":\"old\"}", T0 + 5, vec![]);
+    stored(s, &v1).await;
+    stored(s, &v2).await;
+    let f = || vec![Filter::new().author(k.public_key()).kind(Kind::from(0))];
+    assert_eq!(ids(s, f()).await, vec![v2.id]);
+    rejected(s, &old, "duplicate:").await;
+    rejected(s, &v1, "duplicate:").await; // older, already replaced
+    assert_eq!(ids(s, f()).await, vec![v2.id]);
+    // equal created_at: the lowest id wins
+    let (x, y) = (
+        ev(&k, 0, "{\"name\":\"x\"}", T0 + 30, vec![]),
+        ev(&k, 0, "{\"name\":\"y\"}", T0 + 30, vec![]),
+    );
+    let (low, high) = if x.id < y.id { (x, y) } else { (y, x) };
+    stored(s, &high).await;
+    stored(s, &low).await;
+    assert_eq!(ids(s, f()).await, vec![low.id]);
+    rejected(s, &high, "duplicate:").await;
+    // other kinds and authors are independent
+    let other = Keys::generate();
+    let o = ev(&other, 0, "{}", T0, vec![]);
+    stored(s, &o).await;
+    let list = ev(&k, 10_002, "", T0, vec![]);
+    stored(s, &list).await;
+    let c3a = ev(&k, 3, "", T0 + 1, vec![]);
+    let c3b = ev(&k, 3, "", T0 + 2, vec![]);
+    stored(s, &c3a).await;
+    stored(s, &c3b).await;
+    assert_eq!(ids(s, vec![Filter::new().author(k.public_key())]).await, ordered(&[&low, &list, &c3b]));
+    assert_eq!(s.fetch_by_ids(&[v1.id, v2.id, c3a.id]).await.unwrap(), vec![]);
+}
+
+async fn addressable_events(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let k = Keys::generate();
+    let a1 = ev(&k, 30_023, "a1", T0 + 1, vec![Tag::identifier("a")]);
+    let a2 = ev(&k, 30_023, "a2", T0 + 2, vec![Tag::identifier("a")]);
+    let b1 = ev(&k, 30_023, "b1", T0 + 1, vec![Tag::identifier("b")]);
+    let nod = ev(&k, 30_023, "no d", T0 + 1, vec![]);
+    let nod2 = ev(&k, 30_023, "empty d", T0 + 2, vec![Tag::identifier("")]);
+    let other_kind = ev(&k, 30_024, "other", T0 + 1, vec![Tag::identifier("a")]);
+    for e in [&a1, &b1, &nod, &other_kind] {
+        stored(s, e).await;
+    }
+    stored(s, &a2).await;
+    stored(s, &nod2).await; // no d tag and an empty d tag are the same address
+    let all = ids(s, vec![Filter::new().author(k.public_key())]).await;
+    assert_eq!(all, ordered(&[&a2, &b1, &nod2, &other_kind]));
+    rejected(s, &a1, "duplicate:").await;
+    let d = SingleLetterTag::lowercase(nostr::Alphabet::D);
+    assert_eq!(
+        ids(s, vec![Filter::new().kind(Kind::from(30_023)).custom_tag(d, "a")]).await,
+        vec![a2.id]
+    );
+    // tie-break
+    let x = ev(&k, 30_023, "x", T0 + 9, vec![Tag::identifier("t")]);
+    let y = ev(&k, 30_023, "y", T0 + 9, vec![Tag::identifier("t")]);
+    let (low, high) = if x.id < y.id { (x, y) } else { (y, x) };
+    stored(s, &low).await;
+    rejected(s, &high, "duplicate:").await;
+}
+
+async fn deletion_by_e_tag(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let (a, b) = (Keys::generate(), Keys::generate());
+    let target = ev(&a, 1, "to delete", T0, vec![]);
+    let keep = ev(&a, 1, "keep", T0 + 1, vec![]);
+    let theirs = ev(&b, 1, "b's", T0 + 2, vec![]);
+    for e in [&target, &keep, &theirs] {
+        stored(s, e).await;
+    }
+    // someone else's deletion is refused and changes nothing
+    let foreign = ev(&b, 5, "", T0 + 5, vec![Tag::event(target.id), Tag::event(theirs.id)]);
+    rejected(s, &foreign, "blocked:").await;
+    assert_eq!(s.fetch_by_ids(&[target.id, theirs.id]).await.unwrap().len(), 2);
+    assert!(s.fetch_by_ids(&[foreign.id]).await.unwrap().is_empty());
+
+    let del = ev(&a, 5, "", T0 + 5, vec![Tag::event(target.id)]);
+    stored(s, &del).await;
+    assert!(s.fetch_by_ids(&[target.id]).await.unwrap().is_empty());
+    assert_eq!(
+        ids(s, vec![Filter::new().author(a.public_key())]).await,
+        ordered(&[&del, &keep])
+    );
+    // the deleted event is refused when it arrives again
+    rejected(s, &target, "blocked:").await;
+    // deleting an event that is not stored yet blocks it when it arrives
+    let later = ev(&a, 1, "later", T0 + 3, vec![]);
+    let pre = ev(&a, 5, "", T0 + 6, vec![Tag::event(later.id)]);
+    stored(s, &pre).await;
+    rejected(s, &later, "blocked:").await;
+    // ...but only for its author's events
+    let bs = ev(&b, 1, "b again", T0 + 4, vec![]);
+    let pre_b = ev(&a, 5, "", T0 + 7, vec![Tag::event(bs.id)]);
+    stored(s, &pre_b).await;
+    stored(s, &bs).await;
+    // deleting a deletion has no effect
+    let undo = ev(&a, 5, "", T0 + 8, vec![Tag::event(del.id)]);
+    stored(s, &undo).await;
+    assert_eq!(s.fetch_by_ids(&[del.id]).await.unwrap().len(), 1);
+    rejected(s, &target, "blocked:").await;
+    // a deletion is a regular event: duplicates are duplicates
+    assert_eq!(s.save_event(&del).await.unwrap(), SaveOutcome::Duplicate);
+}
+
+async fn deletion_by_a_tag(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let (a, b) = (Keys::generate(), Keys::generate());
+    let addr = format!("30023:{}:post", a.public_key().to_hex());
+    let v1 = ev(&a, 30_023, "v1", T0 + 10, vec![Tag::identifier("post")]);
+    let other = ev(&a, 30_023, "other", T0 + 10, vec![Tag::identifier("other")]);
+    stored(s, &v1).await;
+    stored(s, &other).await;
+    // someone else's `a` deletion is refused
+    let foreign = ev(&b, 5, "", T0 + 20, vec![tag(&["a", &addr])]);
+    rejected(s, &foreign, "blocked:").await;
+    assert_eq!(s.fetch_by_ids(&[v1.id]).await.unwrap().len(), 1);
+
+    let del = ev(&a, 5, "", T0 + 20, vec![tag(&["a", &addr])]);
+    stored(s, &del).await;
+    assert!(s.fetch_by_ids(&[v1.id]).await.unwrap().is_empty());
+    assert_eq!(s.fetch_by_ids(&[other.id]).await.unwrap().len(), 1);
+    // versions up to the deletion's created_at are refused; newer ones are accepted
+    rejected(s, &v1, "blocked:").await;
+    let v_eq = ev(&a, 30_023, "at", T0 + 20, vec![Tag::identifier("post")]);
+    rejected(s, &v_eq, "blocked:").await;
+    let v_new = ev(&a, 30_023, "new", T0 + 21, vec![Tag::identifier("post")]);
+    stored(s, &v_new).await;
+    // replaceable kinds via `a` with an empty d
+    let meta = ev(&a, 0, "{}", T0 + 10, vec![]);
+    stored(s, &meta).await;
+    let del0 = ev(&a, 5, "", T0 + 30, vec![tag(&["a", &format!("0:{}:", a.public_key().to_hex())])]);
+    stored(s, &del0).await;
+    assert!(s.fetch_by_ids(&[meta.id]).await.unwrap().is_empty());
+    rejected(s, &meta, "blocked:").await;
+}
+
+async fn expiration(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let k = Keys::generate();
+    let past = ev(&k, 1, "past", T0, vec![Tag::expiration(Timestamp::from(now() - 10))]);
+    rejected(s, &past, "invalid:").await;
+    let soon = ev(&k, 1, "soon", now(), vec![Tag::expiration(Timestamp::from(now() + 2))]);
+    let later = ev(&k, 1, "later", now(), vec![Tag::expiration(Timestamp::from(now() + 3600))]);
+    stored(s, &soon).await;
+    stored(s, &later).await;
+    let f = || vec![Filter::new().author(k.public_key())];
+    assert_eq!(ids(s, f()).await.len(), 2);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(ids(s, f()).await, vec![later.id]);
+    assert!(s.fetch_by_ids(&[soon.id]).await.unwrap().is_empty());
+    assert_eq!(s.count(&f()).await.unwrap(), 1);
+    assert_eq!(s.delete_expired().await.unwrap(), 1);
+    assert_eq!(s.serial_by_id(&soon.id).await.unwrap(), None);
+    assert_eq!(s.delete_expired().await.unwrap(), 0);
+}
+
+async fn ephemeral_refused(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let k = Keys::generate();
+    let e = ev(&k, 20_001, "ephemeral", T0, vec![]);
+    rejected(s, &e, "invalid:").await;
+    assert!(ids(s, vec![Filter::new()]).await.is_empty());
+    assert_eq!(s.latest_serial().await.unwrap(), 0);
+}
+
+async fn serials(fx: &Fx) {
+    let s = fx.store.as_ref();
+    assert_eq!(s.latest_serial().await.unwrap(), 0);
+    let k = Keys::generate();
+    let evs: Vec<Event> = (0..6).map(|i| ev(&k, 1, &format!("{i}"), T0 + 100 - i, vec![])).collect();
+    let mut serials = Vec::new();
+    for e in &evs {
+        serials.push(stored(s, e).await);
+    }
+    assert!(serials.windows(2).all(|w| w[0] < w[1]), "{serials:?}");
+    assert_eq!(s.latest_serial().await.unwrap(), serials[5]);
+
+    let range = s.ids_by_serial_range(serials[1], serials[4], 100).await.unwrap();
+    assert_eq!(range.iter().map(|r| r.serial).collect::<Vec<_>>(), serials[1..=4].to_vec());
+    assert_eq!(range[0].id, evs[1].id);
+    assert_eq!(range[0].pubkey, k.public_key());
+    assert_eq!(range[0].created_at, evs[1].created_at);
+    assert_eq!(range[0].kind, 1);
+    let limited = s.ids_by_serial_range(0, u64::MAX, 2).await.unwrap();
+    assert_eq!(limited.iter().map(|r| r.serial).collect::<Vec<_>>(), serials[..2].to_vec());
+    assert!(s.ids_by_serial_range(serials[4], serials[1], 10).await.unwrap().is_empty());
+
+    let fetched = s.fetch_by_serials(&[serials[3], serials[0], 999_999]).await.unwrap();
+    let mut fetched_ids: Vec<(u64, EventId)> = fetched.into_iter().map(|(s, e)| (s, e.id)).collect();
+    fetched_ids.sort();
+    assert_eq!(fetched_ids, vec![(serials[0], evs[0].id), (serials[3], evs[3].id)]);
+
+    // a serial is never reused, and the latest serial does not go back
+    assert!(s.delete_event(&evs[5].id).await.unwrap());
+    assert_eq!(s.latest_serial().await.unwrap(), serials[5]);
+    let next = stored(s, &ev(&k, 1, "next", T0, vec![])).await;
+    assert!(next > serials[5]);
+    assert_eq!(s.latest_serial().await.unwrap(), next);
+    // a refused event takes no serial
+    rejected(s, &ev(&k, 20_000, "x", T0, vec![]), "invalid:").await;
+    let after = stored(s, &ev(&k, 1, "after", T0, vec![])).await;
+    assert!(after > next);
+}
+
+async fn negentropy_items(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let (a, b) = (Keys::generate(), Keys::generate());
+    let mut evs = Vec::new();
+    for i in 0..6u64 {
+        let e = ev(if i % 2 == 0 { &a } else { &b }, 1, &format!("{i}"), T0 + i / 2, vec![]);
+        stored(s, &e).await;
+        evs.push(e);
+    }
+    let items = s.negentropy_items(&[Filter::new()]).await.unwrap();
+    let mut exp: Vec<(Timestamp, EventId)> = evs.iter().map(|e| (e.created_at, e.id)).collect();
+    exp.sort();
+    assert_eq!(items, exp);
+    let items = s
+        .negentropy_items(&[Filter::new().author(a.public_key()), Filter::new().id(evs[1].id)])
+        .await
+        .unwrap();
+    let mut exp: Vec<(Timestamp, EventId)> = evs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0 || *i == 1)
+        .map(|(_, e)| (e.created_at, e.id))
+        .collect();
+    exp.sort();
+    assert_eq!(items, exp);
+}
+
+async fn markers(fx: &Fx) {
+    let s = fx.store.as_ref();
+    assert_eq!(s.get_marker("sync/a").await.unwrap(), None);
+    s.set_marker("sync/a", b"1").await.unwrap();
+    s.set_marker("sync/b", &[0, 255, 7]).await.unwrap();
+    s.set_marker("other", b"x").await.unwrap();
+    s.set_marker("sync/a", b"2").await.unwrap();
+    assert_eq!(s.get_marker("sync/a").await.unwrap(), Some(b"2".to_vec()));
+    assert_eq!(
+        s.list_markers("sync/").await.unwrap(),
+        vec![("sync/a".to_string(), b"2".to_vec()), ("sync/b".to_string(), vec![0, 255, 7])]
+    );
+    assert_eq!(s.list_markers("").await.unwrap().len(), 3);
+    assert!(s.list_markers("nope").await.unwrap().is_empty());
+    s.delete_marker("sync/a").await.unwrap();
+    s.delete_marker("missing").await.unwrap();
+    assert_eq!(s.get_marker("sync/a").await.unwrap(), None);
+    assert_eq!(s.list_markers("sync/").await.unwrap().len(), 1);
+}
+
+async fn leases(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let a = s.acquire_lease("leader", "A", 60_000).await.unwrap();
+    assert!(a.acquired);
+    assert_eq!(a.holder, "A");
+    let b = s.acquire_lease("leader", "B", 60_000).await.unwrap();
+    assert!(!b.acquired);
+    assert_eq!(b.holder, "A");
+    assert_eq!(b.expires_at_ms, a.expires_at_ms);
+    // renewal by the holder
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let a2 = s.acquire_lease("leader", "A", 60_000).await.unwrap();
+    assert!(a2.acquired);
+    assert!(a2.expires_at_ms > a.expires_at_ms);
+    // other leases are independent
+    assert!(s.acquire_lease("other", "B", 60_000).await.unwrap().acquired);
+    // release by a non-holder does nothing; by the holder frees it
+    s.release_lease("leader", "B").await.unwrap();
+    assert!(!s.acquire_lease("leader", "B", 60_000).await.unwrap().acquired);
+    s.release_lease("leader", "A").await.unwrap();
+    assert!(s.acquire_lease("leader", "B", 60_000).await.unwrap().acquired);
+    // an expired lease can be taken
+    assert!(s.acquire_lease("short", "A", 20).await.unwrap().acquired);
+    assert!(!s.acquire_lease("short", "B", 20).await.unwrap().acquired);
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let b = s.acquire_lease("short", "B", 60_000).await.unwrap();
+    assert!(b.acquired);
+    assert_eq!(b.holder, "B");
+    // concurrent contenders: exactly one wins
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let st = fx.store.clone();
+        tasks.push(tokio::spawn(async move {
+            st.acquire_lease("race", &format!("h{i}"), 60_000).await.unwrap().acquired
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        winners += usize::from(t.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+}
+
+async fn identity_secret_persists(fx: &Fx) {
+    let first = fx.store.relay_identity_secret().await.unwrap();
+    assert!(nostr::SecretKey::from_slice(&first).is_ok());
+    assert_eq!(fx.store.relay_identity_secret().await.unwrap(), first);
+    let reopened = fx.reopen().await;
+    assert_eq!(reopened.relay_identity_secret().await.unwrap(), first);
+    // events written before are visible after reopening too
+    let k = Keys::generate();
+    let e = ev(&k, 1, "persist", T0, vec![]);
+    stored(fx.store.as_ref(), &e).await;
+    assert_eq!(reopened.fetch_by_ids(&[e.id]).await.unwrap().len(), 1);
+}
+
+async fn count(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let (a, b) = (Keys::generate(), Keys::generate());
+    for i in 0..5u64 {
+        stored(s, &ev(&a, 1, &format!("a{i}"), T0 + i, vec![])).await;
+    }
+    for i in 0..3u64 {
+        stored(s, &ev(&b, 7, &format!("b{i}"), T0 + i, vec![])).await;
+    }
+    assert_eq!(s.count(&[Filter::new()]).await.unwrap(), 8);
+    assert_eq!(s.count(&[Filter::new().author(a.public_key()).limit(1)]).await.unwrap(), 5);
+    assert_eq!(
+        s.count(&[Filter::new().author(a.public_key()), Filter::new().kind(Kind::from(1))])
+            .await
+            .unwrap(),
+        5
+    );
+    assert_eq!(
+        s.count(&[Filter::new().author(a.public_key()), Filter::new().author(b.public_key())])
+            .await
+            .unwrap(),
+        8
+    );
+    assert_eq!(s.count(&[Filter::new().since(Timestamp::from(T0 + 3))]).await.unwrap(), 2);
+    assert_eq!(s.count(&[]).await.unwrap(), 0);
+}
+
+async fn concurrent_saves(fx: &Fx) {
+    let keys: Vec<Keys> = (0..8).map(|_| Keys::generate()).collect();
+    let mut tasks = Vec::new();
+    for (ki, k) in keys.iter().enumerate() {
+        for i in 0..40u64 {
+            let st = fx.store.clone();
+            let e = ev(k, 1, &format!("{ki}-{i}"), T0 + i, vec![Tag::hashtag("load")]);
+            tasks.push(tokio::spawn(async move {
+                let serial = match st.save_event(&e).await.unwrap() {
+                    SaveOutcome::Stored { serial } => serial,
+                    other => panic!("{other:?}"),
+                };
+                (serial, e.id)
+            }));
+        }
+    }
+    let mut serials = HashSet::new();
+    let mut all_ids = Vec::new();
+    for t in tasks {
+        let (serial, id) = t.await.unwrap();
+        assert!(serials.insert(serial), "serial {serial} handed out twice");
+        all_ids.push(id);
+    }
+    assert_eq!(serials.len(), 320);
+    assert_eq!(fx.store.latest_serial().await.unwrap(), *serials.iter().max().unwrap());
+    let got = fx.store.query(&[Filter::new().hashtag("load").limit(1000)]).await.unwrap();
+    assert_eq!(got.len(), 320);
+    let got_ids: HashSet<EventId> = got.iter().map(|e| e.id).collect();
+    assert!(all_ids.iter().all(|id| got_ids.contains(id)));
+    let range = fx.store.ids_by_serial_range(0, u64::MAX, 1000).await.unwrap();
+    assert_eq!(range.len(), 320);
+}
+
+async fn search_is_unsupported(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let k = Keys::generate();
+    stored(s, &ev(&k, 1, "find me", T0, vec![])).await;
+    assert!(ids(s, vec![Filter::new().search("find")]).await.is_empty());
+    assert_eq!(ids(s, vec![Filter::new().search("find"), Filter::new()]).await.len(), 1);
+}
+
+async fn admin_delete(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let k = Keys::generate();
+    let p = Keys::generate().public_key();
+    let e = ev(&k, 1, "x", T0, vec![Tag::public_key(p)]);
+    stored(s, &e).await;
+    assert!(s.delete_event(&e.id).await.unwrap());
+    assert!(!s.delete_event(&e.id).await.unwrap());
+    let ptag = SingleLetterTag::lowercase(nostr::Alphabet::P);
+    assert!(ids(s, vec![Filter::new().custom_tag(ptag, p.to_hex())]).await.is_empty());
+    // an administrative delete does not block the event
+    stored(s, &e).await;
+}

@@ -1,0 +1,196 @@
+//! Relay configuration: every setting is a flag and an env var with ORLY's name.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use orly_common::parse_duration;
+use orly_db::{StoreConfig, StoreKind};
+
+/// The orly Nostr relay.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "orly", version, about = "orly: a Nostr relay (WebSocket and HTTP on one port)")]
+pub struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "ORLY_LISTEN", default_value = "127.0.0.1")]
+    pub listen: IpAddr,
+    /// Port to listen on.
+    #[arg(long, env = "ORLY_PORT", default_value_t = 3334)]
+    pub port: u16,
+    /// Log level or filter directive (e.g. info, debug, info,orly=trace).
+    #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Where events live: sqlite (embedded), postgres, or grpc (the orly-db service).
+    #[arg(long, env = "ORLY_DB_TYPE", default_value = "sqlite")]
+    pub db_type: StoreKind,
+    /// Data directory holding the SQLite file (orly.db).
+    #[arg(long, env = "ORLY_DATA_DIR", default_value_os_t = orly_db::config::default_data_dir())]
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL for --db-type postgres.
+    #[arg(long, env = "ORLY_DB_URL")]
+    pub db_url: Option<String>,
+    /// orly-db address for --db-type grpc; ORLY's name ORLY_GRPC_SERVER is read when this
+    /// is unset [default: 127.0.0.1:50051].
+    #[arg(long, env = "ORLY_GRPC_DB_SERVER")]
+    pub grpc_db_server: Option<String>,
+    /// Deadline of one call to orly-db over gRPC.
+    #[arg(long, env = "ORLY_GRPC_DB_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub grpc_db_timeout: Duration,
+
+    /// Access control mode. This build provides `none` (an open relay); other modes come
+    /// from the orly-acl service.
+    #[arg(long, env = "ORLY_ACL_MODE", default_value = "none", value_parser = ["none"])]
+    pub acl_mode: String,
+    /// Require NIP-42 authentication before any read or write.
+    #[arg(long, env = "ORLY_AUTH_REQUIRED", default_value_t = false)]
+    pub auth_required: bool,
+    /// This relay's public URL (ws:// or wss://); NIP-42 AUTH events must name it when set.
+    #[arg(long, env = "ORLY_RELAY_URL")]
+    pub relay_url: Option<String>,
+
+    /// NIP-11 name.
+    #[arg(long, env = "ORLY_APP_NAME", default_value = "orly")]
+    pub name: String,
+    /// NIP-11 description.
+    #[arg(long, env = "ORLY_RELAY_DESCRIPTION", default_value = "An orly Nostr relay")]
+    pub description: String,
+    /// NIP-11 contact.
+    #[arg(long, env = "ORLY_RELAY_CONTACT")]
+    pub contact: Option<String>,
+
+    /// Largest WebSocket message accepted, in bytes.
+    #[arg(long, env = "ORLY_MAX_MESSAGE_SIZE", default_value_t = 131_072)]
+    pub max_message_size: usize,
+    /// Open subscriptions allowed per connection.
+    #[arg(long, env = "ORLY_MAX_SUBSCRIPTIONS", default_value_t = 20)]
+    pub max_subscriptions: usize,
+    /// Filters allowed in one REQ or COUNT.
+    #[arg(long, env = "ORLY_MAX_FILTERS", default_value_t = 10)]
+    pub max_filters: usize,
+    /// Largest `limit` honoured; larger limits are clamped to it (NIP-11 max_limit).
+    #[arg(long, env = "ORLY_MAX_LIMIT", default_value_t = 5000)]
+    pub max_limit: usize,
+    /// Limit applied to the stored part of a filter that names none.
+    #[arg(long, env = "ORLY_DEFAULT_LIMIT", default_value_t = 500)]
+    pub default_limit: usize,
+    /// Most values in one filter field (ids, authors, kinds, a tag).
+    #[arg(long, env = "ORLY_MAX_FILTER_VALUES", default_value_t = 2000)]
+    pub max_filter_values: usize,
+    /// Most tags in one event.
+    #[arg(long, env = "ORLY_MAX_EVENT_TAGS", default_value_t = 2500)]
+    pub max_event_tags: usize,
+    /// How far in the future an event's created_at may be.
+    #[arg(long, env = "ORLY_CREATED_AT_FUTURE_LIMIT", default_value = "15m", value_parser = parse_duration)]
+    pub created_at_future_limit: Duration,
+    /// Messages queued for one connection before it is dropped as a slow reader.
+    #[arg(long, env = "ORLY_SEND_QUEUE", default_value_t = 1024)]
+    pub send_queue: usize,
+    /// EVENTs accepted per connection per second (0: unlimited); excess gets `rate-limited:`.
+    #[arg(long, env = "ORLY_EVENTS_PER_SECOND", default_value_t = 0)]
+    pub events_per_second: u32,
+    /// Interval of WebSocket pings; a connection silent for three intervals is closed.
+    #[arg(long, env = "ORLY_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+}
+
+impl Cli {
+    /// The store settings, honouring ORLY's alternative env name for the gRPC address.
+    pub fn store_config(&self) -> StoreConfig {
+        let grpc_server = self
+            .grpc_db_server
+            .clone()
+            .or_else(|| std::env::var("ORLY_GRPC_SERVER").ok())
+            .unwrap_or_else(|| "127.0.0.1:50051".into());
+        StoreConfig {
+            kind: self.db_type,
+            data_dir: self.data_dir.clone(),
+            postgres_url: self.db_url.clone(),
+            grpc_server,
+            grpc_timeout: self.grpc_db_timeout,
+            ..StoreConfig::default()
+        }
+    }
+
+    pub fn relay_config(&self) -> RelayConfig {
+        RelayConfig {
+            auth_required: self.auth_required,
+            relay_url: self.relay_url.clone(),
+            name: self.name.clone(),
+            description: self.description.clone(),
+            contact: self.contact.clone(),
+            limits: Limits {
+                max_message_size: self.max_message_size,
+                max_subscriptions: self.max_subscriptions,
+                max_filters: self.max_filters,
+                max_limit: self.max_limit,
+                default_limit: self.default_limit,
+                max_filter_values: self.max_filter_values,
+                max_event_tags: self.max_event_tags,
+                created_at_future_limit: self.created_at_future_limit,
+                send_queue: self.send_queue,
+                events_per_second: self.events_per_second,
+                ping_interval: self.ping_interval,
+            },
+        }
+    }
+}
+
+/// Limits enforced per connection and per message.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_size: usize,
+    pub max_subscriptions: usize,
+    pub max_filters: usize,
+    pub max_limit: usize,
+    pub default_limit: usize,
+    pub max_filter_values: usize,
+    pub max_event_tags: usize,
+    pub created_at_future_limit: Duration,
+    pub send_queue: usize,
+    pub events_per_second: u32,
+    pub ping_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 131_072,
+            max_subscriptions: 20,
+            max_filters: 10,
+            max_limit: 5000,
+            default_limit: 500,
+            max_filter_values: 2000,
+            max_event_tags: 2500,
+            created_at_future_limit: Duration::from_secs(900),
+            send_queue: 1024,
+            events_per_second: 0,
+            ping_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the relay itself needs (the store and ACL are handed in separately).
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub auth_required: bool,
+    pub relay_url: Option<String>,
+    pub name: String,
+    pub description: String,
+    pub contact: Option<String>,
+    pub limits: Limits,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            auth_required: false,
+            relay_url: None,
+            name: "orly".into(),
+            description: "An orly Nostr relay".into(),
+            contact: None,
+            limits: Limits::default(),
+        }
+    }
+}

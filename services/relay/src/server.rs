@@ -1,0 +1,221 @@
+//! The relay's HTTP side: one port for WebSocket upgrades, NIP-11, health and metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State, WebSocketUpgrade};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use nostr::PublicKey;
+use orly_db::SharedStore;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, OnceCell};
+
+use crate::acl::Acl;
+use crate::config::RelayConfig;
+use crate::nip11;
+use crate::subscriptions::Registry;
+
+/// Hard cap on a WebSocket message: beyond the configured limit we still read the message
+/// (to answer it with a clear refusal); beyond this the socket is closed by the protocol layer.
+const HARD_MESSAGE_CAP_FACTOR: usize = 4;
+
+/// The relay: configuration, the store, the ACL, and the live subscriptions.
+pub struct Relay {
+    pub config: RelayConfig,
+    pub store: SharedStore,
+    pub acl: Arc<dyn Acl>,
+    pub registry: Registry,
+    identity: OnceCell<PublicKey>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Relay {
+    pub fn new(config: RelayConfig, store: SharedStore, acl: Arc<dyn Acl>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            store,
+            acl,
+            registry: Registry::default(),
+            identity: OnceCell::new(),
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    /// The relay's identity pubkey (NIP-11 `pubkey`), from the key kept in the store.
+    /// `None` while the store cannot be reached; asked again next time.
+    pub async fn identity(&self) -> Option<PublicKey> {
+        self.identity
+            .get_or_try_init(|| async {
+                let secret = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.store.relay_identity_secret(),
+                )
+                .await
+                .map_err(|_| ())?
+                .map_err(|e| tracing::warn!(error = %e, "relay identity unavailable"))?;
+                let sk = nostr::SecretKey::from_slice(&secret).map_err(|_| ())?;
+                Ok::<_, ()>(nostr::Keys::new(sk).public_key())
+            })
+            .await
+            .ok()
+            .copied()
+    }
+
+    /// A receiver that flips to `true` when the relay shuts down.
+    pub fn shutdown_receiver(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Tells every connection to close (1001 going away).
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .fallback(root)
+            .with_state(self.clone())
+            .merge(orly_common::metrics::router())
+    }
+}
+
+async fn readyz(State(relay): State<Arc<Relay>>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(2), relay.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store: timed out").into_response(),
+    }
+}
+
+/// Any path: a WebSocket upgrade, a NIP-11 document, or a short text page.
+async fn root(
+    State(relay): State<Arc<Relay>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let headers = req.headers();
+    let wants_ws = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if wants_ws {
+        let (mut parts, _body) = req.into_parts();
+        let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &relay).await {
+            Ok(ws) => ws,
+            Err(rejection) => return rejection.into_response(),
+        };
+        let limits = &relay.config.limits;
+        let cap = limits.max_message_size.saturating_mul(HARD_MESSAGE_CAP_FACTOR);
+        let ip = client_ip(&parts.headers, peer);
+        let relay = relay.clone();
+        return ws
+            .max_message_size(cap)
+            .max_frame_size(cap)
+            // Small buffers keep an idle connection cheap; they grow with traffic.
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_write_buffer_size(cap.max(1 << 20))
+            .on_upgrade(move |socket| crate::connection::run(relay, socket, ip));
+    }
+    let wants_nip11 = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/nostr+json"));
+    if wants_nip11 {
+        let doc = nip11::document(&relay).await;
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "application/nostr+json")
+            .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"))
+            .header(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("*"))
+            .header(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET"))
+            .body(Body::from(doc.to_string()))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!(
+            "{} is a Nostr relay. Connect with a Nostr client over WebSocket.\n",
+            relay.config.name
+        ),
+    )
+        .into_response()
+}
+
+/// The client's address; `X-Forwarded-For` is honoured only from loopback (a local proxy).
+fn client_ip(headers: &axum::http::HeaderMap, peer: SocketAddr) -> std::net::IpAddr {
+    if peer.ip().is_loopback() {
+        if let Some(ip) = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+        {
+            return ip;
+        }
+    }
+    peer.ip()
+}
+
+/// A relay serving on a listener, for the binary and for tests.
+pub struct RunningRelay {
+    pub addr: SocketAddr,
+    pub relay: Arc<Relay>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningRelay {
+    /// The WebSocket URL of the relay.
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Stops accepting, closes every connection, and waits for the server to finish.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        self.relay.begin_shutdown();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        self.relay.begin_shutdown();
+        self.task.abort();
+    }
+}
+
+/// Serves `relay` on `listener` in a background task.
+pub fn spawn(listener: TcpListener, relay: Arc<Relay>) -> std::io::Result<RunningRelay> {
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = relay
+        .router()
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "relay listening");
+    Ok(RunningRelay {
+        addr,
+        relay,
+        stop: Some(stop),
+        task,
+    })
+}
