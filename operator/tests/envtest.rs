@@ -364,7 +364,11 @@ async fn two_operators_elect_one_leader(client: &Client) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envtest_suite() {
     let Some(assets) = std::env::var_os("KUBEBUILDER_ASSETS").filter(|v| !v.is_empty()) else {
-        eprintln!(
+        // Written to the raw stderr handle: libtest captures `eprintln!`, and this line must
+        // show in a normal `cargo test` run.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "skipping envtest: KUBEBUILDER_ASSETS is not set (a directory with kube-apiserver and etcd; see docs/operator.md)"
         );
         return;

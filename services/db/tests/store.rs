@@ -785,3 +785,137 @@ async fn admin_delete(fx: &Fx) {
     // an administrative delete does not block the event
     stored(s, &e).await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Performance (ignored by default):
+//   cargo test -p orly-db --release --test store -- --ignored --nocapture perf
+// ---------------------------------------------------------------------------------------
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn time_queries(
+    store: &Arc<dyn EventStore>,
+    name: &str,
+    mut make: impl FnMut(usize) -> Filter,
+) -> usize {
+    let mut times = Vec::new();
+    let mut total = 0;
+    for i in 0..500 {
+        let f = make(i);
+        let t = std::time::Instant::now();
+        let got = store.query(&[f]).await.unwrap();
+        times.push(t.elapsed());
+        total += got.len();
+    }
+    times.sort();
+    println!(
+        "{name:<14} p50 {:>8.3} ms  p99 {:>8.3} ms  (avg {} results)",
+        percentile(&times, 0.5).as_secs_f64() * 1e3,
+        percentile(&times, 0.99).as_secs_f64() * 1e3,
+        total / times.len()
+    );
+    total
+}
+
+async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
+    const N: usize = 100_000;
+    const AUTHORS: usize = 1_000;
+    let keys: Vec<Keys> = (0..AUTHORS).map(|_| Keys::generate()).collect();
+    let pubs: Vec<nostr::PublicKey> = keys.iter().map(|k| k.public_key()).collect();
+    let t = std::time::Instant::now();
+    let events: Vec<Event> = {
+        let mut out = Vec::with_capacity(N);
+        let mut rng_state = 0x1234_5678_u64;
+        let mut rnd = move || {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state
+        };
+        for i in 0..N {
+            let k = &keys[rnd() as usize % AUTHORS];
+            let kind = if i % 10 == 0 { 7 } else { 1 };
+            let tags = vec![
+                Tag::public_key(pubs[rnd() as usize % AUTHORS]),
+                Tag::public_key(pubs[rnd() as usize % AUTHORS]),
+                Tag::hashtag(format!("t{}", rnd() % 50)),
+            ];
+            out.push(ev(k, kind, &format!("event number {i} with some text"), T0 + i as u64, tags));
+        }
+        out
+    };
+    println!("signed {N} events in {:.1?}", t.elapsed());
+
+    // ingest: 8 concurrent clients, each waiting for its outcome before sending the next
+    let t = std::time::Instant::now();
+    let chunks: Vec<Vec<Event>> = events.chunks(N / 8).map(|c| c.to_vec()).collect();
+    let mut tasks = Vec::new();
+    for chunk in chunks {
+        let st = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for e in &chunk {
+                st.save_event(e).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let el = t.elapsed();
+    println!("ingest: {N} events, 8 clients, {:.2?} = {:.0} events/s", el, N as f64 / el.as_secs_f64());
+
+    let by_author = |i: usize| Filter::new().author(pubs[(i * 7) % AUTHORS]).limit(100);
+    let by_kind = |i: usize| {
+        Filter::new()
+            .kind(Kind::from(1))
+            .since(Timestamp::from(T0 + (N as u64) - 5_000 - (i as u64 % 1000)))
+            .limit(100)
+    };
+    let p = SingleLetterTag::lowercase(nostr::Alphabet::P);
+    let by_p = |i: usize| Filter::new().custom_tag(p, pubs[(i * 13) % AUTHORS].to_hex()).limit(100);
+    let by_ids = |i: usize| {
+        Filter::new()
+            .ids((0..20).map(|j| events[(i * 101 + j * 997) % N].id))
+            .limit(100)
+    };
+    if let Some(sq) = explain {
+        for (name, f) in [
+            ("by author", by_author(0)),
+            ("by kind+since", by_kind(0)),
+            ("by #p", by_p(0)),
+            ("by ids", by_ids(0)),
+        ] {
+            println!("plan {name}: {:?}", sq.explain(&f).await.unwrap());
+        }
+    }
+    time_queries(&store, "by author", by_author).await;
+    time_queries(&store, "by kind+since", by_kind).await;
+    time_queries(&store, "by #p", by_p).await;
+    time_queries(&store, "by ids", by_ids).await;
+    let t = std::time::Instant::now();
+    let c = store.count(&[Filter::new().kind(Kind::from(1))]).await.unwrap();
+    println!("count kind 1: {c} in {:.2?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let items = store.negentropy_items(&[Filter::new()]).await.unwrap();
+    println!("negentropy items: {} in {:.2?}", items.len(), t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn perf_sqlite_100k() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("orly.db")).await.unwrap());
+    let dyn_store: Arc<dyn EventStore> = store.clone();
+    perf_run(dyn_store, Some(&store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn perf_postgres_100k() {
+    let Some(fx) = Fx::postgres().await else { return };
+    perf_run(fx.store.clone(), None).await;
+    fx.finish().await;
+}

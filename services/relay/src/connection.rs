@@ -108,7 +108,7 @@ pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
     let (sink, mut stream) = socket.split();
     let last_seen = Arc::new(AtomicU64::new(now_secs()));
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<CloseFrame>();
-    let writer = tokio::spawn(write_loop(
+    let mut writer = tokio::spawn(write_loop(
         sink,
         out_rx,
         live_rx,
@@ -120,8 +120,14 @@ pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
     conn.send(message::auth_message(&conn.challenge)).await;
 
     let mut shutdown = relay.shutdown_receiver();
+    let mut writer_done = false;
     let close = loop {
         tokio::select! {
+            // The writer ends on a failed send or a silent peer: the connection is over.
+            _ = &mut writer => {
+                writer_done = true;
+                break None;
+            }
             msg = stream.next() => {
                 let Some(Ok(msg)) = msg else { break None };
                 last_seen.store(now_secs(), Ordering::Relaxed);
@@ -151,7 +157,9 @@ pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
         drop(close_tx);
     }
     drop(conn);
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
     tracing::debug!(conn_id, "connection closed");
 }
 
