@@ -6,15 +6,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
-    MetricSpec, MetricTarget, ResourceMetricSource,
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, GRPCAction, HTTPGetAction, LocalObjectReference,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount, VolumeResourceRequirements,
+    EnvFromSource, EnvVar, GRPCAction, HTTPGetAction, LocalObjectReference, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -90,7 +90,10 @@ pub fn labels(relay: &str, component: &ComponentPlan) -> BTreeMap<String, String
         "app.kubernetes.io/managed-by".into(),
         "orly-operator".into(),
     );
-    labels.insert("app.kubernetes.io/version".into(), component.version.clone());
+    labels.insert(
+        "app.kubernetes.io/version".into(),
+        component.version.clone(),
+    );
     labels
 }
 
@@ -451,7 +454,6 @@ pub fn build_hpa(plan: &RelayPlan, component: &ComponentPlan) -> Option<Horizont
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,11 +517,17 @@ mod tests {
 
     #[test]
     fn sqlite_db_is_a_stateful_set_with_a_volume_claim() {
-        let c = children("database: {sqlite: {storageSize: 5Gi, storageClassName: fast}}", Component::Db);
+        let c = children(
+            "database: {sqlite: {storageSize: 5Gi, storageClassName: fast}}",
+            Component::Db,
+        );
         let (pod_security, container_security) = SECURITY();
         let hash = config_hash(&c.config_map);
         let mut pod_labels = meta("db")["labels"].clone();
-        pod_labels.as_object_mut().unwrap().remove("app.kubernetes.io/version");
+        pod_labels
+            .as_object_mut()
+            .unwrap()
+            .remove("app.kubernetes.io/version");
         let expected = json!({
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
@@ -626,7 +634,14 @@ mod tests {
                 "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector("db")}},
             })
         );
-        assert!(!c.config_map.data.as_ref().unwrap().contains_key("ORLY_DB_URL"), "no secret in a ConfigMap");
+        assert!(
+            !c.config_map
+                .data
+                .as_ref()
+                .unwrap()
+                .contains_key("ORLY_DB_URL"),
+            "no secret in a ConfigMap"
+        );
     }
 
     #[test]
@@ -701,7 +716,10 @@ relay:
         let (pod_security, container_security) = SECURITY();
         let hash = config_hash(&c.config_map);
         let mut pod_labels = meta("relay")["labels"].clone();
-        pod_labels.as_object_mut().unwrap().remove("app.kubernetes.io/version");
+        pod_labels
+            .as_object_mut()
+            .unwrap()
+            .remove("app.kubernetes.io/version");
         let Workload::Deployment(d) = &c.workload else {
             panic!("relay is a Deployment")
         };
@@ -761,9 +779,14 @@ relay:
             "database: {type: postgres, postgres: {urlSecret: {name: pg}}, env: [{name: ORLY_DB_URL, value: 'postgres://x'}]}",
             Component::Db,
         );
-        let Workload::Deployment(d) = &c.workload else { panic!() };
+        let Workload::Deployment(d) = &c.workload else {
+            panic!()
+        };
         let env = to_json(d)["spec"]["template"]["spec"]["containers"][0]["env"].clone();
-        assert_eq!(env, json!([{"name": "ORLY_DB_URL", "value": "postgres://x"}]));
+        assert_eq!(
+            env,
+            json!([{"name": "ORLY_DB_URL", "value": "postgres://x"}])
+        );
     }
 
     #[test]

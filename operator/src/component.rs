@@ -171,7 +171,10 @@ mod tests {
     #[test]
     fn tiers_follow_the_dependency_order() {
         let tiers: Vec<Tier> = Component::ALL.iter().map(|c| c.tier()).collect();
-        assert!(tiers.windows(2).all(|w| w[0] <= w[1]), "ALL is in rollout order");
+        assert!(
+            tiers.windows(2).all(|w| w[0] <= w[1]),
+            "ALL is in rollout order"
+        );
         assert_eq!(Component::Db.tier(), Tier::Db);
         assert_eq!(Component::SyncNegentropy.tier(), Tier::Services);
         assert_eq!(Component::Relay.tier(), Tier::Relay);
@@ -181,6 +184,9 @@ mod tests {
     fn every_grpc_service_has_its_contract_port() {
         let ports: Vec<i32> = Component::ALL.iter().map(|c| c.default_port()).collect();
         assert_eq!(ports, [50051, 50052, 50061, 50062, 50063, 50064, 3334]);
-        assert_eq!(child_name("main", Component::SyncRelayGroup), "main-sync-relaygroup");
+        assert_eq!(
+            child_name("main", Component::SyncRelayGroup),
+            "main-sync-relaygroup"
+        );
     }
 }

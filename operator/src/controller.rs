@@ -94,9 +94,7 @@ pub fn reporter(instance: Option<String>) -> Reporter {
 /// Delay before retry number `failures` (1-based): 5s, 10s, 20s, ... capped at 5 minutes.
 pub fn backoff_delay(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
-    BACKOFF_BASE
-        .saturating_mul(1u32 << exp)
-        .min(BACKOFF_MAX)
+    BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_MAX)
 }
 
 fn object_key(namespace: Option<&str>, name: &str) -> String {
@@ -114,10 +112,7 @@ fn guard_key(obj: &DeserializeGuard<OrlyRelay>) -> String {
 }
 
 /// Reconcile one OrlyRelay (or report why it cannot be read).
-pub async fn reconcile(
-    obj: Arc<DeserializeGuard<OrlyRelay>>,
-    ctx: Arc<Context>,
-) -> Result<Action> {
+pub async fn reconcile(obj: Arc<DeserializeGuard<OrlyRelay>>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let key = guard_key(&obj);
     let result = match &obj.0 {
@@ -132,7 +127,11 @@ pub async fn reconcile(
 }
 
 /// Requeue with exponential backoff per object, so one failing OrlyRelay never spins.
-pub fn error_policy(obj: Arc<DeserializeGuard<OrlyRelay>>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    obj: Arc<DeserializeGuard<OrlyRelay>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     let key = guard_key(&obj);
     let failures = ctx.record_failure(&key);
     let delay = backoff_delay(failures);
@@ -176,7 +175,15 @@ async fn report_invalid_object(invalid: &InvalidObject, ctx: &Context) -> Result
         uid: invalid.metadata.uid.clone(),
         ..Default::default()
     };
-    publish(ctx, &reference, EventType::Warning, "InvalidObject", "Validate", message).await;
+    publish(
+        ctx,
+        &reference,
+        EventType::Warning,
+        "InvalidObject",
+        "Validate",
+        message,
+    )
+    .await;
     Ok(Action::await_change())
 }
 
@@ -197,8 +204,15 @@ async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
             let status = invalid_status(relay.metadata.generation, &message, previous, now());
             if previous != Some(&status) {
                 patch_status(&ctx.client, &namespace, &name, &status).await?;
-                publish(ctx, &reference, EventType::Warning, "InvalidSpec", "Validate", message)
-                    .await;
+                publish(
+                    ctx,
+                    &reference,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    "Validate",
+                    message,
+                )
+                .await;
             }
             return Ok(Action::await_change());
         }
@@ -213,7 +227,11 @@ async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
     let mut errors: Vec<Error> = Vec::new();
     let mut gate_open = true;
     for tier in Tier::ALL {
-        for component in plan.components.iter().filter(|c| c.component.tier() == tier) {
+        for component in plan
+            .components
+            .iter()
+            .filter(|c| c.component.tier() == tier)
+        {
             let state = if gate_open {
                 match apply_component(&ctx.client, &plan, component, &existing).await {
                     Ok(observation) => ComponentState::Observed(observation),
@@ -510,7 +528,9 @@ where
         Ok(_) => Ok(()),
         // Already gone is the outcome we wanted.
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(source) => Err(child_error(component, "delete", kind_of::<K>(), name)(source)),
+        Err(source) => Err(child_error(component, "delete", kind_of::<K>(), name)(
+            source,
+        )),
     }
 }
 
@@ -647,7 +667,10 @@ pub async fn run(
     .owns(scoped_api::<Service>(&client, ns), children.clone())
     .owns(scoped_api::<Deployment>(&client, ns), children.clone())
     .owns(scoped_api::<StatefulSet>(&client, ns), children.clone())
-    .owns(scoped_api::<PodDisruptionBudget>(&client, ns), children.clone())
+    .owns(
+        scoped_api::<PodDisruptionBudget>(&client, ns),
+        children.clone(),
+    )
     .owns(scoped_api::<HorizontalPodAutoscaler>(&client, ns), children)
     .with_config(controller::Config::default().concurrency(config.concurrency))
     .graceful_shutdown_on(shutdown)

@@ -318,7 +318,10 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
     /// Average CPU utilisation the autoscaler aims at, in percent of the request.
-    #[serde(default = "default_cpu_target", rename = "targetCPUUtilizationPercentage")]
+    #[serde(
+        default = "default_cpu_target",
+        rename = "targetCPUUtilizationPercentage"
+    )]
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization_percentage: i32,
 }
@@ -612,7 +615,11 @@ mod tests {
         assert_eq!(crd.spec.names.short_names, Some(vec!["orly".to_string()]));
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, VERSION);
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(version
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .is_some());
         let columns: Vec<_> = version
             .additional_printer_columns
             .iter()

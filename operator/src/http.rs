@@ -38,7 +38,11 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
 }
 
 async fn metrics(State(state): State<HttpState>) -> String {
-    state.metrics.as_ref().map(|h| h.render()).unwrap_or_default()
+    state
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default()
 }
 
 /// Serve the router on `addr` until the process ends.
@@ -69,13 +73,19 @@ mod tests {
             ready: ready.clone(),
             metrics: None,
         };
-        assert_eq!(status_of(router(state.clone()), "/healthz").await, StatusCode::OK);
+        assert_eq!(
+            status_of(router(state.clone()), "/healthz").await,
+            StatusCode::OK
+        );
         assert_eq!(
             status_of(router(state.clone()), "/readyz").await,
             StatusCode::SERVICE_UNAVAILABLE
         );
         ready.store(true, Ordering::Release);
-        assert_eq!(status_of(router(state.clone()), "/readyz").await, StatusCode::OK);
+        assert_eq!(
+            status_of(router(state.clone()), "/readyz").await,
+            StatusCode::OK
+        );
         assert_eq!(status_of(router(state), "/metrics").await, StatusCode::OK);
     }
 }

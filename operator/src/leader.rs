@@ -98,7 +98,13 @@ mod tests {
         assert_eq!(started.load(Ordering::SeqCst), 0, "not leader yet");
         tx.send(true).unwrap();
         settle().await;
-        assert_eq!((started.load(Ordering::SeqCst), stopped.load(Ordering::SeqCst)), (1, 0));
+        assert_eq!(
+            (
+                started.load(Ordering::SeqCst),
+                stopped.load(Ordering::SeqCst)
+            ),
+            (1, 0)
+        );
         tx.send(false).unwrap();
         settle().await;
         assert_eq!(stopped.load(Ordering::SeqCst), 1, "stopped on loss");

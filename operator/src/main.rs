@@ -26,7 +26,11 @@ struct Args {
     #[arg(long, env = "WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
     /// Listen address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "ORLY_OPERATOR_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "ORLY_OPERATOR_METRICS_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
     metrics_listen: SocketAddr,
     /// Log filter (error, warn, info, debug, trace or a tracing directive).
     #[arg(long, env = "ORLY_OPERATOR_LOG_LEVEL", default_value = "info")]
@@ -38,7 +42,11 @@ struct Args {
     #[arg(long, env = "ORLY_OPERATOR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
     /// Name of the leader election Lease.
-    #[arg(long, env = "ORLY_OPERATOR_LEASE_NAME", default_value = "orly-operator")]
+    #[arg(
+        long,
+        env = "ORLY_OPERATOR_LEASE_NAME",
+        default_value = "orly-operator"
+    )]
     lease_name: String,
     /// Namespace of the Lease; defaults to WATCH_NAMESPACE, then `default`.
     #[arg(long, env = "POD_NAMESPACE")]
@@ -65,7 +73,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = EnvFilter::try_new(&args.log_level).context("parsing --log-level")?;
     if args.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -84,8 +95,14 @@ async fn main() -> anyhow::Result<()> {
     });
     info!(%listen, "serving /healthz, /readyz and /metrics");
 
-    let client = Client::try_default().await.context("building Kubernetes client")?;
-    tokio::spawn(readiness_check(client.clone(), args.watch_namespace.clone(), ready));
+    let client = Client::try_default()
+        .await
+        .context("building Kubernetes client")?;
+    tokio::spawn(readiness_check(
+        client.clone(),
+        args.watch_namespace.clone(),
+        ready,
+    ));
 
     let identity = args
         .identity

@@ -367,7 +367,10 @@ fn sync_settings(
         Component::SyncCluster => {
             let s = &spec.sync.cluster;
             opt("ADMINS", join(&s.admins));
-            opt("PROPAGATE_PRIVILEGED", Some(s.propagate_privileged.to_string()));
+            opt(
+                "PROPAGATE_PRIVILEGED",
+                Some(s.propagate_privileged.to_string()),
+            );
             opt("POLL_INTERVAL", s.poll_interval.clone());
         }
         Component::SyncRelayGroup => {
@@ -457,10 +460,9 @@ mod tests {
 
     #[test]
     fn component_image_override_wins() {
-        let plan = plan_of(
-            "images: {repository: reg.example/orly, tag: v9}\nacl: {image: {tag: hotfix}}",
-        )
-        .unwrap();
+        let plan =
+            plan_of("images: {repository: reg.example/orly, tag: v9}\nacl: {image: {tag: hotfix}}")
+                .unwrap();
         assert_eq!(
             plan.component(Component::Acl).unwrap().image,
             "reg.example/orly/orly-acl:hotfix"
@@ -474,10 +476,16 @@ mod tests {
     #[test]
     fn inconsistent_specs_are_refused_with_the_crd_message() {
         let cases = [
-            ("database: {type: postgres}", "postgres requires a URL secret"),
+            (
+                "database: {type: postgres}",
+                "postgres requires a URL secret",
+            ),
             ("database: {replicas: 2}", "sqlite allows one db replica"),
             ("relay: {replicas: 2}", "sqlite allows one relay replica"),
-            ("relay: {nip77: true}", "relay.nip77 requires sync.negentropy.enabled"),
+            (
+                "relay: {nip77: true}",
+                "relay.nip77 requires sync.negentropy.enabled",
+            ),
             (
                 "sync: {cluster: {enabled: true, autoscaling: {minReplicas: 3, maxReplicas: 2}}}",
                 "autoscaling.minReplicas must not exceed",

@@ -92,7 +92,10 @@ impl ComponentState {
         match self {
             ComponentState::NotCreated { .. } => format!("{component} not created yet"),
             ComponentState::Observed(o) if o.observed_generation < o.generation => {
-                format!("{component} rollout of generation {} not observed yet", o.generation)
+                format!(
+                    "{component} rollout of generation {} not observed yet",
+                    o.generation
+                )
             }
             ComponentState::Observed(o) => format!(
                 "{component} {}/{} available, {}/{} updated",
@@ -347,11 +350,14 @@ mod tests {
     #[test]
     fn new_relay_is_progressing_at_the_db_tier() {
         let components = [
-            (Component::Db, ComponentState::Observed(WorkloadObservation {
-                generation: 1,
-                desired: 1,
-                ..WorkloadObservation::default()
-            })),
+            (
+                Component::Db,
+                ComponentState::Observed(WorkloadObservation {
+                    generation: 1,
+                    desired: 1,
+                    ..WorkloadObservation::default()
+                }),
+            ),
             (Component::Acl, ComponentState::NotCreated { desired: 1 }),
             (Component::Relay, ComponentState::NotCreated { desired: 1 }),
         ];
@@ -407,7 +413,11 @@ mod tests {
         assert_eq!(first.relay_replicas.as_deref(), Some("1/1"));
         let ready = &first.conditions[0];
         assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str(), ready.message.as_str()),
+            (
+                ready.status.as_str(),
+                ready.reason.as_str(),
+                ready.message.as_str()
+            ),
             ("True", "Available", "all 4 components are available")
         );
 
@@ -419,8 +429,14 @@ mod tests {
             previous: Some(&first),
             now: time(200),
         });
-        assert!(second.conditions.iter().all(|c| c.last_transition_time == time(100)));
-        assert!(second.conditions.iter().all(|c| c.observed_generation == Some(3)));
+        assert!(second
+            .conditions
+            .iter()
+            .all(|c| c.last_transition_time == time(100)));
+        assert!(second
+            .conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(3)));
     }
 
     #[test]
@@ -428,14 +444,17 @@ mod tests {
         let components = [
             (Component::Db, available(1)),
             (Component::Acl, available(1)),
-            (Component::SyncNegentropy, ComponentState::Observed(WorkloadObservation {
-                generation: 2,
-                observed_generation: 2,
-                desired: 2,
-                updated: 2,
-                ready: 1,
-                available: 1,
-            })),
+            (
+                Component::SyncNegentropy,
+                ComponentState::Observed(WorkloadObservation {
+                    generation: 2,
+                    observed_generation: 2,
+                    desired: 2,
+                    updated: 2,
+                    ready: 1,
+                    available: 1,
+                }),
+            ),
             (Component::Relay, ComponentState::NotCreated { desired: 1 }),
         ];
         assert!(tier_available(&components, Tier::Db));
@@ -458,10 +477,13 @@ mod tests {
     fn child_errors_make_the_relay_degraded() {
         let components = [
             (Component::Db, available(1)),
-            (Component::Acl, ComponentState::Failed {
-                desired: 1,
-                message: "boom".into(),
-            }),
+            (
+                Component::Acl,
+                ComponentState::Failed {
+                    desired: 1,
+                    message: "boom".into(),
+                },
+            ),
         ];
         let errors = ["apply Deployment test-acl failed: boom".to_string()];
         let status = compute_status(&StatusInput {
@@ -495,6 +517,9 @@ mod tests {
                 ("Degraded", "True", "InvalidSpec")
             ]
         );
-        assert!(status.conditions.iter().all(|c| c.observed_generation == Some(4)));
+        assert!(status
+            .conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(4)));
     }
 }

@@ -71,7 +71,11 @@ impl Checker {
             .map(|e| format!("{}: {e}", e.instance_path()))
             .collect();
         if let Err(errors) = self.validator.validate_compiled(&self.cel, object, None) {
-            out.extend(errors.iter().map(|e| format!("{}: {}", e.field_path, e.message)));
+            out.extend(
+                errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field_path, e.message)),
+            );
         }
         out
     }
@@ -108,11 +112,17 @@ fn every_cel_rule_compiles() {
         "sqlite allows one db replica",
         "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
     ] {
-        assert!(messages.contains(&expected), "rule {expected:?} missing from {messages:?}");
+        assert!(
+            messages.contains(&expected),
+            "rule {expected:?} missing from {messages:?}"
+        );
     }
     let compiled = compile_schema(&schema);
     let errors = compiled.compilation_errors();
-    assert!(errors.is_empty(), "CEL rules that do not compile: {errors:?}");
+    assert!(
+        errors.is_empty(),
+        "CEL rules that do not compile: {errors:?}"
+    );
     // Every rule must also have a message, since the API server shows it to the user.
     assert!(found.iter().all(|(_, m)| !m.is_empty()));
 }
@@ -125,7 +135,11 @@ fn every_valid_example_passes_schema_and_cel_and_plans() {
     for example in valid {
         let object = as_stored(&example);
         let refusals = checker.refusals(&object);
-        assert!(refusals.is_empty(), "{}: {refusals:?}", example.path.display());
+        assert!(
+            refusals.is_empty(),
+            "{}: {refusals:?}",
+            example.path.display()
+        );
         let mut relay: OrlyRelay = serde_json::from_value(object)
             .unwrap_or_else(|e| panic!("{}: {e}", example.path.display()));
         relay.metadata.uid = Some("uid".into());
@@ -140,7 +154,11 @@ fn every_invalid_example_is_refused_with_its_rules_message() {
     let invalid = examples::invalid();
     assert!(invalid.len() >= 6, "invalid examples missing");
     for example in invalid {
-        assert!(!example.expect.is_empty(), "{} has no `# expect:` line", example.path.display());
+        assert!(
+            !example.expect.is_empty(),
+            "{} has no `# expect:` line",
+            example.path.display()
+        );
         let refusals = checker.refusals(&as_stored(&example));
         for expected in &example.expect {
             assert!(
@@ -158,5 +176,8 @@ fn an_unknown_field_is_reported() {
     let mut object = as_stored(&examples::valid()[0]);
     object["spec"]["relay"] = serde_json::json!({"replicaz": 1});
     let refusals = checker.refusals(&object);
-    assert!(refusals.iter().any(|r| r.contains("replicaz")), "{refusals:?}");
+    assert!(
+        refusals.iter().any(|r| r.contains("replicaz")),
+        "{refusals:?}"
+    );
 }

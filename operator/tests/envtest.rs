@@ -78,7 +78,10 @@ impl ControlPlane {
         let key_path = root.join("sa.key");
         std::fs::write(&key_path, key)?;
         let tokens = root.join("tokens.csv");
-        std::fs::write(&tokens, format!("{TOKEN},envtest-admin,envtest-admin,\"system:masters\"\n"))?;
+        std::fs::write(
+            &tokens,
+            format!("{TOKEN},envtest-admin,envtest-admin,\"system:masters\"\n"),
+        )?;
         let apiserver = Command::new(assets.join("kube-apiserver"))
             .arg(format!("--etcd-servers={etcd_url}"))
             .arg(format!("--cert-dir={}", root.join("certs").display()))
@@ -90,7 +93,10 @@ impl ControlPlane {
             .arg("--authorization-mode=RBAC")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!("--service-account-key-file={}", key_path.display()))
-            .arg(format!("--service-account-signing-key-file={}", key_path.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                key_path.display()
+            ))
             // No controller-manager runs, so nothing would create service accounts.
             .arg("--disable-admission-plugins=ServiceAccount")
             .stdout(log_file(root, "apiserver.log"))
@@ -116,7 +122,8 @@ contexts:
 current-context: envtest
 "#
         ))?;
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
         let client = Client::try_from(config)?;
         let plane = ControlPlane {
             etcd,
@@ -151,7 +158,10 @@ where
 {
     let started = Instant::now();
     while !check().await {
-        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -159,7 +169,9 @@ where
 async fn create_namespace(client: &Client, name: &str) {
     let api: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-    api.create(&PostParams::default(), &ns).await.expect("namespace created");
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace created");
 }
 
 async fn install_crd(client: &Client) {
@@ -178,7 +190,10 @@ async fn install_crd(client: &Client) {
             .ok()
             .and_then(|c| c.status)
             .and_then(|s| s.conditions)
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            })
     })
     .await;
 }
@@ -276,7 +291,10 @@ async fn a_relay_rolls_out_tier_by_tier_to_ready(client: &Client) {
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let relays: Api<OrlyRelay> = Api::namespaced(client.clone(), ns);
-    eventually("db tier", || async { sts.get_opt("main-db").await.ok().flatten().is_some() }).await;
+    eventually("db tier", || async {
+        sts.get_opt("main-db").await.ok().flatten().is_some()
+    })
+    .await;
     let phase = || async {
         relays
             .get("main")
@@ -285,16 +303,34 @@ async fn a_relay_rolls_out_tier_by_tier_to_ready(client: &Client) {
             .and_then(|r| r.status)
             .and_then(|s| s.phase)
     };
-    eventually("Progressing", || async { phase().await == Some(Phase::Progressing) }).await;
+    eventually("Progressing", || async {
+        phase().await == Some(Phase::Progressing)
+    })
+    .await;
     assert!(
-        deployments.list(&Default::default()).await.unwrap().items.is_empty(),
+        deployments
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
         "nothing above the db tier before db is available"
     );
 
     mark_available::<StatefulSet>(client, ns, "main-db").await;
     eventually("services tier", || async {
-        deployments.get_opt("main-acl").await.ok().flatten().is_some()
-            && deployments.get_opt("main-sync-cluster").await.ok().flatten().is_some()
+        deployments
+            .get_opt("main-acl")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+            && deployments
+                .get_opt("main-sync-cluster")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
     })
     .await;
     assert!(deployments.get_opt("main-relay").await.unwrap().is_none());
@@ -302,7 +338,12 @@ async fn a_relay_rolls_out_tier_by_tier_to_ready(client: &Client) {
     mark_available::<Deployment>(client, ns, "main-acl").await;
     mark_available::<Deployment>(client, ns, "main-sync-cluster").await;
     eventually("relay tier", || async {
-        deployments.get_opt("main-relay").await.ok().flatten().is_some()
+        deployments
+            .get_opt("main-relay")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
     })
     .await;
     mark_available::<Deployment>(client, ns, "main-relay").await;
@@ -381,7 +422,9 @@ async fn envtest_suite() {
             assets.display()
         );
     }
-    let plane = ControlPlane::start(&assets).await.expect("control plane starts");
+    let plane = ControlPlane::start(&assets)
+        .await
+        .expect("control plane starts");
     install_crd(&plane.client).await;
     the_api_server_rejects_the_invalid_relays_and_accepts_the_examples(&plane.client).await;
     a_relay_rolls_out_tier_by_tier_to_ready(&plane.client).await;

@@ -35,23 +35,39 @@ fn holder(fake: &FakeApi) -> Option<String> {
 async fn one_instance_leads_and_the_other_takes_over_only_after_expiry() {
     let fake = FakeApi::new();
     let mut a = elect(fake.client(), &config("a")).await.expect("a joins");
-    assert!(wait_leader(&mut a, Duration::from_secs(10)).await, "a leads");
+    assert!(
+        wait_leader(&mut a, Duration::from_secs(10)).await,
+        "a leads"
+    );
     let mut b = elect(fake.client(), &config("b")).await.expect("b joins");
 
     // Across more than one Lease duration a keeps renewing, so b never leads.
-    assert!(!wait_leader(&mut b, Duration::from_secs(4)).await, "b must not lead while a renews");
+    assert!(
+        !wait_leader(&mut b, Duration::from_secs(4)).await,
+        "b must not lead while a renews"
+    );
     assert!(*a.is_leader.borrow());
     assert_eq!(holder(&fake).as_deref(), Some("a"));
 
     // a crashes: no release, the Lease just stops being renewed.
     a.task.abort();
-    let lease = fake.get::<Lease>("ns", "orly-operator").unwrap().spec.unwrap();
+    let lease = fake
+        .get::<Lease>("ns", "orly-operator")
+        .unwrap()
+        .spec
+        .unwrap();
     let renewed = lease.renew_time.expect("renewTime set").0;
     let crashed = Instant::now();
-    assert!(wait_leader(&mut b, Duration::from_secs(20)).await, "b takes over");
+    assert!(
+        wait_leader(&mut b, Duration::from_secs(20)).await,
+        "b takes over"
+    );
     let now = k8s_openapi::jiff::Timestamp::now();
     let expiry = renewed + k8s_openapi::jiff::SignedDuration::from_secs(2);
-    assert!(now >= expiry, "b led at {now}, before a's Lease expired at {expiry}");
+    assert!(
+        now >= expiry,
+        "b led at {now}, before a's Lease expired at {expiry}"
+    );
     assert_eq!(holder(&fake).as_deref(), Some("b"));
     eprintln!("takeover {:?} after the holder stopped", crashed.elapsed());
     b.task.abort();
@@ -71,6 +87,9 @@ async fn a_graceful_leader_releases_the_lease() {
         .expect("a stops")
         .expect("a's task")
         .expect("a released");
-    assert!(wait_leader(&mut b, Duration::from_secs(10)).await, "b leads after release");
+    assert!(
+        wait_leader(&mut b, Duration::from_secs(10)).await,
+        "b leads after release"
+    );
     b.task.abort();
 }

@@ -100,7 +100,11 @@ async fn new_relay_gets_only_the_db_tier_and_is_progressing() {
     );
     // Every child apply is a forced server-side apply under the one field manager.
     for r in fake.requests().iter().filter(|r| r.method == Method::PATCH) {
-        assert!(r.query.contains("fieldManager=orly-operator"), "{}", r.query);
+        assert!(
+            r.query.contains("fieldManager=orly-operator"),
+            "{}",
+            r.query
+        );
         assert!(r.query.contains("force=true"), "{}", r.query);
     }
     assert_eq!(fake.names::<StatefulSet>(NS), ["main-db"]);
@@ -111,11 +115,17 @@ async fn new_relay_gets_only_the_db_tier_and_is_progressing() {
     assert_eq!(status.phase, Some(Phase::Progressing));
     assert_eq!(status.available_tiers, 0);
     let (ready, reason, message, generation) = condition(&fake, "Ready");
-    assert_eq!((ready.as_str(), reason.as_str()), ("False", "TierNotAvailable"));
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "TierNotAvailable")
+    );
     assert!(message.starts_with("waiting for tier db"), "{message}");
     assert_eq!(generation, Some(1));
     let (progressing, reason, _, _) = condition(&fake, "Progressing");
-    assert_eq!((progressing.as_str(), reason.as_str()), ("True", "RollingOut"));
+    assert_eq!(
+        (progressing.as_str(), reason.as_str()),
+        ("True", "RollingOut")
+    );
     let names: Vec<_> = status.components.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["db", "acl", "sync-cluster", "relay"]);
 }
@@ -138,12 +148,17 @@ async fn once_db_is_available_the_services_tier_follows() {
     assert_eq!(status(&fake).available_tiers, 1);
     assert!(event_reasons(&fake).contains(&"TierAvailable".to_string()));
     let (_, _, message, _) = condition(&fake, "Progressing");
-    assert!(message.starts_with("waiting for tier services"), "{message}");
+    assert!(
+        message.starts_with("waiting for tier services"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
 async fn the_relay_appears_only_after_every_enabled_sync_service_is_available() {
-    let (fake, ctx) = setup("sync: {cluster: {enabled: true}, negentropy: {enabled: true}}\nrelay: {nip77: true}");
+    let (fake, ctx) = setup(
+        "sync: {cluster: {enabled: true}, negentropy: {enabled: true}}\nrelay: {nip77: true}",
+    );
     reconcile_stored(&fake, &ctx).await.unwrap();
     fake.mark_available::<StatefulSet>(NS, "main-db");
     reconcile_stored(&fake, &ctx).await.unwrap();
@@ -160,13 +175,24 @@ async fn the_relay_appears_only_after_every_enabled_sync_service_is_available() 
 
     fake.mark_available::<Deployment>(NS, "main-sync-negentropy");
     reconcile_stored(&fake, &ctx).await.unwrap();
-    let relay = fake.get::<Deployment>(NS, "main-relay").expect("relay applied");
+    let relay = fake
+        .get::<Deployment>(NS, "main-relay")
+        .expect("relay applied");
     assert_eq!(
-        relay.spec.unwrap().template.spec.unwrap().containers[0].image.as_deref(),
+        relay.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
         Some("ghcr.io/orly-relay/orly:1.2.3")
     );
-    let relay_config = fake.get::<ConfigMap>(NS, "main-relay").unwrap().data.unwrap();
-    assert_eq!(relay_config["ORLY_GRPC_SYNC_NEGENTROPY"], "main-sync-negentropy:50064");
+    let relay_config = fake
+        .get::<ConfigMap>(NS, "main-relay")
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(
+        relay_config["ORLY_GRPC_SYNC_NEGENTROPY"],
+        "main-sync-negentropy:50064"
+    );
     assert_eq!(relay_config["ORLY_NEGENTROPY_ENABLED"], "true");
 
     fake.mark_available::<Deployment>(NS, "main-relay");
@@ -189,33 +215,73 @@ async fn a_spec_change_rolls_only_the_changed_components_tier_by_tier() {
     let cluster_generation = generation::<Deployment>(&fake, "main-sync-cluster");
     let acl_generation = generation::<Deployment>(&fake, "main-acl");
     let relay_generation = generation::<Deployment>(&fake, "main-relay");
-    let relay_hash = fake.get::<Deployment>(NS, "main-relay").unwrap().spec.unwrap().template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone();
+    let relay_hash = fake
+        .get::<Deployment>(NS, "main-relay")
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap()[CONFIG_HASH_ANNOTATION]
+        .clone();
 
     // acl.mode feeds acl and the relay: acl rolls first, the relay only once acl is back.
     fake.edit::<OrlyRelay>(NS, NAME, |r| r["spec"]["acl"] = json!({"mode": "follows"}));
     reconcile_stored(&fake, &ctx).await.unwrap();
-    assert_eq!(generation::<Deployment>(&fake, "main-acl"), acl_generation + 1);
+    assert_eq!(
+        generation::<Deployment>(&fake, "main-acl"),
+        acl_generation + 1
+    );
     assert_eq!(generation::<StatefulSet>(&fake, "main-db"), db_generation);
-    assert_eq!(generation::<Deployment>(&fake, "main-sync-cluster"), cluster_generation);
+    assert_eq!(
+        generation::<Deployment>(&fake, "main-sync-cluster"),
+        cluster_generation
+    );
     assert_eq!(
         generation::<Deployment>(&fake, "main-relay"),
         relay_generation,
         "relay waits while acl rolls"
     );
     for (type_, _) in [("Ready", ()), ("Progressing", ()), ("Degraded", ())] {
-        assert_eq!(condition(&fake, type_).3, Some(2), "{type_} carries observedGeneration");
+        assert_eq!(
+            condition(&fake, type_).3,
+            Some(2),
+            "{type_} carries observedGeneration"
+        );
     }
     assert_eq!(status(&fake).phase, Some(Phase::Progressing));
 
     fake.mark_available::<Deployment>(NS, "main-acl");
     reconcile_stored(&fake, &ctx).await.unwrap();
-    assert_eq!(generation::<Deployment>(&fake, "main-relay"), relay_generation + 1);
-    assert_eq!(generation::<Deployment>(&fake, "main-sync-cluster"), cluster_generation);
-    let relay = fake.get::<Deployment>(NS, "main-relay").unwrap();
-    let new_hash = relay.spec.unwrap().template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone();
-    assert_ne!(new_hash, relay_hash, "config change re-hashes the pod template");
     assert_eq!(
-        fake.get::<ConfigMap>(NS, "main-relay").unwrap().data.unwrap()["ORLY_ACL_MODE"],
+        generation::<Deployment>(&fake, "main-relay"),
+        relay_generation + 1
+    );
+    assert_eq!(
+        generation::<Deployment>(&fake, "main-sync-cluster"),
+        cluster_generation
+    );
+    let relay = fake.get::<Deployment>(NS, "main-relay").unwrap();
+    let new_hash = relay
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap()[CONFIG_HASH_ANNOTATION]
+        .clone();
+    assert_ne!(
+        new_hash, relay_hash,
+        "config change re-hashes the pod template"
+    );
+    assert_eq!(
+        fake.get::<ConfigMap>(NS, "main-relay")
+            .unwrap()
+            .data
+            .unwrap()["ORLY_ACL_MODE"],
         "follows"
     );
 }
@@ -226,13 +292,22 @@ async fn disabling_a_sync_service_deletes_its_objects() {
         "sync: {cluster: {enabled: true, autoscaling: {minReplicas: 2, maxReplicas: 4}}, relaygroup: {enabled: true}}",
     );
     bring_to_ready(&fake, &ctx).await;
-    assert!(fake.get::<HorizontalPodAutoscaler>(NS, "main-sync-cluster").is_some());
-    assert!(fake.get::<PodDisruptionBudget>(NS, "main-sync-cluster").is_some());
+    assert!(fake
+        .get::<HorizontalPodAutoscaler>(NS, "main-sync-cluster")
+        .is_some());
+    assert!(fake
+        .get::<PodDisruptionBudget>(NS, "main-sync-cluster")
+        .is_some());
 
-    fake.edit::<OrlyRelay>(NS, NAME, |r| r["spec"]["sync"]["cluster"]["enabled"] = json!(false));
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["spec"]["sync"]["cluster"]["enabled"] = json!(false)
+    });
     fake.clear_requests();
     reconcile_stored(&fake, &ctx).await.unwrap();
-    let deletes: Vec<_> = writes(&fake).into_iter().filter(|w| w.starts_with("DELETE")).collect();
+    let deletes: Vec<_> = writes(&fake)
+        .into_iter()
+        .filter(|w| w.starts_with("DELETE"))
+        .collect();
     assert_eq!(
         deletes,
         [
@@ -248,14 +323,22 @@ async fn disabling_a_sync_service_deletes_its_objects() {
     assert!(fake.get::<Service>(NS, "main-sync-cluster").is_none());
     assert!(fake.get::<ConfigMap>(NS, "main-sync-cluster").is_none());
     assert!(fake.get::<Deployment>(NS, "main-sync-relaygroup").is_some());
-    let relay_config = fake.get::<ConfigMap>(NS, "main-relay").unwrap().data.unwrap();
+    let relay_config = fake
+        .get::<ConfigMap>(NS, "main-relay")
+        .unwrap()
+        .data
+        .unwrap();
     assert!(!relay_config.contains_key("ORLY_GRPC_SYNC_CLUSTER"));
     assert!(relay_config.contains_key("ORLY_GRPC_SYNC_RELAYGROUP"));
 
     // Nothing left to prune: the next reconcile deletes nothing.
     fake.clear_requests();
     reconcile_stored(&fake, &ctx).await.unwrap();
-    assert!(writes(&fake).iter().all(|w| !w.starts_with("DELETE")), "{:?}", writes(&fake));
+    assert!(
+        writes(&fake).iter().all(|w| !w.starts_with("DELETE")),
+        "{:?}",
+        writes(&fake)
+    );
 }
 
 #[tokio::test]
@@ -271,8 +354,16 @@ async fn autoscaling_hands_replicas_to_the_hpa() {
         .find(|r| r.method == Method::PATCH && r.path.ends_with("deployments/main-sync-negentropy"))
         .and_then(|r| r.body)
         .expect("deployment applied");
-    assert!(applied["spec"].get("replicas").is_none(), "HPA owns replicas: {}", applied["spec"]);
-    let hpa = fake.get::<HorizontalPodAutoscaler>(NS, "main-sync-negentropy").unwrap().spec.unwrap();
+    assert!(
+        applied["spec"].get("replicas").is_none(),
+        "HPA owns replicas: {}",
+        applied["spec"]
+    );
+    let hpa = fake
+        .get::<HorizontalPodAutoscaler>(NS, "main-sync-negentropy")
+        .unwrap()
+        .spec
+        .unwrap();
     assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 6));
 
     // Turning autoscaling off removes the HPA and gives replicas back to the Deployment.
@@ -280,10 +371,14 @@ async fn autoscaling_hands_replicas_to_the_hpa() {
         r["spec"]["sync"]["negentropy"] = json!({"enabled": true, "replicas": 3})
     });
     reconcile_stored(&fake, &ctx).await.unwrap();
-    assert!(fake.get::<HorizontalPodAutoscaler>(NS, "main-sync-negentropy").is_none());
+    assert!(fake
+        .get::<HorizontalPodAutoscaler>(NS, "main-sync-negentropy")
+        .is_none());
     let deployment = fake.get::<Deployment>(NS, "main-sync-negentropy").unwrap();
     assert_eq!(deployment.spec.unwrap().replicas, Some(3));
-    assert!(fake.get::<PodDisruptionBudget>(NS, "main-sync-negentropy").is_some());
+    assert!(fake
+        .get::<PodDisruptionBudget>(NS, "main-sync-negentropy")
+        .is_some());
 }
 
 #[tokio::test]
@@ -293,7 +388,9 @@ async fn a_conflict_on_one_child_requeues_with_backoff_and_spares_the_others() {
     fake.mark_available::<StatefulSet>(NS, "main-db");
     fake.fail(Method::PATCH, "/deployments/main-acl", 409, "Conflict", 2);
 
-    let error = reconcile_stored(&fake, &ctx).await.expect_err("conflict surfaces");
+    let error = reconcile_stored(&fake, &ctx)
+        .await
+        .expect_err("conflict surfaces");
     assert!(error.to_string().contains("Deployment main-acl"), "{error}");
     assert!(
         fake.get::<Deployment>(NS, "main-sync-cluster").is_some(),
@@ -302,28 +399,53 @@ async fn a_conflict_on_one_child_requeues_with_backoff_and_spares_the_others() {
     let status = status(&fake);
     assert_eq!(status.phase, Some(Phase::Degraded));
     let (degraded, reason, message, _) = condition(&fake, "Degraded");
-    assert_eq!((degraded.as_str(), reason.as_str()), ("True", "ApplyFailed"));
-    assert!(message.contains("409") || message.contains("Conflict"), "{message}");
+    assert_eq!(
+        (degraded.as_str(), reason.as_str()),
+        ("True", "ApplyFailed")
+    );
+    assert!(
+        message.contains("409") || message.contains("Conflict"),
+        "{message}"
+    );
     assert!(event_reasons(&fake).contains(&"ApplyFailed".to_string()));
 
     let stored: OrlyRelay = fake.get(NS, NAME).unwrap();
     let guard = Arc::new(DeserializeGuard(Ok(stored)));
-    assert_eq!(error_policy(guard.clone(), &error, ctx.clone()), Action::requeue(Duration::from_secs(5)));
-    let error = reconcile_stored(&fake, &ctx).await.expect_err("second conflict");
-    assert_eq!(error_policy(guard.clone(), &error, ctx.clone()), Action::requeue(Duration::from_secs(10)));
+    assert_eq!(
+        error_policy(guard.clone(), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    let error = reconcile_stored(&fake, &ctx)
+        .await
+        .expect_err("second conflict");
+    assert_eq!(
+        error_policy(guard.clone(), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
 
     // The fault is gone: the retry succeeds and resets the backoff.
     reconcile_stored(&fake, &ctx).await.expect("recovered");
     assert!(fake.get::<Deployment>(NS, "main-acl").is_some());
     assert_eq!(condition(&fake, "Degraded").0, "False");
-    assert_eq!(error_policy(guard, &error, ctx.clone()), Action::requeue(Duration::from_secs(5)));
+    assert_eq!(
+        error_policy(guard, &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
 }
 
 #[tokio::test]
 async fn a_server_error_requeues_with_backoff() {
     let (fake, ctx) = setup("{}");
-    fake.fail(Method::PATCH, "/statefulsets/main-db", 500, "InternalError", 1);
-    let error = reconcile_stored(&fake, &ctx).await.expect_err("500 surfaces");
+    fake.fail(
+        Method::PATCH,
+        "/statefulsets/main-db",
+        500,
+        "InternalError",
+        1,
+    );
+    let error = reconcile_stored(&fake, &ctx)
+        .await
+        .expect_err("500 surfaces");
     assert!(error.to_string().contains("StatefulSet main-db"), "{error}");
     let stored: OrlyRelay = fake.get(NS, NAME).unwrap();
     assert_eq!(
@@ -349,13 +471,18 @@ async fn an_undeserializable_relay_is_reported_in_status_and_not_retried() {
     assert!(guard.0.is_err(), "mysql is not a database type");
 
     let guard = Arc::new(guard);
-    let action = reconcile(guard.clone(), ctx.clone()).await.expect("reported, not failed");
+    let action = reconcile(guard.clone(), ctx.clone())
+        .await
+        .expect("reported, not failed");
     assert_eq!(action, Action::await_change());
     let status = fake.get_json::<OrlyRelay>(NS, NAME).unwrap()["status"].clone();
     assert_eq!(status["phase"], "Invalid");
     assert_eq!(status["conditions"][2]["type"], "Degraded");
     assert_eq!(status["conditions"][2]["reason"], "InvalidSpec");
-    assert!(status["conditions"][2]["message"].as_str().unwrap().contains("mysql"));
+    assert!(status["conditions"][2]["message"]
+        .as_str()
+        .unwrap()
+        .contains("mysql"));
     assert!(fake.names::<StatefulSet>(NS).is_empty());
     assert!(event_reasons(&fake).contains(&"InvalidObject".to_string()));
 
@@ -373,12 +500,18 @@ async fn an_inconsistent_spec_is_reported_once_and_waits_for_an_edit() {
     let action = reconcile_stored(&fake, &ctx).await.unwrap();
     assert_eq!(action, Action::await_change());
     assert_eq!(status(&fake).phase, Some(Phase::Invalid));
-    assert_eq!(condition(&fake, "Degraded").2, "sqlite allows one db replica");
+    assert_eq!(
+        condition(&fake, "Degraded").2,
+        "sqlite allows one db replica"
+    );
     assert!(fake.names::<StatefulSet>(NS).is_empty());
 
     // Reconciling again (a resync) writes nothing: no hot loop of status updates.
     fake.clear_requests();
-    assert_eq!(reconcile_stored(&fake, &ctx).await.unwrap(), Action::await_change());
+    assert_eq!(
+        reconcile_stored(&fake, &ctx).await.unwrap(),
+        Action::await_change()
+    );
     assert!(writes(&fake).is_empty(), "{:?}", writes(&fake));
 }
 
@@ -402,7 +535,9 @@ async fn switching_db_to_postgres_replaces_the_stateful_set() {
     });
     reconcile_stored(&fake, &ctx).await.unwrap();
     assert!(fake.get::<StatefulSet>(NS, "main-db").is_none());
-    let db = fake.get::<Deployment>(NS, "main-db").expect("db deployment");
+    let db = fake
+        .get::<Deployment>(NS, "main-db")
+        .expect("db deployment");
     assert_eq!(db.spec.unwrap().replicas, Some(2));
     let service = fake.get::<Service>(NS, "main-db").unwrap();
     assert_eq!(service.spec.unwrap().cluster_ip.as_deref(), Some("None"));
@@ -435,14 +570,26 @@ async fn the_controller_drives_a_relay_to_ready_through_watch_events() {
         panic!("timed out waiting for {what}");
     };
     let f = fake.clone();
-    wait("db", Box::new(move || f.get::<StatefulSet>(NS, "main-db").is_some())).await;
+    wait(
+        "db",
+        Box::new(move || f.get::<StatefulSet>(NS, "main-db").is_some()),
+    )
+    .await;
     fake.mark_available::<StatefulSet>(NS, "main-db");
     let f = fake.clone();
-    wait("services tier", Box::new(move || f.names::<Deployment>(NS).len() == 2)).await;
+    wait(
+        "services tier",
+        Box::new(move || f.names::<Deployment>(NS).len() == 2),
+    )
+    .await;
     fake.mark_available::<Deployment>(NS, "main-acl");
     fake.mark_available::<Deployment>(NS, "main-sync-relaygroup");
     let f = fake.clone();
-    wait("relay", Box::new(move || f.get::<Deployment>(NS, "main-relay").is_some())).await;
+    wait(
+        "relay",
+        Box::new(move || f.get::<Deployment>(NS, "main-relay").is_some()),
+    )
+    .await;
     fake.mark_available::<Deployment>(NS, "main-relay");
     let f = fake.clone();
     wait(
@@ -458,7 +605,11 @@ async fn the_controller_drives_a_relay_to_ready_through_watch_events() {
     // Deleting a child is noticed through the owned-object watch and repaired.
     fake.remove::<Service>(NS, "main-relay");
     let f = fake.clone();
-    wait("relay Service recreated", Box::new(move || f.get::<Service>(NS, "main-relay").is_some())).await;
+    wait(
+        "relay Service recreated",
+        Box::new(move || f.get::<Service>(NS, "main-relay").is_some()),
+    )
+    .await;
 
     let _ = stop_tx.send(());
     tokio::time::timeout(Duration::from_secs(10), controller)

@@ -37,8 +37,8 @@ fn load_dir(relative: &str) -> Vec<Example> {
                     .map(|s| s.trim().to_string())
                     .collect()
             };
-            let object: Value = serde_yaml::from_str(&text)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let object: Value =
+                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             Example {
                 expect: header("# expect:"),
                 expect_apiserver: header("# expect-apiserver:"),

@@ -383,8 +383,7 @@ impl FakeApi {
 
     /// A kube client whose every request this fake answers.
     pub fn client(&self) -> Client {
-        let (service, mut handle) =
-            tower_test::mock::pair::<Request<Body>, Response<FakeBody>>();
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<FakeBody>>();
         let fake = self.clone();
         tokio::spawn(async move {
             while let Some((request, send)) = handle.next_request().await {
@@ -447,8 +446,14 @@ impl FakeApi {
     /// Store raw JSON as kind `K`, bypassing any schema (objects from older CRD versions).
     pub fn insert_json<K: Resource<DynamicType = ()>>(&self, mut value: Value) -> Value {
         let key = Self::key_of::<K>(
-            value.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default(),
-            value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default(),
+            value
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+            value
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
         );
         value["apiVersion"] = json!(K::api_version(&()));
         value["kind"] = json!(K::kind(&()));
@@ -469,7 +474,11 @@ impl FakeApi {
     }
 
     /// The stored object as JSON.
-    pub fn get_json<K: Resource<DynamicType = ()>>(&self, namespace: &str, name: &str) -> Option<Value> {
+    pub fn get_json<K: Resource<DynamicType = ()>>(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Value> {
         let key = Self::key_of::<K>(namespace, name);
         self.state.lock().unwrap().objects.get(&key).cloned()
     }
@@ -524,7 +533,11 @@ impl FakeApi {
 
     async fn handle(&self, request: Request<Body>) -> Response<FakeBody> {
         let (parts, body) = request.into_parts();
-        let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let body: Option<Value> = if bytes.is_empty() {
             None
         } else {
