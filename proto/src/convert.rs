@@ -158,7 +158,10 @@ macro_rules! event_conversions {
                 for (name, set) in p.tags {
                     let mut chars = name.chars();
                     let (Some(c), None) = (chars.next(), chars.next()) else {
-                        return Err(invalid("tags", format!("tag name {name:?} is not one letter")));
+                        return Err(invalid(
+                            "tags",
+                            format!("tag name {name:?} is not one letter"),
+                        ));
                     };
                     let letter = SingleLetterTag::from_char(c).map_err(|e| invalid("tags", e))?;
                     let values = set
@@ -206,7 +209,10 @@ mod tests {
     fn event_round_trips_through_protobuf() {
         let keys = Keys::generate();
         let event = EventBuilder::text_note("hello")
-            .tags([Tag::parse(["t", "nostr"]).unwrap(), Tag::parse(["p", &keys.public_key().to_hex()]).unwrap()])
+            .tags([
+                Tag::parse(["t", "nostr"]).unwrap(),
+                Tag::parse(["p", &keys.public_key().to_hex()]).unwrap(),
+            ])
             .sign_with_keys(&keys)
             .unwrap();
         let back = Event::try_from(pb::Event::from(&event)).unwrap();

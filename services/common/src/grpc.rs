@@ -14,8 +14,7 @@ use tonic_health::ServingStatus;
 
 /// An async check that says whether the service can serve (store reachable, migrations
 /// done). Called periodically; its result drives the named health status.
-pub type ReadinessCheck =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+pub type ReadinessCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
 /// How often readiness is re-evaluated.
 pub const READINESS_INTERVAL: Duration = Duration::from_secs(2);

@@ -1,6 +1,7 @@
 //! What every orly binary shares: logging, shutdown signals, the gRPC server with
 //! `grpc.health.v1` readiness, Prometheus metrics, and small config parsers.
 
+pub mod acl;
 pub mod config;
 pub mod grpc;
 pub mod metrics;

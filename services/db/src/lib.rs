@@ -6,8 +6,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use nostr::{Event, EventId, Filter, Timestamp};
 
-#[doc(hidden)]
-pub mod bootstrap_stub;
 pub mod config;
 pub mod grpc_client;
 pub mod grpc_server;

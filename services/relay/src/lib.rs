@@ -1,7 +1,7 @@
 //! The orly relay: NIP-01 over WebSocket with NIP-11, NIP-42, NIP-45 and NIP-70, on top of an
 //! [`orly_db::EventStore`] (in-process or over gRPC) and an [`acl::Acl`].
 
-pub mod acl;
+pub use orly_common::acl;
 pub mod config;
 pub mod connection;
 pub mod message;

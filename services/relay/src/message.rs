@@ -87,7 +87,10 @@ pub fn parse(text: &str) -> Result<ClientMessage<'_>, ParseError> {
         }
         "CLOSE" => match parts.as_slice() {
             [_, _] => Ok(ClientMessage::Close(sub_id(parts.get(1))?)),
-            _ => Err(err(None, "invalid: CLOSE takes exactly one subscription id")),
+            _ => Err(err(
+                None,
+                "invalid: CLOSE takes exactly one subscription id",
+            )),
         },
         "AUTH" => match parts.as_slice() {
             [_, ev] => Ok(ClientMessage::Auth(ev)),
@@ -168,7 +171,10 @@ mod tests {
 
     #[test]
     fn parses_each_message_type() {
-        assert!(matches!(parse(r#"["EVENT",{}]"#), Ok(ClientMessage::Event(_))));
+        assert!(matches!(
+            parse(r#"["EVENT",{}]"#),
+            Ok(ClientMessage::Event(_))
+        ));
         match parse(r#"["REQ","s",{"kinds":[1]},{"limit":2}]"#).unwrap() {
             ClientMessage::Req { sub_id, filters } => {
                 assert_eq!(sub_id, "s");
@@ -176,9 +182,15 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(parse(r#"["COUNT","c",{}]"#), Ok(ClientMessage::Count { .. })));
+        assert!(matches!(
+            parse(r#"["COUNT","c",{}]"#),
+            Ok(ClientMessage::Count { .. })
+        ));
         assert!(matches!(parse(r#"["CLOSE","s"]"#), Ok(ClientMessage::Close(s)) if s == "s"));
-        assert!(matches!(parse(r#"["AUTH",{}]"#), Ok(ClientMessage::Auth(_))));
+        assert!(matches!(
+            parse(r#"["AUTH",{}]"#),
+            Ok(ClientMessage::Auth(_))
+        ));
     }
 
     #[test]
@@ -226,7 +238,10 @@ mod tests {
 
     #[test]
     fn formats_relay_messages() {
-        assert_eq!(ok_message("ab", false, "invalid: x"), r#"["OK","ab",false,"invalid: x"]"#);
+        assert_eq!(
+            ok_message("ab", false, "invalid: x"),
+            r#"["OK","ab",false,"invalid: x"]"#
+        );
         assert_eq!(count_message("c", 3), r#"["COUNT","c",{"count":3}]"#);
         assert_eq!(closed_message("s\"", "m"), r#"["CLOSED","s\"","m"]"#);
     }

@@ -78,7 +78,8 @@ impl Registry {
     /// told to close rather than buffered without bound: a slow reader loses its connection,
     /// not the relay its memory.
     pub fn broadcast(&self, event: &Event) -> usize {
-        let json = nostr::JsonUtil::as_json(event);
+        // Serialized once, and only if some subscription wants the event.
+        let mut json: Option<String> = None;
         let conns: Vec<Arc<ConnHandle>> = self.conns.read().values().cloned().collect();
         let mut delivered = 0;
         for conn in conns {
@@ -94,7 +95,8 @@ impl Registry {
                 .map(|(id, _)| id.clone())
                 .collect();
             for sub in matching {
-                match conn.tx.try_send(event_message(&sub, &json)) {
+                let json = json.get_or_insert_with(|| nostr::JsonUtil::as_json(event));
+                match conn.tx.try_send(event_message(&sub, json)) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         metrics::counter!("orly_slow_consumers_dropped_total").increment(1);

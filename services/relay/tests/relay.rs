@@ -52,7 +52,10 @@ async fn nostr_sdk_publishes_queries_and_subscribes(mode: Mode) {
     listener.connect().await;
     let mut notifications = listener.notifications();
     listener
-        .subscribe(Filter::new().author(keys.public_key()).kind(Kind::TextNote), None)
+        .subscribe(
+            Filter::new().author(keys.public_key()).kind(Kind::TextNote),
+            None,
+        )
         .await
         .unwrap();
 
@@ -64,7 +67,10 @@ async fn nostr_sdk_publishes_queries_and_subscribes(mode: Mode) {
         assert!(out.failed.is_empty(), "publish failed: {:?}", out.failed);
     }
     let events = client
-        .fetch_events(Filter::new().author(keys.public_key()), Duration::from_secs(5))
+        .fetch_events(
+            Filter::new().author(keys.public_key()),
+            Duration::from_secs(5),
+        )
         .await
         .unwrap();
     assert_eq!(events.len(), 3);
@@ -104,8 +110,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str, accept: &str) -> (u16,
 
 async fn nip11_lists_what_the_relay_does(mode: Mode) {
     let relay = TestRelay::start(mode).await;
-    let (status, head, body) =
-        http_get(relay.running.addr, "/", "application/nostr+json").await;
+    let (status, head, body) = http_get(relay.running.addr, "/", "application/nostr+json").await;
     assert_eq!(status, 200);
     assert!(head.contains("content-type: application/nostr+json"));
     assert!(head.contains("access-control-allow-origin: *"));
@@ -160,7 +165,10 @@ async fn filters_order_and_limits(mode: Mode) {
 
     // limit keeps the newest, ordered by created_at descending.
     let got = c
-        .req("a", &[json!({"authors": [alice.public_key().to_hex()], "limit": 3})])
+        .req(
+            "a",
+            &[json!({"authors": [alice.public_key().to_hex()], "limit": 3})],
+        )
         .await
         .unwrap();
     let contents: Vec<&str> = got.iter().map(|e| e["content"].as_str().unwrap()).collect();
@@ -168,7 +176,10 @@ async fn filters_order_and_limits(mode: Mode) {
 
     // since/until are inclusive.
     let got = c
-        .req("b", &[json!({"kinds": [1], "since": base + 2, "until": base + 4})])
+        .req(
+            "b",
+            &[json!({"kinds": [1], "since": base + 2, "until": base + 4})],
+        )
         .await
         .unwrap();
     assert_eq!(got.len(), 3);
@@ -184,7 +195,10 @@ async fn filters_order_and_limits(mode: Mode) {
     assert_eq!(got.len(), 1);
 
     // ids; several filters are OR'd, each with its own limit.
-    let got = c.req("e", &[json!({"ids": [ids[0], ids[1]]})]).await.unwrap();
+    let got = c
+        .req("e", &[json!({"ids": [ids[0], ids[1]]})])
+        .await
+        .unwrap();
     assert_eq!(got.len(), 2);
     let got = c
         .req(
@@ -200,14 +214,23 @@ async fn filters_order_and_limits(mode: Mode) {
     assert_eq!(contents, vec!["tagged", "a9", "a8"]);
 
     // A huge limit is clamped to max_limit (NIP-11), a nonsensical one refused.
-    let got = c.req("g", &[json!({"limit": 1_000_000_000_000u64})]).await.unwrap();
+    let got = c
+        .req("g", &[json!({"limit": 1_000_000_000_000u64})])
+        .await
+        .unwrap();
     assert_eq!(got.len(), 11);
     let closed = c.req("h", &[json!({"limit": -5})]).await.unwrap_err();
-    assert!(closed[2].as_str().unwrap().starts_with("invalid:"), "{closed}");
+    assert!(
+        closed[2].as_str().unwrap().starts_with("invalid:"),
+        "{closed}"
+    );
 
     // Live: a new matching event arrives after EOSE, a non-matching one does not.
     let live = c
-        .req("live", &[json!({"authors": [bob.public_key().to_hex()], "limit": 0})])
+        .req(
+            "live",
+            &[json!({"authors": [bob.public_key().to_hex()], "limit": 0})],
+        )
         .await
         .unwrap();
     assert!(live.is_empty());
@@ -263,7 +286,10 @@ async fn replaceable_events_and_deletions(mode: Mode) {
     let ok = c.publish(&m1).await;
     assert_eq!(ok[2], false, "{ok}");
     let got = c
-        .req("m", &[json!({"kinds": [0], "authors": [keys.public_key().to_hex()]})])
+        .req(
+            "m",
+            &[json!({"kinds": [0], "authors": [keys.public_key().to_hex()]})],
+        )
         .await
         .unwrap();
     assert_eq!(got.len(), 1);
@@ -293,7 +319,10 @@ async fn replaceable_events_and_deletions(mode: Mode) {
         .sign_with_keys(&keys)
         .unwrap();
     assert_eq!(c.publish(&del).await[2], true);
-    let got = c.req("d", &[json!({"ids": [victim.id.to_hex()]})]).await.unwrap();
+    let got = c
+        .req("d", &[json!({"ids": [victim.id.to_hex()]})])
+        .await
+        .unwrap();
     assert!(got.is_empty());
     // Sent again, the deleted event is refused.
     let ok = c.publish(&victim).await;
@@ -312,7 +341,10 @@ async fn replaceable_events_and_deletions(mode: Mode) {
     assert_eq!(ok[2], false, "{ok}");
     assert!(ok[3].as_str().unwrap().starts_with("blocked:"), "{ok}");
     assert_eq!(stored_count(&mut c).await, before);
-    let got = c.req("k", &[json!({"ids": [keep.id.to_hex()]})]).await.unwrap();
+    let got = c
+        .req("k", &[json!({"ids": [keep.id.to_hex()]})])
+        .await
+        .unwrap();
     assert_eq!(got.len(), 1);
 
     // Expired events are refused; ephemeral ones are relayed, never stored.
@@ -363,12 +395,16 @@ async fn bad_input_is_refused_and_changes_nothing(mode: Mode) {
     let v = c.recv().await;
     assert_eq!(v[0], "CLOSED", "{v}");
     assert!(v[2].as_str().unwrap().starts_with("invalid:"));
-    c.send(format!(r#"["REQ","{}",{{}}]"#, "x".repeat(65))).await;
+    c.send(format!(r#"["REQ","{}",{{}}]"#, "x".repeat(65)))
+        .await;
     notice(&c.recv().await);
     // Too many filters.
     let many: Vec<Value> = (0..11).map(|_| json!({})).collect();
     let closed = c.req("many", &many).await.unwrap_err();
-    assert!(closed[2].as_str().unwrap().starts_with("invalid:"), "{closed}");
+    assert!(
+        closed[2].as_str().unwrap().starts_with("invalid:"),
+        "{closed}"
+    );
 
     // Bad id and bad signature.
     let good = note(&keys, "original", now());
@@ -380,7 +416,11 @@ async fn bad_input_is_refused_and_changes_nothing(mode: Mode) {
     assert!(ok[3].as_str().unwrap().starts_with("invalid:"), "{ok}");
     let mut v: Value = serde_json::from_str(&good.as_json()).unwrap();
     let sig = v["sig"].as_str().unwrap();
-    let flipped = format!("{}{}", if sig.starts_with('0') { "1" } else { "0" }, &sig[1..]);
+    let flipped = format!(
+        "{}{}",
+        if sig.starts_with('0') { "1" } else { "0" },
+        &sig[1..]
+    );
     v["sig"] = json!(flipped);
     c.send(format!(r#"["EVENT",{v}]"#)).await;
     let ok = c.recv_type("OK").await;
@@ -402,10 +442,11 @@ async fn bad_input_is_refused_and_changes_nothing(mode: Mode) {
 
     // Binary frames.
     use futures::SinkExt;
-    c.ws
-        .send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into()))
-        .await
-        .unwrap();
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        vec![1, 2, 3].into(),
+    ))
+    .await
+    .unwrap();
     notice(&c.recv().await);
 
     // Nothing above was stored, and the connection still works.
@@ -423,8 +464,15 @@ async fn auth_and_protected_events(mode: Mode) {
         .unwrap();
     let ok = c.publish(&protected).await;
     assert_eq!(ok[2], false);
-    assert!(ok[3].as_str().unwrap().starts_with("auth-required:"), "{ok}");
-    assert!(c.req("p", &[json!({"ids": [protected.id.to_hex()]})]).await.unwrap().is_empty());
+    assert!(
+        ok[3].as_str().unwrap().starts_with("auth-required:"),
+        "{ok}"
+    );
+    assert!(c
+        .req("p", &[json!({"ids": [protected.id.to_hex()]})])
+        .await
+        .unwrap()
+        .is_empty());
 
     // A wrong challenge is refused.
     let challenge = c.challenge.clone().unwrap();
@@ -437,20 +485,26 @@ async fn auth_and_protected_events(mode: Mode) {
             .sign_with_keys(k)
             .unwrap()
     };
-    c.send(format!(r#"["AUTH",{}]"#, auth("wrong", &keys).as_json())).await;
+    c.send(format!(r#"["AUTH",{}]"#, auth("wrong", &keys).as_json()))
+        .await;
     let ok = c.recv_type("OK").await;
     assert_eq!(ok[2], false);
     assert!(ok[3].as_str().unwrap().starts_with("invalid:"));
 
     // Authenticated as someone else: still refused.
     let other = Keys::generate();
-    c.send(format!(r#"["AUTH",{}]"#, auth(&challenge, &other).as_json())).await;
+    c.send(format!(
+        r#"["AUTH",{}]"#,
+        auth(&challenge, &other).as_json()
+    ))
+    .await;
     assert_eq!(c.recv_type("OK").await[2], true);
     let ok = c.publish(&protected).await;
     assert_eq!(ok[2], false, "{ok}");
 
     // Authenticated as the author: accepted.
-    c.send(format!(r#"["AUTH",{}]"#, auth(&challenge, &keys).as_json())).await;
+    c.send(format!(r#"["AUTH",{}]"#, auth(&challenge, &keys).as_json()))
+        .await;
     assert_eq!(c.recv_type("OK").await[2], true);
     assert_eq!(c.publish(&protected).await[2], true);
 
@@ -481,10 +535,17 @@ async fn too_many_subscriptions_and_close(mode: Mode) {
             .unwrap();
     }
     // Re-using an open id replaces it and is allowed.
-    c.req("s0", &[json!({"kinds": [2], "limit": 0})]).await.unwrap();
+    c.req("s0", &[json!({"kinds": [2], "limit": 0})])
+        .await
+        .unwrap();
     let closed = c.req("s20", &[json!({"kinds": [1]})]).await.unwrap_err();
-    assert!(closed[2].as_str().unwrap().starts_with("blocked:"), "{closed}");
+    assert!(
+        closed[2].as_str().unwrap().starts_with("blocked:"),
+        "{closed}"
+    );
     // Closing one frees a slot.
     c.send_json(json!(["CLOSE", "s1"])).await;
-    c.req("s20", &[json!({"kinds": [1], "limit": 0})]).await.unwrap();
+    c.req("s20", &[json!({"kinds": [1], "limit": 0})])
+        .await
+        .unwrap();
 }

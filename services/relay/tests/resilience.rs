@@ -28,7 +28,10 @@ async fn split_relay_answers_error_while_db_is_down_and_recovers() {
     assert_eq!(ok[2], false, "{ok}");
     assert!(ok[3].as_str().unwrap().starts_with("error:"), "{ok}");
     let closed = c.req("q", &[json!({"kinds": [1]})]).await.unwrap_err();
-    assert!(closed[2].as_str().unwrap().starts_with("error:"), "{closed}");
+    assert!(
+        closed[2].as_str().unwrap().starts_with("error:"),
+        "{closed}"
+    );
 
     // The relay itself keeps serving: /readyz says not ready, the socket stays open.
     relay.db = Some(DbProcess::start(&dir, port).await);
@@ -43,8 +46,15 @@ async fn split_relay_answers_error_while_db_is_down_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(accepted, "relay did not recover after orly-db came back");
-    let got = c.req("after", &[json!({"authors": [keys.public_key().to_hex()]})]).await.unwrap();
-    assert_eq!(got.len(), 2, "the event from before the outage survived too");
+    let got = c
+        .req("after", &[json!({"authors": [keys.public_key().to_hex()]})])
+        .await
+        .unwrap();
+    assert_eq!(
+        got.len(),
+        2,
+        "the event from before the outage survived too"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,7 +69,9 @@ async fn a_reader_that_stops_reading_is_disconnected_not_buffered() {
     };
     let relay = TestRelay::start_with(Mode::Local, config).await;
     let mut slow = RawClient::connect(&relay.url()).await;
-    slow.req("all", &[json!({"kinds": [1], "limit": 0})]).await.unwrap();
+    slow.req("all", &[json!({"kinds": [1], "limit": 0})])
+        .await
+        .unwrap();
     assert_eq!(relay.running.relay.registry.connections(), 1);
 
     // The slow client now stops reading while a publisher floods its subscription.
@@ -68,7 +80,9 @@ async fn a_reader_that_stops_reading_is_disconnected_not_buffered() {
     let filler = "x".repeat(60_000);
     let mut dropped = false;
     for i in 0..2000 {
-        publisher.publish(&note(&keys, &format!("{i}{filler}"), now())).await;
+        publisher
+            .publish(&note(&keys, &format!("{i}{filler}"), now()))
+            .await;
         if relay.running.relay.registry.connections() == 1 {
             dropped = true;
             break;
@@ -76,7 +90,10 @@ async fn a_reader_that_stops_reading_is_disconnected_not_buffered() {
     }
     assert!(dropped, "the slow reader was never disconnected");
     // The publisher was never affected.
-    assert_eq!(publisher.publish(&note(&keys, "still fine", now())).await[2], true);
+    assert_eq!(
+        publisher.publish(&note(&keys, "still fine", now())).await[2],
+        true
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

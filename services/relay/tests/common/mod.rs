@@ -154,9 +154,8 @@ impl TestRelay {
     }
 }
 
-pub type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A raw client: sends text, reads JSON frames, skips the relay's greeting AUTH.
 pub struct RawClient {
@@ -179,7 +178,10 @@ impl RawClient {
     }
 
     pub async fn send(&mut self, text: impl Into<String>) {
-        self.ws.send(Message::Text(text.into().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(text.into().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_json(&mut self, v: Value) {

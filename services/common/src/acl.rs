@@ -29,6 +29,9 @@ pub trait Acl: Send + Sync + 'static {
     async fn check_write(&self, ctx: &AccessContext<'_>, event: &Event) -> Decision;
     /// May this connection read with these filters?
     async fn check_read(&self, ctx: &AccessContext<'_>, filters: &[Filter]) -> Decision;
+    /// Called after an event was stored, so the ACL can follow changes it cares about (an
+    /// admin's new follow list). Must return quickly; the default does nothing.
+    async fn on_event_stored(&self, _event: &Event) {}
 }
 
 /// Mode `none`: an open relay.
