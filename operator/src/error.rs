@@ -36,19 +36,7 @@ pub enum Error {
         source: kube::Error,
     },
 
-    /// A child object could not be serialized for hashing or applying.
-    #[error("serializing {what} failed: {source}")]
-    Serialize {
-        what: &'static str,
-        #[source]
-        source: serde_json::Error,
-    },
-
-    /// The leader election Lease could not be managed.
-    #[error("leader election failed: {0}")]
-    LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
-
-    /// A Kubernetes API call outside of a child operation failed.
+    /// A Kubernetes API call outside of a child operation failed (reading children).
     #[error("kubernetes API call failed: {0}")]
     Kube(#[from] kube::Error),
 }
@@ -61,8 +49,6 @@ impl Error {
             Error::InvalidSpec(_) => "invalid_spec",
             Error::Child { .. } | Error::Children(_) => "child",
             Error::Status { .. } => "status",
-            Error::Serialize { .. } => "serialize",
-            Error::LeaderElection(_) => "leader_election",
             Error::Kube(_) => "kube",
         }
     }

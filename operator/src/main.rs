@@ -70,7 +70,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // An empty WATCH_NAMESPACE (a common Helm default) means all namespaces.
+    args.watch_namespace = args.watch_namespace.filter(|ns| !ns.is_empty());
     let filter = EnvFilter::try_new(&args.log_level).context("parsing --log-level")?;
     if args.log_json {
         tracing_subscriber::fmt()

@@ -316,8 +316,15 @@ impl State {
                 obj["metadata"][field] = v.clone();
             }
         }
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        // Like the API server, a write that changes nothing (a repeated server-side apply)
+        // keeps the resourceVersion and sends no watch event.
+        obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
         obj["metadata"]["generation"] = json!(generation);
+        if obj == old {
+            self.rv -= 1;
+            return old;
+        }
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.objects.insert(key.clone(), obj.clone());
         self.emit("MODIFIED", key, &obj);
         obj
@@ -340,6 +347,9 @@ impl State {
             "availableReplicas": replicas,
             "currentReplicas": replicas,
         });
+        if self.objects.get(key) == Some(&value) {
+            return;
+        }
         let rv = self.next_rv();
         value["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.objects.insert(key.clone(), value.clone());
