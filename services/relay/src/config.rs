@@ -5,12 +5,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use nostr::PublicKey;
+use orly_acl::{AclConfig, Mode as AclMode};
 use orly_common::parse_duration;
+use orly_common::parse_pubkey_list;
 use orly_db::{StoreConfig, StoreKind};
 
 /// The orly Nostr relay.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "orly", version, about = "orly: a Nostr relay (WebSocket and HTTP on one port)")]
+#[command(
+    name = "orly",
+    version,
+    about = "orly: a Nostr relay (WebSocket and HTTP on one port)"
+)]
 pub struct Cli {
     /// Address to listen on.
     #[arg(long, env = "ORLY_LISTEN", default_value = "127.0.0.1")]
@@ -39,13 +46,41 @@ pub struct Cli {
     #[arg(long, env = "ORLY_GRPC_DB_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub grpc_db_timeout: Duration,
 
-    /// Access control mode. This build provides `none` (an open relay); other modes come
-    /// from the orly-acl service.
-    #[arg(long, env = "ORLY_ACL_MODE", default_value = "none", value_parser = ["none"])]
-    pub acl_mode: String,
+    /// Where access control runs: local (in this process) or grpc (the orly-acl service).
+    #[arg(long, env = "ORLY_ACL_TYPE", default_value = "local", value_parser = ["local", "grpc"])]
+    pub acl_type: String,
+    /// orly-acl address for --acl-type grpc.
+    #[arg(long, env = "ORLY_GRPC_ACL_SERVER", default_value = "127.0.0.1:50052")]
+    pub grpc_acl_server: String,
+    /// Deadline of one call to orly-acl; when it passes (or the service is down) the
+    /// request is refused with `error:`.
+    #[arg(long, env = "ORLY_GRPC_ACL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub grpc_acl_timeout: Duration,
+    /// Access control mode: none (open relay), follows (admins and whom they follow may
+    /// write) or managed (NIP-86 allow/ban lists). With --acl-type grpc the service's mode
+    /// rules; this is then only the initial hint.
+    #[arg(long, env = "ORLY_ACL_MODE", default_value = "none")]
+    pub acl_mode: AclMode,
+    /// Owners: comma-separated hex or npub pubkeys (NIP-86, read privileged kinds).
+    #[arg(long, env = "ORLY_OWNERS", default_value = "")]
+    pub owners: String,
+    /// Admins: comma-separated hex or npub pubkeys (NIP-86, read privileged kinds; in mode
+    /// follows their follow lists decide who may write).
+    #[arg(long, env = "ORLY_ADMINS", default_value = "")]
+    pub admins: String,
+    /// How often follow lists (mode follows) and lists (mode managed) are re-read from
+    /// storage with --acl-type local.
+    #[arg(long, env = "ORLY_FOLLOW_LIST_FREQUENCY", default_value = "1h", value_parser = parse_duration)]
+    pub follow_list_frequency: Duration,
     /// Require NIP-42 authentication before any read or write.
     #[arg(long, env = "ORLY_AUTH_REQUIRED", default_value_t = false)]
     pub auth_required: bool,
+    /// Require NIP-42 authentication before writes only.
+    #[arg(long, env = "ORLY_AUTH_TO_WRITE", default_value_t = false)]
+    pub auth_to_write: bool,
+    /// Serve privileged kinds (DMs, gift wraps, ...) to anyone, not only to their parties.
+    #[arg(long, env = "ORLY_PRIVILEGED_OPEN", default_value_t = false)]
+    pub privileged_open: bool,
     /// This relay's public URL (ws:// or wss://); NIP-42 AUTH events must name it when set.
     #[arg(long, env = "ORLY_RELAY_URL")]
     pub relay_url: Option<String>,
@@ -54,7 +89,11 @@ pub struct Cli {
     #[arg(long, env = "ORLY_APP_NAME", default_value = "orly")]
     pub name: String,
     /// NIP-11 description.
-    #[arg(long, env = "ORLY_RELAY_DESCRIPTION", default_value = "An orly Nostr relay")]
+    #[arg(
+        long,
+        env = "ORLY_RELAY_DESCRIPTION",
+        default_value = "An orly Nostr relay"
+    )]
     pub description: String,
     /// NIP-11 contact.
     #[arg(long, env = "ORLY_RELAY_CONTACT")]
@@ -113,9 +152,31 @@ impl Cli {
         }
     }
 
-    pub fn relay_config(&self) -> RelayConfig {
-        RelayConfig {
+    /// `ORLY_OWNERS` and `ORLY_ADMINS`, parsed.
+    pub fn owners_and_admins(&self) -> Result<(Vec<PublicKey>, Vec<PublicKey>), String> {
+        let owners = parse_pubkey_list(&self.owners).map_err(|e| format!("ORLY_OWNERS: {e}"))?;
+        let admins = parse_pubkey_list(&self.admins).map_err(|e| format!("ORLY_ADMINS: {e}"))?;
+        Ok((owners, admins))
+    }
+
+    /// The in-process ACL engine's settings.
+    pub fn acl_config(&self) -> Result<AclConfig, String> {
+        let (owners, admins) = self.owners_and_admins()?;
+        Ok(AclConfig {
+            mode: self.acl_mode,
+            owners,
+            admins,
+            refresh_interval: self.follow_list_frequency,
+        })
+    }
+
+    pub fn relay_config(&self) -> Result<RelayConfig, String> {
+        let (owners, admins) = self.owners_and_admins()?;
+        Ok(RelayConfig {
             auth_required: self.auth_required,
+            auth_to_write: self.auth_to_write,
+            privileged_open: self.privileged_open,
+            privileged_readers: owners.into_iter().chain(admins).collect(),
             relay_url: self.relay_url.clone(),
             name: self.name.clone(),
             description: self.description.clone(),
@@ -133,7 +194,7 @@ impl Cli {
                 events_per_second: self.events_per_second,
                 ping_interval: self.ping_interval,
             },
-        }
+        })
     }
 }
 
@@ -174,7 +235,14 @@ impl Default for Limits {
 /// What the relay itself needs (the store and ACL are handed in separately).
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
+    /// NIP-42 AUTH before any read or write.
     pub auth_required: bool,
+    /// NIP-42 AUTH before writes.
+    pub auth_to_write: bool,
+    /// Privileged kinds served to anyone.
+    pub privileged_open: bool,
+    /// Besides their parties, who may read privileged kinds (owners and admins).
+    pub privileged_readers: Vec<PublicKey>,
     pub relay_url: Option<String>,
     pub name: String,
     pub description: String,
@@ -186,6 +254,9 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             auth_required: false,
+            auth_to_write: false,
+            privileged_open: false,
+            privileged_readers: Vec::new(),
             relay_url: None,
             name: "orly".into(),
             description: "An orly Nostr relay".into(),

@@ -1,5 +1,6 @@
 //! One WebSocket connection: reads client messages, answers them, and carries its live
-//! subscriptions' events, with bounded queues and keep-alive pings.
+//! subscriptions' events, with bounded queues and keep-alive pings. Access decisions come
+//! from the relay's ACL; privileged kinds (DMs, gift wraps, ...) reach only their parties.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,8 @@ use orly_db::SaveOutcome;
 use parking_lot::RwLock;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, Semaphore};
+
+use orly_acl::privileged;
 
 use crate::acl::{AccessContext, Decision};
 use crate::message::{self, ClientMessage};
@@ -36,7 +39,8 @@ struct Conn {
     relay: Arc<Relay>,
     ip: IpAddr,
     challenge: String,
-    authed: RwLock<Vec<PublicKey>>,
+    /// NIP-42 identities, shared with the writer (which filters live privileged events).
+    authed: Arc<RwLock<Vec<PublicKey>>>,
     /// Replies (OK, EOSE, CLOSED, stored events): awaited, so a slow reader slows only itself.
     out: mpsc::Sender<String>,
     handle: Arc<ConnHandle>,
@@ -90,11 +94,12 @@ pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
     metrics::gauge!("orly_connections").increment(1.0);
 
     let challenge = hex::encode(rand::random::<[u8; 16]>());
+    let authed = Arc::new(RwLock::new(Vec::new()));
     let conn = Arc::new(Conn {
         relay: relay.clone(),
         ip,
         challenge,
-        authed: RwLock::new(Vec::new()),
+        authed: authed.clone(),
         out: out_tx,
         handle: handle.clone(),
         events_in_flight: Arc::new(Semaphore::new(EVENT_CONCURRENCY as usize)),
@@ -108,6 +113,10 @@ pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
     let (sink, mut stream) = socket.split();
     let last_seen = Arc::new(AtomicU64::new(now_secs()));
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<CloseFrame>();
+    let privileged = (!relay.config.privileged_open).then(|| PrivilegedGate {
+        authed,
+        readers: relay.config.privileged_readers.clone(),
+    });
     let mut writer = tokio::spawn(write_loop(
         sink,
         out_rx,
@@ -115,6 +124,7 @@ pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
         close_rx,
         last_seen.clone(),
         limits.ping_interval,
+        privileged,
     ));
 
     conn.send(message::auth_message(&conn.challenge)).await;
@@ -163,6 +173,27 @@ pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
     tracing::debug!(conn_id, "connection closed");
 }
 
+/// Who may see privileged live events on this connection.
+struct PrivilegedGate {
+    authed: Arc<RwLock<Vec<PublicKey>>>,
+    readers: Vec<PublicKey>,
+}
+
+impl PrivilegedGate {
+    /// Whether a live `["EVENT", sub, event]` message may go out. Only messages of a
+    /// privileged kind are parsed.
+    fn allows(&self, msg: &str) -> bool {
+        match privileged::sniff_kind(msg) {
+            Some(k) if privileged::is_privileged(Kind::from(k)) => {}
+            _ => return true,
+        }
+        match serde_json::from_str::<(String, String, Event)>(msg) {
+            Ok((_, _, event)) => privileged::may_see(&event, &self.authed.read(), &self.readers),
+            Err(_) => false,
+        }
+    }
+}
+
 async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut out: mpsc::Receiver<String>,
@@ -170,6 +201,7 @@ async fn write_loop(
     mut close: tokio::sync::oneshot::Receiver<CloseFrame>,
     last_seen: Arc<AtomicU64>,
     ping_interval: Duration,
+    privileged: Option<PrivilegedGate>,
 ) {
     let mut ping = tokio::time::interval(ping_interval);
     ping.tick().await;
@@ -187,7 +219,12 @@ async fn write_loop(
                 Some(m) => Message::Text(m.into()),
                 None => break,
             },
-            Some(m) = live.recv() => Message::Text(m.into()),
+            Some(m) = live.recv() => {
+                if privileged.as_ref().is_some_and(|g| !g.allows(&m)) {
+                    continue;
+                }
+                Message::Text(m.into())
+            }
             _ = ping.tick() => {
                 if now_secs().saturating_sub(last_seen.load(Ordering::Relaxed)) > silence_limit {
                     let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "idle".into() }))).await;
@@ -312,13 +349,15 @@ async fn ingest(conn: &Conn, raw: &str) -> String {
         return refuse("rate-limited: slow down, too many events per second");
     }
     let authed = conn.authed();
-    if relay.config.auth_required && authed.is_empty() {
+    if (relay.config.auth_required || relay.config.auth_to_write) && authed.is_empty() {
         conn.send(message::auth_message(&conn.challenge)).await;
         return refuse("auth-required: this relay requires authentication to publish");
     }
     if event.is_protected() && !authed.contains(&event.pubkey) {
         conn.send(message::auth_message(&conn.challenge)).await;
-        return refuse("auth-required: this event is protected; authenticate as its author to publish it");
+        return refuse(
+            "auth-required: this event is protected; authenticate as its author to publish it",
+        );
     }
     let ctx = AccessContext {
         authed: &authed,
@@ -336,6 +375,8 @@ async fn ingest(conn: &Conn, raw: &str) -> String {
         Ok(SaveOutcome::Stored { .. }) => {
             metrics::counter!("orly_events_total", "result" => "stored").increment(1);
             relay.registry.broadcast(&event);
+            // Before the OK, so an admin's new follow list applies by the time it is acked.
+            relay.acl.on_event_stored(&event).await;
             message::ok_message(&id, true, "")
         }
         Ok(SaveOutcome::Duplicate) => {
@@ -373,7 +414,9 @@ async fn checked_filters(conn: &Conn, raw: &[&RawValue]) -> Result<Vec<Filter>, 
         if too_many(f.ids.as_ref().map(|s| s.len()))
             || too_many(f.authors.as_ref().map(|s| s.len()))
             || too_many(f.kinds.as_ref().map(|s| s.len()))
-            || f.generic_tags.values().any(|v| v.len() > limits.max_filter_values)
+            || f.generic_tags
+                .values()
+                .any(|v| v.len() > limits.max_filter_values)
         {
             return Err(format!(
                 "invalid: a filter field has more than {} values",
@@ -381,6 +424,13 @@ async fn checked_filters(conn: &Conn, raw: &[&RawValue]) -> Result<Vec<Filter>, 
             ));
         }
         filters.push(f);
+    }
+    if !relay.config.privileged_open && authed.is_empty() && names_privileged_kind(&filters) {
+        conn.send(message::auth_message(&conn.challenge)).await;
+        return Err(
+            "auth-required: privileged kinds are served only to their parties; authenticate first"
+                .into(),
+        );
     }
     let ctx = AccessContext {
         authed: &authed,
@@ -390,6 +440,15 @@ async fn checked_filters(conn: &Conn, raw: &[&RawValue]) -> Result<Vec<Filter>, 
         Decision::Allow => Ok(filters),
         Decision::Deny(reason) => Err(reason),
     }
+}
+
+/// Does a filter ask for a privileged kind by name?
+fn names_privileged_kind(filters: &[Filter]) -> bool {
+    filters.iter().any(|f| {
+        f.kinds
+            .as_ref()
+            .is_some_and(|ks| ks.iter().any(|k| privileged::is_privileged(*k)))
+    })
 }
 
 async fn handle_req(conn: &Conn, sub_id: String, raw: Vec<&RawValue>) {
@@ -427,7 +486,11 @@ async fn handle_req(conn: &Conn, sub_id: String, raw: Vec<&RawValue>) {
         .into_iter()
         .filter(|f| f.limit != Some(0))
         .map(|mut f| {
-            f.limit = Some(f.limit.unwrap_or(limits.default_limit).min(limits.max_limit));
+            f.limit = Some(
+                f.limit
+                    .unwrap_or(limits.default_limit)
+                    .min(limits.max_limit),
+            );
             f
         })
         .collect();
@@ -436,8 +499,15 @@ async fn handle_req(conn: &Conn, sub_id: String, raw: Vec<&RawValue>) {
         match relay.store.query(&stored).await {
             Ok(events) => {
                 metrics::histogram!("orly_req_seconds").record(started.elapsed().as_secs_f64());
+                let gate = (!relay.config.privileged_open).then(|| conn.authed());
                 for e in events {
-                    conn.send(message::event_message(&sub_id, &e.as_json())).await;
+                    if let Some(authed) = &gate {
+                        if !privileged::may_see(&e, authed, &relay.config.privileged_readers) {
+                            continue;
+                        }
+                    }
+                    conn.send(message::event_message(&sub_id, &e.as_json()))
+                        .await;
                 }
             }
             Err(e) => {

@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use orly::acl::OpenAcl;
+use orly::acl::Acl;
 use orly::{Cli, Relay};
+use orly_acl::{AclAdmin, AclEngine, GrpcAcl};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -15,8 +16,27 @@ async fn main() -> anyhow::Result<()> {
     let store = orly_db::open_store(&store_cfg)
         .await
         .with_context(|| format!("opening the {} store", store_cfg.kind))?;
-    tracing::info!(store = %store_cfg.kind, acl = %cli.acl_mode, "starting relay");
-    let relay = Relay::new(cli.relay_config(), store.clone(), Arc::new(OpenAcl));
+    let relay_cfg = cli.relay_config().map_err(anyhow::Error::msg)?;
+    let (acl, admin, refresher): (Arc<dyn Acl>, Arc<dyn AclAdmin>, _) = if cli.acl_type == "grpc" {
+        let client =
+            GrpcAcl::connect_lazy(&cli.grpc_acl_server, cli.grpc_acl_timeout, cli.acl_mode)
+                .context("orly-acl client")?;
+        (client.clone(), client, None)
+    } else {
+        let engine = AclEngine::new(cli.acl_config().map_err(anyhow::Error::msg)?, store.clone());
+        if let Err(e) = engine.load().await {
+            tracing::warn!(error = %e, "ACL lists not loaded yet; retrying in the background");
+        }
+        let refresher = engine.spawn_refresher();
+        (engine.clone(), engine, Some(refresher))
+    };
+    tracing::info!(
+        store = %store_cfg.kind,
+        acl_type = %cli.acl_type,
+        acl = %cli.acl_mode,
+        "starting relay"
+    );
+    let relay = Relay::with_admin(relay_cfg, store.clone(), acl, Some(admin));
     let addr = std::net::SocketAddr::new(cli.listen, cli.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -38,6 +58,9 @@ async fn main() -> anyhow::Result<()> {
     });
     orly_common::shutdown_signal().await;
     purge.abort();
+    if let Some(r) = refresher {
+        r.abort();
+    }
     running.stop().await.context("stopping the server")?;
     Ok(())
 }

@@ -7,14 +7,21 @@ use crate::server::Relay;
 
 /// NIPs implemented by the relay core.
 pub const SUPPORTED_NIPS: &[u16] = &[1, 9, 11, 40, 42, 45, 70];
+/// NIP-86 relay management, listed when the ACL runs mode managed.
+pub const NIP86: u16 = 86;
 
 pub async fn document(relay: &Relay) -> Value {
     let cfg = &relay.config;
     let l = &cfg.limits;
+    let mode = relay.acl.mode();
+    let mut nips = SUPPORTED_NIPS.to_vec();
+    if mode == "managed" && relay.acl_admin.is_some() {
+        nips.push(NIP86);
+    }
     let mut doc = json!({
         "name": cfg.name,
         "description": cfg.description,
-        "supported_nips": SUPPORTED_NIPS,
+        "supported_nips": nips,
         "software": "https://github.com/orly-relay/orly",
         "version": env!("CARGO_PKG_VERSION"),
         "limitation": {
@@ -29,7 +36,8 @@ pub async fn document(relay: &Relay) -> Value {
             "min_pow_difficulty": 0,
             "auth_required": cfg.auth_required,
             "payment_required": false,
-            "restricted_writes": relay.acl.mode() != "none",
+            // Writes need a condition met: a permitted key (every mode but none) or AUTH.
+            "restricted_writes": mode != "none" || cfg.auth_required || cfg.auth_to_write,
         },
     });
     if let Some(pk) = relay.identity().await {

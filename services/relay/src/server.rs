@@ -1,4 +1,5 @@
-//! The relay's HTTP side: one port for WebSocket upgrades, NIP-11, health and metrics.
+//! The relay's HTTP side: one port for WebSocket upgrades, NIP-11, NIP-86 management,
+//! health and metrics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,12 +9,14 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use nostr::PublicKey;
 use orly_db::SharedStore;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OnceCell};
+
+use orly_acl::AclAdmin;
 
 use crate::acl::Acl;
 use crate::config::RelayConfig;
@@ -24,11 +27,16 @@ use crate::subscriptions::Registry;
 /// (to answer it with a clear refusal); beyond this the socket is closed by the protocol layer.
 const HARD_MESSAGE_CAP_FACTOR: usize = 4;
 
+/// Largest NIP-86 request body.
+const MAX_NIP86_BODY: usize = 64 * 1024;
+
 /// The relay: configuration, the store, the ACL, and the live subscriptions.
 pub struct Relay {
     pub config: RelayConfig,
     pub store: SharedStore,
     pub acl: Arc<dyn Acl>,
+    /// The ACL's management side, for NIP-86 (`None`: no management API).
+    pub acl_admin: Option<Arc<dyn AclAdmin>>,
     pub registry: Registry,
     identity: OnceCell<PublicKey>,
     shutdown: watch::Sender<bool>,
@@ -36,10 +44,21 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(config: RelayConfig, store: SharedStore, acl: Arc<dyn Acl>) -> Arc<Self> {
+        Self::with_admin(config, store, acl, None)
+    }
+
+    /// A relay whose ACL can also be administered over NIP-86 (`POST /api/nip86`).
+    pub fn with_admin(
+        config: RelayConfig,
+        store: SharedStore,
+        acl: Arc<dyn Acl>,
+        acl_admin: Option<Arc<dyn AclAdmin>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             store,
             acl,
+            acl_admin,
             registry: Registry::default(),
             identity: OnceCell::new(),
             shutdown: watch::channel(false).0,
@@ -80,6 +99,7 @@ impl Relay {
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
+            .route(orly_acl::nip86::PATH, post(nip86))
             .fallback(root)
             .with_state(self.clone())
             .merge(orly_common::metrics::router())
@@ -92,6 +112,47 @@ async fn readyz(State(relay): State<Arc<Relay>>) -> Response {
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store: timed out").into_response(),
     }
+}
+
+/// NIP-86 relay management, answered by the ACL's management side.
+async fn nip86(State(relay): State<Arc<Relay>>, req: Request) -> Response {
+    let json = |status: StatusCode, body: serde_json::Value| {
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    };
+    let Some(admin) = relay.acl_admin.clone() else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"result": null, "error": "relay management is not enabled"}),
+        );
+    };
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_NIP86_BODY).await else {
+        return json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            serde_json::json!({"result": null, "error": "request body too large"}),
+        );
+    };
+    let now = nostr::Timestamp::now().as_secs();
+    let resp = orly_acl::nip86::handle(
+        &*admin,
+        orly_acl::nip86::Nip86Request {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            body: &body,
+        },
+        now,
+    )
+    .await;
+    json(
+        StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        resp.body,
+    )
 }
 
 /// Any path: a WebSocket upgrade, a NIP-11 document, or a short text page.
@@ -112,7 +173,9 @@ async fn root(
             Err(rejection) => return rejection.into_response(),
         };
         let limits = &relay.config.limits;
-        let cap = limits.max_message_size.saturating_mul(HARD_MESSAGE_CAP_FACTOR);
+        let cap = limits
+            .max_message_size
+            .saturating_mul(HARD_MESSAGE_CAP_FACTOR);
         let ip = client_ip(&parts.headers, peer);
         let relay = relay.clone();
         return ws
@@ -132,9 +195,18 @@ async fn root(
         let doc = nip11::document(&relay).await;
         return Response::builder()
             .header(header::CONTENT_TYPE, "application/nostr+json")
-            .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"))
-            .header(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("*"))
-            .header(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET"))
+            .header(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            )
+            .header(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("*"),
+            )
+            .header(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET"),
+            )
             .body(Body::from(doc.to_string()))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
     }

@@ -1,0 +1,167 @@
+//! orly-acl: the access control service. Opens the store (orly-db over gRPC by default, or
+//! SQLite/PostgreSQL directly), loads the mode's lists and follow sets, and serves
+//! `orlyacl.v1.ACLService` with `grpc.health.v1` until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use orly_acl::{grpc_server, AclConfig, AclEngine, Mode};
+use orly_common::{parse_duration, parse_pubkey_list};
+use orly_db::{config, open_store, StoreConfig, StoreKind};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orly-acl",
+    version,
+    about = "orly access control service: none / follows / managed modes over gRPC"
+)]
+struct Args {
+    /// gRPC listen address (host:port).
+    #[arg(long, env = "ORLY_ACL_LISTEN", default_value = "127.0.0.1:50052")]
+    listen: String,
+    /// Access control mode: none, follows or managed.
+    #[arg(long, env = "ORLY_ACL_MODE", default_value = "none")]
+    mode: Mode,
+    /// Storage: grpc (the orly-db service), sqlite or postgres.
+    #[arg(long, env = "ORLY_ACL_DB_TYPE", default_value = "grpc")]
+    db_type: StoreKind,
+    /// orly-db address for --db-type grpc; ORLY's name ORLY_ACL_GRPC_DB_SERVER is read when
+    /// this is unset [default: 127.0.0.1:50051].
+    #[arg(long, env = "ORLY_ACL_DB_SERVER")]
+    db_server: Option<String>,
+    /// Deadline of one call to orly-db.
+    #[arg(long, env = "ORLY_ACL_DB_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    db_timeout: Duration,
+    /// Data directory holding the SQLite file (orly.db) for --db-type sqlite.
+    #[arg(long, env = "ORLY_DATA_DIR", default_value_os_t = config::default_data_dir())]
+    data_dir: PathBuf,
+    /// PostgreSQL URL for --db-type postgres.
+    #[arg(long, env = "ORLY_DB_URL")]
+    db_url: Option<String>,
+    /// Owners: comma-separated hex or npub pubkeys (owner level, NIP-86).
+    #[arg(long, env = "ORLY_OWNERS", default_value = "")]
+    owners: String,
+    /// Admins: comma-separated hex or npub pubkeys (admin level, NIP-86; in mode follows
+    /// their follow lists decide who may write).
+    #[arg(long, env = "ORLY_ADMINS", default_value = "")]
+    admins: String,
+    /// How often follow lists (mode follows) and lists (mode managed) are re-read.
+    #[arg(long, env = "ORLY_FOLLOW_LIST_FREQUENCY", default_value = "1h", value_parser = parse_duration)]
+    follow_list_frequency: Duration,
+    /// Log level or tracing filter directive (falls back to ORLY_ACL_LOG_LEVEL when unset).
+    #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Prometheus /metrics listen address (host:port); empty disables metrics.
+    #[arg(long, env = "ORLY_METRICS_LISTEN", default_value = "")]
+    metrics_listen: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("orly-acl: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orly-acl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let level = match (
+        matches.value_source("log_level"),
+        std::env::var("ORLY_ACL_LOG_LEVEL"),
+    ) {
+        (Some(ValueSource::DefaultValue), Ok(l)) if !l.trim().is_empty() => l,
+        _ => args.log_level.clone(),
+    };
+    orly_common::init_tracing(&level);
+
+    let owners = parse_pubkey_list(&args.owners)
+        .map_err(anyhow::Error::msg)
+        .context("ORLY_OWNERS")?;
+    let admins = parse_pubkey_list(&args.admins)
+        .map_err(anyhow::Error::msg)
+        .context("ORLY_ADMINS")?;
+    let metrics_addr = match args.metrics_listen.trim() {
+        "" => None,
+        s => Some(
+            s.parse::<SocketAddr>()
+                .with_context(|| format!("invalid ORLY_METRICS_LISTEN {s:?}"))?,
+        ),
+    };
+    let store_cfg = StoreConfig {
+        kind: args.db_type,
+        data_dir: args.data_dir.clone(),
+        postgres_url: args.db_url.clone(),
+        grpc_server: args
+            .db_server
+            .clone()
+            .or_else(|| std::env::var("ORLY_ACL_GRPC_DB_SERVER").ok())
+            .unwrap_or_else(|| "127.0.0.1:50051".into()),
+        grpc_timeout: args.db_timeout,
+        ..StoreConfig::default()
+    };
+    let store = open_store(&store_cfg)
+        .await
+        .with_context(|| format!("cannot open the {} store", store_cfg.kind))?;
+    let engine = AclEngine::new(
+        AclConfig {
+            mode: args.mode,
+            owners,
+            admins,
+            refresh_interval: args.follow_list_frequency,
+        },
+        store,
+    );
+    // Loads now if the store answers, else retries; readiness follows.
+    let refresher = engine.spawn_refresher();
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        mode = %args.mode,
+        db_type = %store_cfg.kind,
+        "orly-acl listening"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        orly_common::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    if let Some(addr) = metrics_addr {
+        let shutdown = stopped();
+        tokio::spawn(async move {
+            if let Err(e) = orly_common::metrics::serve(addr, shutdown).await {
+                tracing::error!(%addr, error = %e, "metrics server failed");
+            }
+        });
+    }
+
+    let result = grpc_server::serve(listener, engine, stopped()).await;
+    refresher.abort();
+    result.context("gRPC server failed")?;
+    tracing::info!("orly-acl stopped");
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! NIP-86 relay management: `POST /api/nip86`, `Content-Type: application/nostr+json+rpc`,
+//! a JSON-RPC-like body `{"method", "params"}` answered with `{"result"}` or `{"error"}`,
+//! authorized by NIP-98 from an owner or admin, in ACL mode `managed`. Works on any
+//! [`AclAdmin`], so the lists live wherever the ACL does (in-process or in orly-acl).
+
+use serde_json::{json, Value};
+
+use crate::nip98::{self, HttpRequestInfo};
+use crate::{AclAdmin, AclError, ListEntry, ListKind, Mode};
+
+/// The path the relay serves NIP-86 on.
+pub const PATH: &str = "/api/nip86";
+/// The content type NIP-86 requests carry (and responses use).
+pub const CONTENT_TYPE: &str = "application/nostr+json+rpc";
+
+/// Every method implemented, as `supportedmethods` lists them.
+pub const SUPPORTED_METHODS: &[&str] = &[
+    "supportedmethods",
+    "banpubkey",
+    "unbanpubkey",
+    "listbannedpubkeys",
+    "allowpubkey",
+    "unallowpubkey",
+    "listallowedpubkeys",
+    "banevent",
+    "allowevent",
+    "listbannedevents",
+    "listallowedevents",
+    "allowkind",
+    "disallowkind",
+    "listallowedkinds",
+    "blockip",
+    "unblockip",
+    "listblockedips",
+];
+
+/// The parts of an HTTP request NIP-86 looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Nip86Request<'a> {
+    pub method: &'a http::Method,
+    pub uri: &'a http::Uri,
+    pub headers: &'a http::HeaderMap,
+    pub body: &'a [u8],
+}
+
+/// An HTTP status and a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nip86Response {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Nip86Response {
+    fn error(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: json!({"result": null, "error": message.into()}),
+        }
+    }
+
+    fn result(result: Value) -> Self {
+        Self {
+            status: 200,
+            body: json!({"result": result, "error": null}),
+        }
+    }
+}
+
+/// Answers one NIP-86 request at `now` (unix seconds).
+pub async fn handle(admin: &dyn AclAdmin, req: Nip86Request<'_>, now: u64) -> Nip86Response {
+    if req.method != http::Method::POST {
+        return Nip86Response::error(405, "NIP-86 requests must use POST");
+    }
+    let content_type = req
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.to_ascii_lowercase().starts_with(CONTENT_TYPE) {
+        return Nip86Response::error(400, format!("Content-Type must be {CONTENT_TYPE}"));
+    }
+    let url = nip98::request_url(req.headers, req.uri);
+    let auth = req
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let signer = match nip98::verify(
+        auth,
+        HttpRequestInfo {
+            url: &url,
+            method: req.method.as_str(),
+            body: req.body,
+        },
+        now,
+    ) {
+        Ok(pk) => pk,
+        Err(e) => return Nip86Response::error(401, format!("unauthorized: {e}")),
+    };
+    match admin.access_level(&signer).await {
+        Ok(level) if level.is_admin() => {}
+        Ok(_) => {
+            return Nip86Response::error(
+                403,
+                "forbidden: only owners and admins may manage this relay",
+            )
+        }
+        Err(e) => return unavailable(e),
+    }
+    match admin.current_mode().await {
+        Ok(Mode::Managed) => {}
+        Ok(mode) => {
+            return Nip86Response::error(
+                400,
+                format!("relay management needs ACL mode managed; this relay runs mode {mode}"),
+            )
+        }
+        Err(e) => return unavailable(e),
+    }
+    let (method, params) = match parse_call(req.body) {
+        Ok(call) => call,
+        Err(e) => return Nip86Response::error(400, e),
+    };
+    match call(admin, &method, &params).await {
+        Ok(result) => {
+            tracing::info!(%method, by = %signer, "NIP-86 call");
+            Nip86Response::result(result)
+        }
+        Err(AclError::InvalidArgument(msg)) => Nip86Response::error(200, msg),
+        Err(e) => unavailable(e),
+    }
+}
+
+fn unavailable(e: AclError) -> Nip86Response {
+    Nip86Response::error(503, format!("error: {e}"))
+}
+
+/// `{"method": "<name>", "params": [...]}`; params may be omitted.
+fn parse_call(body: &[u8]) -> Result<(String, Vec<Value>), String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("malformed JSON-RPC request: {e}"))?;
+    let Some(obj) = v.as_object() else {
+        return Err("malformed JSON-RPC request: expected an object".into());
+    };
+    let Some(method) = obj.get("method").and_then(Value::as_str) else {
+        return Err("malformed JSON-RPC request: \"method\" must be a string".into());
+    };
+    let params = match obj.get("params") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a.clone(),
+        Some(_) => return Err("malformed JSON-RPC request: \"params\" must be an array".into()),
+    };
+    Ok((method.to_string(), params))
+}
+
+fn invalid(msg: impl Into<String>) -> AclError {
+    AclError::InvalidArgument(msg.into())
+}
+
+/// The first param as a string key, normalized for `list`.
+fn key_param(list: ListKind, params: &[Value], what: &str) -> Result<String, AclError> {
+    let raw = match params.first() {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if list == ListKind::AllowedKinds => n.to_string(),
+        _ => return Err(invalid(format!("params[0] must be the {what}"))),
+    };
+    list.normalize_key(&raw)
+}
+
+fn reason_param(params: &[Value]) -> Result<String, AclError> {
+    match params.get(1) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(invalid("params[1] must be a reason string")),
+    }
+}
+
+fn entries(list: Vec<ListEntry>, field: &str) -> Value {
+    Value::Array(
+        list.into_iter()
+            .map(|e| json!({ field: e.key, "reason": e.reason }))
+            .collect(),
+    )
+}
+
+async fn call(admin: &dyn AclAdmin, method: &str, params: &[Value]) -> Result<Value, AclError> {
+    use ListKind::*;
+    let add = |list: ListKind, what: &'static str| async move {
+        let key = key_param(list, params, what)?;
+        let reason = reason_param(params)?;
+        admin.list_add(list, &key, &reason).await?;
+        Ok::<Value, AclError>(Value::Bool(true))
+    };
+    let remove = |list: ListKind, what: &'static str| async move {
+        let key = key_param(list, params, what)?;
+        admin.list_remove(list, &key).await?;
+        Ok::<Value, AclError>(Value::Bool(true))
+    };
+    match method {
+        "supportedmethods" => Ok(json!(SUPPORTED_METHODS)),
+        "banpubkey" => add(BannedPubkeys, "pubkey (hex)").await,
+        "unbanpubkey" => remove(BannedPubkeys, "pubkey (hex)").await,
+        "listbannedpubkeys" => Ok(entries(admin.list(BannedPubkeys).await?, "pubkey")),
+        "allowpubkey" => add(AllowedPubkeys, "pubkey (hex)").await,
+        "unallowpubkey" => remove(AllowedPubkeys, "pubkey (hex)").await,
+        "listallowedpubkeys" => Ok(entries(admin.list(AllowedPubkeys).await?, "pubkey")),
+        "banevent" => add(BannedEvents, "event id (hex)").await,
+        "allowevent" => add(AllowedEvents, "event id (hex)").await,
+        "listbannedevents" => Ok(entries(admin.list(BannedEvents).await?, "id")),
+        "listallowedevents" => Ok(entries(admin.list(AllowedEvents).await?, "id")),
+        "allowkind" => {
+            key_number(params)?;
+            add(AllowedKinds, "kind (number)").await
+        }
+        "disallowkind" => {
+            key_number(params)?;
+            remove(AllowedKinds, "kind (number)").await
+        }
+        "listallowedkinds" => Ok(Value::Array(
+            admin
+                .list(AllowedKinds)
+                .await?
+                .into_iter()
+                .filter_map(|e| e.key.parse::<u64>().ok())
+                .map(Value::from)
+                .collect(),
+        )),
+        "blockip" => add(BlockedIps, "IP address").await,
+        "unblockip" => remove(BlockedIps, "IP address").await,
+        "listblockedips" => Ok(entries(admin.list(BlockedIps).await?, "ip")),
+        other => Err(invalid(format!("unknown method {other:?}"))),
+    }
+}
+
+/// Kinds are JSON numbers in NIP-86.
+fn key_number(params: &[Value]) -> Result<(), AclError> {
+    match params.first() {
+        Some(Value::Number(_)) => Ok(()),
+        _ => Err(invalid("params[0] must be the kind (number)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_parsed_strictly() {
+        assert_eq!(
+            parse_call(br#"{"method":"banpubkey","params":["ab"]}"#).unwrap(),
+            ("banpubkey".to_string(), vec![json!("ab")])
+        );
+        assert_eq!(
+            parse_call(br#"{"method":"supportedmethods"}"#).unwrap().1,
+            Vec::<Value>::new()
+        );
+        assert!(parse_call(b"{").is_err());
+        assert!(parse_call(b"[]").is_err());
+        assert!(parse_call(br#"{"method":1}"#).is_err());
+        assert!(parse_call(br#"{"method":"x","params":{}}"#).is_err());
+    }
+}
