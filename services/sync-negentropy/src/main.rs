@@ -1,0 +1,217 @@
+//! orly-sync-negentropy: serves NIP-77 sessions for the relay and syncs with peer relays over
+//! negentropy, as `orlysync.negentropy.v1.NegentropyService` with `grpc.health.v1`, until
+//! SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::builder::BoolishValueParser;
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use nostr::{Filter, JsonUtil};
+use orly_db::{config, open_store, StoreConfig, StoreKind};
+use orly_sync_negentropy::peers::parse_peer_list;
+use orly_sync_negentropy::{
+    grpc_server, EngineSettings, NegentropyEngine, SyncManager, SyncSettings,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orly-sync-negentropy",
+    version,
+    about = "orly negentropy service: NIP-77 sessions for clients and relay-to-relay negentropy sync"
+)]
+struct Args {
+    /// gRPC listen address (host:port).
+    #[arg(
+        long,
+        env = "ORLY_SYNC_NEGENTROPY_LISTEN",
+        default_value = "127.0.0.1:50064"
+    )]
+    listen: String,
+    /// Storage: grpc (orly-db), sqlite or postgres.
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_DB_TYPE", default_value = "grpc")]
+    db_type: StoreKind,
+    /// orly-db address with --db-type grpc.
+    #[arg(
+        long,
+        env = "ORLY_SYNC_NEGENTROPY_DB_SERVER",
+        default_value = "127.0.0.1:50051"
+    )]
+    db_server: String,
+    /// Data directory holding the SQLite file (orly.db) with --db-type sqlite.
+    #[arg(long, env = "ORLY_DATA_DIR", default_value_os_t = config::default_data_dir())]
+    data_dir: PathBuf,
+    /// PostgreSQL URL with --db-type postgres, e.g. postgres://user:pass@127.0.0.1/orly.
+    #[arg(long, env = "ORLY_DB_URL")]
+    db_url: Option<String>,
+    /// Peer relays to sync with, comma-separated ws:// or wss:// URLs (added to the stored list).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_PEERS", default_value = "")]
+    peers: String,
+    /// Time between sync passes over all peers (e.g. 60s, 5m).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_INTERVAL", default_value = "60s", value_parser = orly_common::parse_duration)]
+    interval: Duration,
+    /// Largest negentropy message we send, in bytes: 0 (unlimited) or at least 4096.
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_FRAME_SIZE", default_value_t = 4096)]
+    frame_size: u64,
+    /// Id size in bytes. Negentropy protocol V1 (0x61) fixes ids at 32 bytes, the only value
+    /// accepted (older NIP-77 drafts allowed shorter ids; ORLY's default was 16).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_ID_SIZE", default_value_t = 32)]
+    id_size: usize,
+    /// Idle time after which a client session is closed (NEG-ERR "closed: …" afterwards).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_SESSION_TIMEOUT", default_value = "5m", value_parser = orly_common::parse_duration)]
+    session_timeout: Duration,
+    /// Most events one session or peer sync may reconcile (NEG-ERR "blocked: …" above); 0: no cap.
+    #[arg(
+        long,
+        env = "ORLY_SYNC_NEGENTROPY_MAX_RECORDS",
+        default_value_t = 1_000_000
+    )]
+    max_records: usize,
+    /// Events synced with peers, as a NIP-01 filter in JSON (default: everything).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_FILTER", default_value = "")]
+    filter: String,
+    /// Start the periodic peer sync at start-up (false: only the Start RPC starts it).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_AUTOSTART", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    autostart: bool,
+    /// Deadline of one orly-db call with --db-type grpc.
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_DB_TIMEOUT", default_value = "10s", value_parser = orly_common::parse_duration)]
+    db_timeout: Duration,
+    /// Log level or tracing filter directive (falls back to ORLY_SYNC_NEGENTROPY_LOG_LEVEL when unset).
+    #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Prometheus /metrics listen address (host:port); empty disables metrics.
+    #[arg(long, env = "ORLY_METRICS_LISTEN", default_value = "")]
+    metrics_listen: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("orly-sync-negentropy: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orly-sync-negentropy: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let level = match (
+        matches.value_source("log_level"),
+        std::env::var("ORLY_SYNC_NEGENTROPY_LOG_LEVEL"),
+    ) {
+        (Some(ValueSource::DefaultValue), Ok(l)) if !l.trim().is_empty() => l,
+        _ => args.log_level.clone(),
+    };
+    orly_common::init_tracing(&level);
+
+    let engine_settings = EngineSettings {
+        frame_size: args.frame_size,
+        id_size: args.id_size,
+        session_timeout: args.session_timeout,
+        max_records: args.max_records,
+        ..EngineSettings::default()
+    };
+    let filter = match args.filter.trim() {
+        "" => Filter::new(),
+        json => Filter::from_json(json)
+            .with_context(|| format!("invalid ORLY_SYNC_NEGENTROPY_FILTER {json:?}"))?,
+    };
+    let sync_settings = SyncSettings {
+        interval: args.interval,
+        frame_size: args.frame_size,
+        max_records: args.max_records,
+        filter,
+        ..SyncSettings::default()
+    };
+    let peers =
+        parse_peer_list(&args.peers).map_err(|e| anyhow!("ORLY_SYNC_NEGENTROPY_PEERS: {e}"))?;
+    let metrics_addr = match args.metrics_listen.trim() {
+        "" => None,
+        s => Some(
+            s.parse::<SocketAddr>()
+                .with_context(|| format!("invalid ORLY_METRICS_LISTEN {s:?}"))?,
+        ),
+    };
+
+    let cfg = StoreConfig {
+        kind: args.db_type,
+        data_dir: args.data_dir.clone(),
+        postgres_url: args.db_url.clone(),
+        grpc_server: args.db_server.clone(),
+        grpc_timeout: args.db_timeout,
+        ..StoreConfig::default()
+    };
+    let store = open_store(&cfg)
+        .await
+        .with_context(|| format!("cannot open the {} store", cfg.kind))?;
+    let engine = NegentropyEngine::new(store.clone(), engine_settings).map_err(|e| anyhow!(e))?;
+    let manager = SyncManager::new(store, sync_settings).map_err(|e| anyhow!(e))?;
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, db_type = %cfg.kind, "orly-sync-negentropy listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        orly_common::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    if let Some(addr) = metrics_addr {
+        let shutdown = stopped();
+        tokio::spawn(async move {
+            if let Err(e) = orly_common::metrics::serve(addr, shutdown).await {
+                tracing::error!(%addr, error = %e, "metrics server failed");
+            }
+        });
+    }
+
+    let reaper = engine.spawn_reaper();
+    // Peers from the environment are stored once orly-db answers (it may start after us).
+    let startup = {
+        let manager = manager.clone();
+        let autostart = args.autostart;
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(500);
+            loop {
+                match manager.add_peers(&peers).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot store the configured peers yet; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            if autostart {
+                manager.start();
+            }
+        })
+    };
+
+    let result = grpc_server::serve(listener, engine, manager.clone(), stopped()).await;
+    startup.abort();
+    manager.stop();
+    reaper.abort();
+    result.context("gRPC server failed")?;
+    tracing::info!("orly-sync-negentropy stopped");
+    Ok(())
+}

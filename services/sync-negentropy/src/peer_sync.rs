@@ -1,0 +1,443 @@
+//! Relay-to-relay sync with one peer, as the negentropy initiator over the peer's NIP-77
+//! WebSocket endpoint: NEG-OPEN / NEG-MSG until our side has all have/need ids, NEG-CLOSE,
+//! then `REQ {"ids": …}` in batches for what we lack (each event verified — id and signature —
+//! and checked to be one we asked for before it reaches the store), and `EVENT` for what the
+//! peer lacks, counting its OKs.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use negentropy::{Id, Negentropy};
+use nostr::{ClientMessage, EventId, Filter, JsonUtil, RelayMessage, SubscriptionId};
+use orly_db::{SaveOutcome, SharedStore};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::config::SyncSettings;
+use crate::engine::{build_storage, load_items, LoadError};
+
+/// What one sync does.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// The events reconciled.
+    pub filter: Filter,
+    /// Largest negentropy message we send (0 or at least 4096).
+    pub frame_size: u64,
+    /// Most events reconciled (0: no cap).
+    pub max_records: usize,
+    /// Ids per REQ and events per upload batch.
+    pub batch_size: usize,
+    /// Longest wait for any one answer from the peer.
+    pub timeout: Duration,
+}
+
+impl SyncOptions {
+    pub fn from_settings(s: &SyncSettings) -> Self {
+        Self {
+            filter: s.filter.clone(),
+            frame_size: s.frame_size,
+            max_records: s.max_records,
+            batch_size: s.batch_size,
+            timeout: s.peer_timeout,
+        }
+    }
+}
+
+/// Counters of one sync, also passed to the progress callback as they change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Negentropy messages received from the peer.
+    pub rounds: u32,
+    /// Ids we have and the peer lacks.
+    pub have_count: u64,
+    /// Ids the peer has and we lack.
+    pub need_count: u64,
+    /// Downloaded events newly stored.
+    pub fetched: u64,
+    /// Downloaded events we already had (stored meanwhile) or the store replaced/refused.
+    pub duplicates: u64,
+    pub rejected: u64,
+    /// Received events that failed verification or were not asked for (dropped).
+    pub invalid: u64,
+    /// Needed ids the peer did not send.
+    pub missing: u64,
+    /// Uploaded events the peer accepted (or already had).
+    pub sent: u64,
+    /// Uploaded events the peer refused.
+    pub send_failed: u64,
+    /// Negentropy bytes (binary, before hex) each way.
+    pub reconcile_bytes_sent: u64,
+    pub reconcile_bytes_received: u64,
+    /// WebSocket text bytes each way.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Wall time of the reconciliation alone and of the whole sync.
+    pub reconcile_time: Duration,
+    pub total_time: Duration,
+    /// True once the sync finished.
+    pub complete: bool,
+}
+
+/// Why a sync failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("peer refused: {0}")]
+    Refused(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+    #[error("the filter matches more than {0} events")]
+    TooMany(usize),
+    #[error("storage: {0}")]
+    Store(#[from] orly_db::StoreError),
+    #[error("negentropy: {0}")]
+    Negentropy(String),
+    #[error("{0}")]
+    Busy(String),
+}
+
+impl From<LoadError> for SyncError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::TooMany(n) => Self::TooMany(n),
+            LoadError::Store(e) => Self::Store(e),
+        }
+    }
+}
+
+fn neg_err(e: negentropy::Error) -> SyncError {
+    SyncError::Negentropy(e.to_string())
+}
+
+/// A WebSocket to a peer that counts bytes and applies the answer timeout.
+struct PeerSocket {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    timeout: Duration,
+    bytes_sent: u64,
+    bytes_received: u64,
+}
+
+impl PeerSocket {
+    async fn connect(url: &str, timeout: Duration) -> Result<Self, SyncError> {
+        let connect = tokio_tungstenite::connect_async(url);
+        let (ws, _) = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| SyncError::Connect {
+                url: url.into(),
+                reason: format!("no answer within {timeout:?}"),
+            })?
+            .map_err(|e| SyncError::Connect {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            ws,
+            timeout,
+            bytes_sent: 0,
+            bytes_received: 0,
+        })
+    }
+
+    /// Queues a message (sent at the next [`flush`](Self::flush) or [`send`](Self::send)).
+    async fn feed(&mut self, msg: &ClientMessage<'_>) -> Result<(), SyncError> {
+        let text = msg.as_json();
+        self.bytes_sent += text.len() as u64;
+        tokio::time::timeout(self.timeout, self.ws.feed(Message::text(text)))
+            .await
+            .map_err(|_| SyncError::Timeout("the peer to accept our message".into()))?
+            .map_err(|e| SyncError::Disconnected(e.to_string()))
+    }
+
+    async fn flush(&mut self) -> Result<(), SyncError> {
+        tokio::time::timeout(self.timeout, self.ws.flush())
+            .await
+            .map_err(|_| SyncError::Timeout("the peer to accept our message".into()))?
+            .map_err(|e| SyncError::Disconnected(e.to_string()))
+    }
+
+    async fn send(&mut self, msg: &ClientMessage<'_>) -> Result<(), SyncError> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    /// The next relay message; `what` names what we wait for, for the timeout error.
+    async fn recv(&mut self, what: &str) -> Result<RelayMessage<'static>, SyncError> {
+        loop {
+            let next = tokio::time::timeout(self.timeout, self.ws.next())
+                .await
+                .map_err(|_| SyncError::Timeout(what.into()))?;
+            let msg = match next {
+                None => {
+                    return Err(SyncError::Disconnected(
+                        "the peer closed the connection".into(),
+                    ))
+                }
+                Some(Err(e)) => return Err(SyncError::Disconnected(e.to_string())),
+                Some(Ok(m)) => m,
+            };
+            match msg {
+                Message::Text(text) => {
+                    self.bytes_received += text.len() as u64;
+                    match RelayMessage::from_json(text.as_str()) {
+                        Ok(m) => return Ok(m),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "ignoring an unparsable message from the peer")
+                        }
+                    }
+                }
+                Message::Close(frame) => {
+                    return Err(SyncError::Disconnected(format!(
+                        "the peer closed the connection ({frame:?})"
+                    )))
+                }
+                _ => {} // pings are answered by tungstenite; binary is not nostr
+            }
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+    }
+}
+
+fn sub_id(kind: &str) -> SubscriptionId {
+    SubscriptionId::new(format!("orly-neg-{kind}-{:08x}", rand::random::<u32>()))
+}
+
+/// Syncs our store with the peer at `url` both ways; `progress` sees the counters after every
+/// negentropy round and every transfer batch.
+pub async fn sync_with_peer(
+    store: &SharedStore,
+    url: &str,
+    opts: &SyncOptions,
+    progress: &mut (dyn FnMut(&SyncReport) + Send),
+) -> Result<SyncReport, SyncError> {
+    let started = Instant::now();
+    let mut report = SyncReport::default();
+    let mut ws = PeerSocket::connect(url, opts.timeout).await?;
+    let result = run(store, &mut ws, opts, &mut report, progress, started).await;
+    report.bytes_sent = ws.bytes_sent;
+    report.bytes_received = ws.bytes_received;
+    ws.close().await;
+    result?;
+    report.total_time = started.elapsed();
+    report.complete = true;
+    progress(&report);
+    Ok(report)
+}
+
+async fn run(
+    store: &SharedStore,
+    ws: &mut PeerSocket,
+    opts: &SyncOptions,
+    report: &mut SyncReport,
+    progress: &mut (dyn FnMut(&SyncReport) + Send),
+    started: Instant,
+) -> Result<(), SyncError> {
+    let (have, need) = reconcile(store, ws, opts, report, progress).await?;
+    report.reconcile_time = started.elapsed();
+    download(store, ws, opts, &need, report, progress).await?;
+    upload(store, ws, opts, &have, report, progress).await?;
+    Ok(())
+}
+
+/// The negentropy exchange: returns (ids we have and the peer lacks, ids it has and we lack).
+async fn reconcile(
+    store: &SharedStore,
+    ws: &mut PeerSocket,
+    opts: &SyncOptions,
+    report: &mut SyncReport,
+    progress: &mut (dyn FnMut(&SyncReport) + Send),
+) -> Result<(Vec<EventId>, Vec<EventId>), SyncError> {
+    let items = load_items(store, &opts.filter, opts.max_records).await?;
+    let frame_size = opts.frame_size;
+    let (mut neg, initial) = tokio::task::spawn_blocking(move || {
+        let storage = build_storage(&items).map_err(neg_err)?;
+        drop(items);
+        let mut neg = Negentropy::owned(storage, frame_size).map_err(neg_err)?;
+        let initial = neg.initiate().map_err(neg_err)?;
+        Ok::<_, SyncError>((neg, initial))
+    })
+    .await
+    .map_err(|e| SyncError::Negentropy(format!("building the set failed: {e}")))??;
+
+    let sub = sub_id("rec");
+    report.reconcile_bytes_sent += initial.len() as u64;
+    ws.send(&ClientMessage::NegOpen {
+        subscription_id: std::borrow::Cow::Borrowed(&sub),
+        filter: std::borrow::Cow::Borrowed(&opts.filter),
+        id_size: None,
+        initial_message: std::borrow::Cow::Owned(hex::encode(&initial)),
+    })
+    .await?;
+
+    let mut have: Vec<Id> = Vec::new();
+    let mut need: Vec<Id> = Vec::new();
+    loop {
+        match ws.recv("a NEG-MSG").await? {
+            RelayMessage::NegMsg {
+                subscription_id,
+                message,
+            } if *subscription_id == sub => {
+                let query = hex::decode(message.as_bytes())
+                    .map_err(|e| SyncError::Protocol(format!("NEG-MSG is not hex: {e}")))?;
+                report.rounds += 1;
+                report.reconcile_bytes_received += query.len() as u64;
+                let next = neg
+                    .reconcile_with_ids(&query, &mut have, &mut need)
+                    .map_err(neg_err)?;
+                report.have_count = have.len() as u64;
+                report.need_count = need.len() as u64;
+                progress(report);
+                match next {
+                    Some(next) => {
+                        report.reconcile_bytes_sent += next.len() as u64;
+                        ws.send(&ClientMessage::NegMsg {
+                            subscription_id: std::borrow::Cow::Borrowed(&sub),
+                            message: std::borrow::Cow::Owned(hex::encode(&next)),
+                        })
+                        .await?;
+                    }
+                    None => break,
+                }
+            }
+            RelayMessage::NegErr {
+                subscription_id,
+                message,
+            } if *subscription_id == sub => {
+                return Err(SyncError::Refused(format!("NEG-ERR {message}")));
+            }
+            RelayMessage::Closed {
+                subscription_id,
+                message,
+            } if *subscription_id == sub => {
+                return Err(SyncError::Refused(format!("CLOSED {message}")));
+            }
+            RelayMessage::Notice(n) => tracing::info!(notice = %n, "peer notice"),
+            other => tracing::trace!(?other, "ignored during reconciliation"),
+        }
+    }
+    ws.send(&ClientMessage::NegClose {
+        subscription_id: std::borrow::Cow::Borrowed(&sub),
+    })
+    .await?;
+    let to_event = |id: Id| EventId::from_byte_array(id.to_bytes());
+    Ok((
+        have.into_iter().map(to_event).collect(),
+        need.into_iter().map(to_event).collect(),
+    ))
+}
+
+/// REQ by ids in batches; every event is checked and verified before it is stored.
+async fn download(
+    store: &SharedStore,
+    ws: &mut PeerSocket,
+    opts: &SyncOptions,
+    need: &[EventId],
+    report: &mut SyncReport,
+    progress: &mut (dyn FnMut(&SyncReport) + Send),
+) -> Result<(), SyncError> {
+    for chunk in need.chunks(opts.batch_size) {
+        let sub = sub_id("req");
+        let mut wanted: HashSet<EventId> = chunk.iter().copied().collect();
+        let filter = Filter::new().ids(chunk.iter().copied()).limit(chunk.len());
+        ws.send(&ClientMessage::req(sub.clone(), vec![filter]))
+            .await?;
+        // A peer flooding us with events we did not ask for is cut off.
+        let mut unasked_budget = chunk.len() + 16;
+        loop {
+            match ws.recv("events or EOSE").await? {
+                RelayMessage::Event {
+                    subscription_id,
+                    event,
+                } if *subscription_id == sub => {
+                    let event = event.into_owned();
+                    if !wanted.remove(&event.id) {
+                        report.invalid += 1;
+                        tracing::warn!(id = %event.id, "peer sent an event we did not ask for");
+                        unasked_budget = unasked_budget.checked_sub(1).ok_or_else(|| {
+                            SyncError::Protocol(
+                                "the peer sent too many events we did not ask for".into(),
+                            )
+                        })?;
+                        continue;
+                    }
+                    if let Err(e) = event.verify() {
+                        report.invalid += 1;
+                        tracing::warn!(id = %event.id, error = %e, "peer sent an invalid event");
+                        continue;
+                    }
+                    match store.save_event(&event).await? {
+                        SaveOutcome::Stored { .. } => report.fetched += 1,
+                        SaveOutcome::Duplicate => report.duplicates += 1,
+                        SaveOutcome::Rejected(reason) => {
+                            report.rejected += 1;
+                            tracing::debug!(id = %event.id, %reason, "store refused a synced event");
+                        }
+                    }
+                }
+                RelayMessage::EndOfStoredEvents(s) if *s == sub => break,
+                RelayMessage::Closed {
+                    subscription_id,
+                    message,
+                } if *subscription_id == sub => {
+                    tracing::warn!(%message, "peer closed our REQ");
+                    break;
+                }
+                RelayMessage::Notice(n) => tracing::info!(notice = %n, "peer notice"),
+                other => tracing::trace!(?other, "ignored during download"),
+            }
+        }
+        ws.send(&ClientMessage::close(sub)).await?;
+        report.missing += wanted.len() as u64;
+        progress(report);
+    }
+    Ok(())
+}
+
+/// EVENT for each id the peer lacks, in batches, waiting for every OK of a batch.
+async fn upload(
+    store: &SharedStore,
+    ws: &mut PeerSocket,
+    opts: &SyncOptions,
+    have: &[EventId],
+    report: &mut SyncReport,
+    progress: &mut (dyn FnMut(&SyncReport) + Send),
+) -> Result<(), SyncError> {
+    for chunk in have.chunks(opts.batch_size) {
+        let events = store.fetch_by_ids(chunk).await?;
+        let mut pending: HashSet<EventId> = HashSet::with_capacity(events.len());
+        for event in &events {
+            pending.insert(event.id);
+            ws.feed(&ClientMessage::event(event.clone())).await?;
+        }
+        ws.flush().await?;
+        while !pending.is_empty() {
+            match ws.recv("OK for an uploaded event").await? {
+                RelayMessage::Ok {
+                    event_id,
+                    status,
+                    message,
+                } if pending.remove(&event_id) => {
+                    if status || message.starts_with("duplicate:") {
+                        report.sent += 1;
+                    } else {
+                        report.send_failed += 1;
+                        tracing::debug!(id = %event_id, %message, "peer refused an event");
+                    }
+                }
+                RelayMessage::Notice(n) => tracing::info!(notice = %n, "peer notice"),
+                other => tracing::trace!(?other, "ignored during upload"),
+            }
+        }
+        progress(report);
+    }
+    Ok(())
+}
