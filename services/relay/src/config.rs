@@ -81,6 +81,46 @@ pub struct Cli {
     /// Serve privileged kinds (DMs, gift wraps, ...) to anyone, not only to their parties.
     #[arg(long, env = "ORLY_PRIVILEGED_OPEN", default_value_t = false)]
     pub privileged_open: bool,
+
+    /// Answer NIP-77 (NEG-OPEN / NEG-MSG / NEG-CLOSE) and list NIP 77 in NIP-11.
+    #[arg(long, env = "ORLY_NEGENTROPY_ENABLED", default_value_t = false)]
+    pub negentropy_enabled: bool,
+    /// Where the sync subsystems run: local (in this process) or grpc (their services).
+    #[arg(long, env = "ORLY_SYNC_TYPE", default_value = "local", value_parser = ["local", "grpc"])]
+    pub sync_type: String,
+    /// orly-sync-negentropy address(es) for --sync-type grpc; several comma-separated addresses
+    /// are replicas: new sessions are spread over them and each stays on its replica.
+    #[arg(
+        long,
+        env = "ORLY_GRPC_SYNC_NEGENTROPY",
+        default_value = "127.0.0.1:50064"
+    )]
+    pub grpc_sync_negentropy: String,
+    /// Deadline of one call to a sync service.
+    #[arg(long, env = "ORLY_GRPC_SYNC_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub grpc_sync_timeout: Duration,
+    /// Largest negentropy message the relay sends (local sync; 0: unlimited, else >= 4096).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_FRAME_SIZE", default_value_t = 4096)]
+    pub negentropy_frame_size: u64,
+    /// Negentropy id size in bytes (local sync); protocol version 0x61 fixes it at 32.
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_ID_SIZE", default_value_t = 32)]
+    pub negentropy_id_size: usize,
+    /// An idle NIP-77 session is closed after this long (local sync).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_SESSION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub negentropy_session_timeout: Duration,
+    /// Most events one NIP-77 session may cover; more get NEG-ERR "blocked: …" (local sync).
+    #[arg(
+        long,
+        env = "ORLY_SYNC_NEGENTROPY_MAX_RECORDS",
+        default_value_t = 1_000_000
+    )]
+    pub negentropy_max_records: usize,
+    /// Peer relays (WebSocket URLs, comma-separated) to sync with over NIP-77 (local sync).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_PEERS", default_value = "")]
+    pub negentropy_peers: String,
+    /// Time between relay-to-relay negentropy passes (local sync).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub negentropy_interval: Duration,
     /// This relay's public URL (ws:// or wss://); NIP-42 AUTH events must name it when set.
     #[arg(long, env = "ORLY_RELAY_URL")]
     pub relay_url: Option<String>,
@@ -168,6 +208,37 @@ impl Cli {
             admins,
             refresh_interval: self.follow_list_frequency,
         })
+    }
+
+    /// Settings of the in-process negentropy engine and peer sync (`--sync-type local`).
+    pub fn negentropy_settings(
+        &self,
+    ) -> (
+        orly_sync_negentropy::EngineSettings,
+        orly_sync_negentropy::SyncSettings,
+        Vec<String>,
+    ) {
+        let engine = orly_sync_negentropy::EngineSettings {
+            frame_size: self.negentropy_frame_size,
+            id_size: self.negentropy_id_size,
+            session_timeout: self.negentropy_session_timeout,
+            max_records: self.negentropy_max_records,
+            ..Default::default()
+        };
+        let sync = orly_sync_negentropy::SyncSettings {
+            interval: self.negentropy_interval,
+            frame_size: self.negentropy_frame_size,
+            max_records: self.negentropy_max_records,
+            ..Default::default()
+        };
+        let peers = self
+            .negentropy_peers
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+            .collect();
+        (engine, sync, peers)
     }
 
     pub fn relay_config(&self) -> Result<RelayConfig, String> {

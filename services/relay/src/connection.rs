@@ -44,6 +44,8 @@ struct Conn {
     /// Replies (OK, EOSE, CLOSED, stored events): awaited, so a slow reader slows only itself.
     out: mpsc::Sender<String>,
     handle: Arc<ConnHandle>,
+    /// This connection's id at the negentropy subsystem (unique across relay processes).
+    neg_key: String,
     events_in_flight: Arc<Semaphore>,
     bucket: parking_lot::Mutex<TokenBucket>,
 }
@@ -102,6 +104,7 @@ pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
         authed: authed.clone(),
         out: out_tx,
         handle: handle.clone(),
+        neg_key: format!("{}-{conn_id}", relay.instance),
         events_in_flight: Arc::new(Semaphore::new(EVENT_CONCURRENCY as usize)),
         bucket: parking_lot::Mutex::new(TokenBucket {
             tokens: f64::from(limits.events_per_second),
@@ -161,6 +164,9 @@ pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
     };
     relay.registry.unregister(conn_id);
     metrics::gauge!("orly_connections").decrement(1.0);
+    if let Some(neg) = relay.negentropy() {
+        neg.close_connection(&conn.neg_key).await;
+    }
     if let Some(frame) = close {
         let _ = close_tx.send(frame);
     } else {
@@ -249,6 +255,17 @@ async fn handle_text(conn: &Arc<Conn>, text: &str) {
             text.len(),
             limits.max_message_size
         );
+        // A NIP-77 message names its session: answer that session with NEG-ERR.
+        if text.trim_start().starts_with("[\"NEG-") {
+            if let Ok(
+                ClientMessage::NegOpen { sub_id, .. } | ClientMessage::NegMsg { sub_id, .. },
+            ) = message::parse(text)
+            {
+                let reason = reason.replacen("invalid:", "blocked:", 1);
+                conn.send(message::neg_err_message(&sub_id, &reason)).await;
+                return;
+            }
+        }
         if text.trim_start().starts_with("[\"EVENT\"") {
             if let Some(id) = message::sniff_event_id(text) {
                 conn.send(message::ok_message(&id, false, &reason)).await;
@@ -262,6 +279,7 @@ async fn handle_text(conn: &Arc<Conn>, text: &str) {
         Ok(m) => m,
         Err(e) => {
             let msg = match e.sub_id {
+                Some(sub) if e.negentropy => message::neg_err_message(&sub, &e.message),
                 Some(sub) => message::closed_message(&sub, &e.message),
                 None => message::notice_message(&e.message),
             };
@@ -285,7 +303,89 @@ async fn handle_text(conn: &Arc<Conn>, text: &str) {
             }
         }
         ClientMessage::Auth(raw) => handle_auth(conn, raw).await,
+        ClientMessage::NegOpen {
+            sub_id,
+            filter,
+            message,
+        } => {
+            wait_for_events(conn).await;
+            let reply = neg_open(conn, &sub_id, filter, &message).await;
+            conn.send(reply).await;
+        }
+        ClientMessage::NegMsg { sub_id, message } => {
+            let reply = neg_msg(conn, &sub_id, &message).await;
+            conn.send(reply).await;
+        }
+        ClientMessage::NegClose(sub_id) => {
+            if let Some(neg) = conn.relay.negentropy() {
+                neg.close(&conn.neg_key, &sub_id).await;
+            }
+        }
     }
+}
+
+/// The NIP-77 handler, or the NEG-ERR for a relay without one.
+fn negentropy_handler<'a>(
+    conn: &'a Conn,
+    sub_id: &str,
+) -> Result<&'a Arc<dyn orly_sync_negentropy::NegentropyHandler>, String> {
+    conn.relay.negentropy().ok_or_else(|| {
+        message::neg_err_message(
+            sub_id,
+            "blocked: NIP-77 negentropy is not enabled on this relay",
+        )
+    })
+}
+
+fn neg_reply(
+    sub_id: &str,
+    result: Result<orly_sync_negentropy::NegReply, orly_sync_negentropy::NegError>,
+) -> String {
+    match result {
+        Ok(reply) => message::neg_msg_message(sub_id, &hex::encode(reply.message)),
+        Err(e) => {
+            metrics::counter!("orly_negentropy_errors_total").increment(1);
+            message::neg_err_message(sub_id, &e.reason())
+        }
+    }
+}
+
+fn decode_neg_hex(sub_id: &str, hex_message: &str) -> Result<Vec<u8>, String> {
+    hex::decode(hex_message).map_err(|e| {
+        message::neg_err_message(sub_id, &format!("invalid: malformed hex message: {e}"))
+    })
+}
+
+/// NEG-OPEN: the filter is read-checked like a REQ's, then the session starts.
+async fn neg_open(conn: &Conn, sub_id: &str, raw_filter: &RawValue, hex_message: &str) -> String {
+    let neg = match negentropy_handler(conn, sub_id) {
+        Ok(n) => n.clone(),
+        Err(reply) => return reply,
+    };
+    let filter = match checked_filters(conn, &[raw_filter]).await {
+        Ok(mut f) => f.remove(0),
+        Err(reason) => return message::neg_err_message(sub_id, &reason),
+    };
+    let initial = match decode_neg_hex(sub_id, hex_message) {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    neg_reply(
+        sub_id,
+        neg.open(&conn.neg_key, sub_id, &filter, &initial).await,
+    )
+}
+
+async fn neg_msg(conn: &Conn, sub_id: &str, hex_message: &str) -> String {
+    let neg = match negentropy_handler(conn, sub_id) {
+        Ok(n) => n.clone(),
+        Err(reply) => return reply,
+    };
+    let msg = match decode_neg_hex(sub_id, hex_message) {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    neg_reply(sub_id, neg.message(&conn.neg_key, sub_id, &msg).await)
 }
 
 /// Waits until this connection's EVENTs in flight are answered, so a REQ sees them.

@@ -37,6 +37,11 @@ async fn main() -> anyhow::Result<()> {
         "starting relay"
     );
     let relay = Relay::with_admin(relay_cfg, store.clone(), acl, Some(admin));
+    let negentropy_tasks = if cli.negentropy_enabled {
+        enable_negentropy(&cli, &relay, &store).await?
+    } else {
+        Vec::new()
+    };
     let addr = std::net::SocketAddr::new(cli.listen, cli.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -58,9 +63,56 @@ async fn main() -> anyhow::Result<()> {
     });
     orly_common::shutdown_signal().await;
     purge.abort();
+    for t in negentropy_tasks {
+        t.abort();
+    }
     if let Some(r) = refresher {
         r.abort();
     }
     running.stop().await.context("stopping the server")?;
     Ok(())
+}
+
+/// NIP-77: in-process engine (and peer sync, when peers are configured) with
+/// `ORLY_SYNC_TYPE=local`, or the orly-sync-negentropy service(s) with `grpc`.
+async fn enable_negentropy(
+    cli: &Cli,
+    relay: &Arc<Relay>,
+    store: &orly_db::SharedStore,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use orly_sync_negentropy::{NegentropyEngine, ReplicatedNegentropy, SyncManager};
+    if cli.sync_type == "grpc" {
+        let client =
+            ReplicatedNegentropy::connect_lazy(&cli.grpc_sync_negentropy, cli.grpc_sync_timeout)
+                .map_err(anyhow::Error::msg)
+                .context("orly-sync-negentropy client")?;
+        relay.enable_negentropy(Arc::new(client));
+        tracing::info!(servers = %cli.grpc_sync_negentropy, "NIP-77 via orly-sync-negentropy");
+        return Ok(Vec::new());
+    }
+    let (engine_settings, sync_settings, peers) = cli.negentropy_settings();
+    let engine = NegentropyEngine::new(store.clone(), engine_settings)
+        .map_err(anyhow::Error::msg)
+        .context("negentropy settings")?;
+    let mut tasks = vec![engine.spawn_reaper()];
+    relay.enable_negentropy(engine);
+    if !peers.is_empty() {
+        let manager = SyncManager::new(store.clone(), sync_settings)
+            .map_err(anyhow::Error::msg)
+            .context("negentropy peer sync settings")?;
+        let peer_count = peers.len();
+        // Peers are stored once the store answers (orly-db may start after us); the loop holds
+        // only a weak reference to the manager, so this task keeps it alive.
+        tasks.push(tokio::spawn(async move {
+            while let Err(e) = manager.add_peers(&peers).await {
+                tracing::warn!(error = %e, "cannot store negentropy peers yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            manager.start();
+            tracing::info!(peers = peer_count, "negentropy peer sync running");
+            std::future::pending::<()>().await;
+        }));
+    }
+    tracing::info!("NIP-77 in-process");
+    Ok(tasks)
 }

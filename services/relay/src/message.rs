@@ -17,6 +17,19 @@ pub enum ClientMessage<'a> {
     },
     Close(String),
     Auth(&'a RawValue),
+    /// NIP-77: `["NEG-OPEN", sub, filter, hex]`.
+    NegOpen {
+        sub_id: String,
+        filter: &'a RawValue,
+        message: String,
+    },
+    /// NIP-77: `["NEG-MSG", sub, hex]`.
+    NegMsg {
+        sub_id: String,
+        message: String,
+    },
+    /// NIP-77: `["NEG-CLOSE", sub]`.
+    NegClose(String),
 }
 
 /// Why a message could not be understood; sent back as `NOTICE "invalid: ..."`, or as a
@@ -25,13 +38,35 @@ pub enum ClientMessage<'a> {
 pub struct ParseError {
     pub sub_id: Option<String>,
     pub message: String,
+    /// The error answers a NIP-77 message: reply NEG-ERR, not CLOSED.
+    pub negentropy: bool,
 }
 
 fn err(sub_id: Option<String>, message: impl Into<String>) -> ParseError {
     ParseError {
         sub_id,
         message: message.into(),
+        negentropy: false,
     }
+}
+
+fn neg_err(sub_id: String, message: impl Into<String>) -> ParseError {
+    ParseError {
+        sub_id: Some(sub_id),
+        message: message.into(),
+        negentropy: true,
+    }
+}
+
+/// A hex payload of a NEG-OPEN or NEG-MSG (decoded later, so its error names the session).
+fn neg_payload(sub_id: &str, raw: Option<&&RawValue>) -> Result<String, ParseError> {
+    let raw = raw.ok_or_else(|| neg_err(sub_id.into(), "invalid: missing negentropy message"))?;
+    serde_json::from_str(raw.get()).map_err(|_| {
+        neg_err(
+            sub_id.into(),
+            "invalid: negentropy message must be a hex string",
+        )
+    })
 }
 
 /// Longest subscription id NIP-01 allows.
@@ -96,6 +131,34 @@ pub fn parse(text: &str) -> Result<ClientMessage<'_>, ParseError> {
             [_, ev] => Ok(ClientMessage::Auth(ev)),
             _ => Err(err(None, "invalid: AUTH takes exactly one event")),
         },
+        "NEG-OPEN" => {
+            let id = sub_id(parts.get(1))?;
+            match parts.as_slice() {
+                [_, _, filter, _] => Ok(ClientMessage::NegOpen {
+                    message: neg_payload(&id, parts.get(3))?,
+                    filter,
+                    sub_id: id,
+                }),
+                _ => Err(neg_err(
+                    id,
+                    "invalid: NEG-OPEN takes a subscription id, a filter and a message",
+                )),
+            }
+        }
+        "NEG-MSG" => {
+            let id = sub_id(parts.get(1))?;
+            match parts.as_slice() {
+                [_, _, _] => Ok(ClientMessage::NegMsg {
+                    message: neg_payload(&id, parts.get(2))?,
+                    sub_id: id,
+                }),
+                _ => Err(neg_err(
+                    id,
+                    "invalid: NEG-MSG takes a subscription id and a message",
+                )),
+            }
+        }
+        "NEG-CLOSE" => Ok(ClientMessage::NegClose(sub_id(parts.get(1))?)),
         other => Err(err(
             None,
             format!("invalid: unknown message type {:?}", truncate(other, 32)),
@@ -159,6 +222,14 @@ pub fn notice_message(message: &str) -> String {
 
 pub fn count_message(sub_id: &str, count: u64) -> String {
     format!("[\"COUNT\",{},{{\"count\":{count}}}]", quote(sub_id))
+}
+
+pub fn neg_msg_message(sub_id: &str, hex_message: &str) -> String {
+    format!("[\"NEG-MSG\",{},{}]", quote(sub_id), quote(hex_message))
+}
+
+pub fn neg_err_message(sub_id: &str, reason: &str) -> String {
+    format!("[\"NEG-ERR\",{},{}]", quote(sub_id), quote(reason))
 }
 
 pub fn auth_message(challenge: &str) -> String {

@@ -15,6 +15,9 @@ pub async fn document(relay: &Relay) -> Value {
     let l = &cfg.limits;
     let mode = relay.acl.mode();
     let mut nips = SUPPORTED_NIPS.to_vec();
+    if relay.negentropy().is_some() {
+        nips.push(77);
+    }
     if mode == "managed" && relay.acl_admin.is_some() {
         nips.push(NIP86);
     }

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use nostr::PublicKey;
 use orly_db::SharedStore;
+use orly_sync_negentropy::NegentropyHandler;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OnceCell};
 
@@ -38,6 +39,10 @@ pub struct Relay {
     /// The ACL's management side, for NIP-86 (`None`: no management API).
     pub acl_admin: Option<Arc<dyn AclAdmin>>,
     pub registry: Registry,
+    /// NIP-77 sessions (`None`: NEG-* messages are refused with NEG-ERR).
+    negentropy: std::sync::OnceLock<Arc<dyn NegentropyHandler>>,
+    /// Distinguishes this process's connections at a shared negentropy service.
+    pub instance: String,
     identity: OnceCell<PublicKey>,
     shutdown: watch::Sender<bool>,
 }
@@ -60,9 +65,21 @@ impl Relay {
             acl,
             acl_admin,
             registry: Registry::default(),
+            negentropy: std::sync::OnceLock::new(),
+            instance: hex::encode(rand::random::<[u8; 6]>()),
             identity: OnceCell::new(),
             shutdown: watch::channel(false).0,
         })
+    }
+
+    /// Enables NIP-77: NEG-OPEN / NEG-MSG / NEG-CLOSE go to `handler`. Set once, before serving.
+    pub fn enable_negentropy(&self, handler: Arc<dyn NegentropyHandler>) {
+        let _ = self.negentropy.set(handler);
+    }
+
+    /// The NIP-77 handler, when enabled.
+    pub fn negentropy(&self) -> Option<&Arc<dyn NegentropyHandler>> {
+        self.negentropy.get()
     }
 
     /// The relay's identity pubkey (NIP-11 `pubkey`), from the key kept in the store.
