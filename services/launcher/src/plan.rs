@@ -200,6 +200,10 @@ pub fn plan(cfg: &LauncherConfig, exe_dir: Option<&Path>) -> Result<Vec<Tier>, L
             ready_timeout: cfg.sync_ready_timeout,
         });
         relay_env.push(kv(&format!("ORLY_GRPC_SYNC_{infix}"), reachable(addr)));
+        if infix == "NEGENTROPY" {
+            // Running the service means the relay should answer NIP-77 through it.
+            relay_env.push(kv("ORLY_NEGENTROPY_ENABLED", "true"));
+        }
     }
     if !sync.is_empty() {
         relay_env.push(kv("ORLY_SYNC_TYPE", "grpc"));
@@ -321,6 +325,7 @@ mod tests {
             kv("ORLY_GRPC_SYNC_CLUSTER", "127.0.0.1:50062"),
             kv("ORLY_ACL_TYPE", "grpc"),
             kv("ORLY_GRPC_ACL_SERVER", "127.0.0.1:50052"),
+            kv("ORLY_NEGENTROPY_ENABLED", "true"),
         ] {
             assert!(relay.env.contains(&expected), "missing {expected:?}");
         }

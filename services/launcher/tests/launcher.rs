@@ -19,18 +19,30 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Makes sure orly-db and orly sit next to the launcher binary (cargo builds only this
+/// Makes sure orly-db, orly and orly-sync-negentropy sit next to the launcher binary (cargo builds only this
 /// package's binaries for `cargo test -p orly-launcher`).
 fn ensure_siblings() {
     let dir = Path::new(env!("CARGO_BIN_EXE_orly-launcher"))
         .parent()
         .unwrap();
-    if ["orly-db", "orly"].iter().all(|b| dir.join(b).exists()) {
+    if ["orly-db", "orly", "orly-sync-negentropy"]
+        .iter()
+        .all(|b| dir.join(b).exists())
+    {
         return;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let ok = Command::new(cargo)
-        .args(["build", "-p", "orly-db", "-p", "orly", "--bins"])
+        .args([
+            "build",
+            "-p",
+            "orly-db",
+            "-p",
+            "orly",
+            "-p",
+            "orly-sync-negentropy",
+            "--bins",
+        ])
         .status()
         .unwrap()
         .success();
@@ -380,4 +392,51 @@ async fn sigterm_during_start_up_leaves_no_children() {
     for pid in children {
         assert!(!alive(pid), "child {pid} left behind");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nip77_sync_works_through_the_launched_system() {
+    use nostr_sdk::prelude::{
+        Client, MemoryDatabase, MemoryDatabaseOptions, NostrDatabase, SyncDirection, SyncOptions,
+    };
+    let neg = format!("127.0.0.1:{}", free_port());
+    let mut l = Launched::start(&[
+        ("ORLY_LAUNCHER_SYNC_NEGENTROPY_ENABLED", "true"),
+        ("ORLY_LAUNCHER_SYNC_NEGENTROPY_LISTEN", &neg),
+    ]);
+    l.wait_relay_ready(Duration::from_secs(60)).await;
+    assert_eq!(l.children().len(), 3, "db, negentropy and relay run");
+
+    // The relay has one event the client lacks; the client has one the relay lacks.
+    assert!(publish_and_query(l.relay, "already on the relay").await);
+    let keys = nostr::Keys::generate();
+    let mine = nostr::EventBuilder::text_note("only in the client")
+        .sign_with_keys(&keys)
+        .unwrap();
+    let db = MemoryDatabase::with_opts(MemoryDatabaseOptions {
+        events: true,
+        max_events: None,
+    });
+    db.save_event(&mine).await.unwrap();
+    let client = Client::builder().database(db).build();
+    client.add_relay(format!("ws://{}", l.relay)).await.unwrap();
+    client.connect().await;
+    let opts = SyncOptions::new()
+        .direction(SyncDirection::Both)
+        .initial_timeout(Duration::from_secs(10));
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.sync(nostr::Filter::new().kind(nostr::Kind::TextNote), &opts),
+    )
+    .await
+    .expect("sync finishes")
+    .unwrap();
+    assert!(out.failed.is_empty(), "{:?}", out.failed);
+    assert_eq!(out.val.sent.len(), 1);
+    assert!(out.val.sent.contains(&mine.id));
+    assert_eq!(out.val.received.len(), 1);
+    client.shutdown().await;
+
+    l.signal(Signal::TERM);
+    assert!(l.wait_exit(Duration::from_secs(30)).success());
 }
