@@ -320,3 +320,82 @@ async fn two_relays_converge_through_relay_to_relay_sync() {
     let report = again[0].1.as_ref().unwrap();
     assert_eq!((report.fetched, report.sent), (0, 0));
 }
+
+/// A relay on a fixed address with NIP-77, over an existing store.
+async fn serve_with_negentropy(
+    store: orly_db::SharedStore,
+    addr: std::net::SocketAddr,
+) -> orly::RunningRelay {
+    let relay = orly::Relay::new(
+        orly::RelayConfig::default(),
+        store.clone(),
+        Arc::new(orly::acl::OpenAcl),
+    );
+    relay.enable_negentropy(NegentropyEngine::new(store, EngineSettings::default()).unwrap());
+    // The old listener may linger for a moment after a stop.
+    for _ in 0..50 {
+        if let Ok(listener) = tokio::net::TcpListener::bind(addr).await {
+            return orly::spawn(listener, relay).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot bind {addr} again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_converge_when_the_peer_restarts_mid_sync() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let open = |dir: &tempfile::TempDir| {
+        let cfg = orly_db::StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..orly_db::StoreConfig::default()
+        };
+        async move { orly_db::open_store(&cfg).await.unwrap() }
+    };
+    let (store_a, store_b) = (open(&dir_a).await, open(&dir_b).await);
+    let keys = Keys::generate();
+    let t = now() - 100_000;
+    let shared = notes(&keys, 300, t);
+    let only_a = notes(&keys, 1500, t + 10_000);
+    let only_b = notes(&keys, 1500, t + 20_000);
+    for e in shared.iter().chain(&only_a) {
+        store_a.save_event(e).await.unwrap();
+    }
+    for e in shared.iter().chain(&only_b) {
+        store_b.save_event(e).await.unwrap();
+    }
+    let b = serve_with_negentropy(store_b.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let addr = b.addr;
+    let settings = SyncSettings {
+        batch_size: 100,
+        peer_timeout: Duration::from_secs(5),
+        ..SyncSettings::default()
+    };
+    let manager = SyncManager::new(store_a.clone(), settings).unwrap();
+    manager.add_peers(&[format!("ws://{addr}")]).await.unwrap();
+
+    // B goes away while A is transferring, then comes back on the same address.
+    let first = {
+        let manager = manager.clone();
+        tokio::spawn(async move { manager.sync_all(None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    b.stop().await.unwrap();
+    let _ = first.await.unwrap();
+    let b = serve_with_negentropy(store_b.clone(), addr).await;
+
+    // The next pass completes whatever the interrupted one left, without duplicates.
+    let results = manager.sync_all(None).await;
+    assert!(results[0].1.is_ok(), "{:?}", results[0].1);
+    let all = ids(&[&shared, &only_a, &only_b]);
+    let stored = |store: orly_db::SharedStore| async move {
+        let items = store.negentropy_items(&[Filter::new()]).await.unwrap();
+        let set: BTreeSet<EventId> = items.iter().map(|(_, id)| *id).collect();
+        assert_eq!(items.len(), set.len(), "no duplicates");
+        set
+    };
+    assert_eq!(stored(store_a.clone()).await, all);
+    assert_eq!(stored(store_b.clone()).await, all);
+    b.stop().await.unwrap();
+}
