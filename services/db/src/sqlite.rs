@@ -33,6 +33,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 const READ_CONNECTIONS: u32 = 4;
 /// Lists longer than this are passed as one JSON array instead of one bind each.
 const MAX_INLINE_LIST: usize = 256;
+/// How often the WAL is checkpointed in the background.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// Serials / ids fetched per statement.
 const FETCH_CHUNK: usize = 256;
 
@@ -53,16 +55,42 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             .pragma("temp_store", "memory");
-        let mut conn = opts.clone().pragma("cache_size", "-16000").connect().await?;
+        // The writer never checkpoints on commit (a checkpoint fsyncs, which would stall every
+        // save behind it); a background task checkpoints from a pool connection instead.
+        let mut conn = opts
+            .clone()
+            .pragma("cache_size", "-16000")
+            .pragma("wal_autocheckpoint", "0")
+            .connect()
+            .await?;
         MIGRATOR.run(&mut conn).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS)
             .min_connections(1)
-            .connect_with(opts)
+            .connect_with(opts.pragma("journal_size_limit", "67108864"))
             .await?;
         let writer = rules::spawn_writer(SqliteSaver { conn });
+        tokio::spawn(checkpoint_loop(pool.clone(), writer.downgrade()));
         Ok(SqliteStore { pool, writer })
     }
+}
+
+/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] while the store is open. PASSIVE never
+/// blocks the writer or readers; the WAL is reused once a checkpoint caught up.
+async fn checkpoint_loop(pool: SqlitePool, writer: mpsc::WeakSender<SaveRequest>) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if writer.upgrade().is_none() {
+            break;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+    // Final checkpoint so the file is compact for the next open.
+    let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&pool).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -78,22 +106,137 @@ impl BatchSaver for SqliteSaver {
     async fn save_batch(&mut self, events: &[Event]) -> Result<Vec<SaveOutcome>> {
         let now = rules::now_secs();
         sqlx::query("BEGIN IMMEDIATE").execute(&mut self.conn).await?;
-        let mut outcomes = Vec::with_capacity(events.len());
-        for ev in events {
-            match save_one(&mut self.conn, ev, now).await {
-                Ok(o) => outcomes.push(o),
-                Err(e) => {
+        match save_all(&mut self.conn, events, now).await {
+            Ok(outcomes) => {
+                if let Err(e) = sqlx::query("COMMIT").execute(&mut self.conn).await {
                     let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
-                    return Err(e);
+                    return Err(e.into());
                 }
+                Ok(outcomes)
+            }
+            Err(e) => {
+                let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+                Err(e)
             }
         }
-        if let Err(e) = sqlx::query("COMMIT").execute(&mut self.conn).await {
-            let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
-            return Err(e.into());
-        }
-        Ok(outcomes)
     }
+}
+
+/// Plain events (regular kinds other than deletions) only interact through their ids, so
+/// runs of them are checked in one statement and inserted in one more; other events go one
+/// by one through [`save_one`]. Order is kept: a run is flushed before the next other event.
+async fn save_all(conn: &mut SqliteConnection, events: &[Event], now: i64) -> Result<Vec<SaveOutcome>> {
+    let mut outcomes: Vec<Option<SaveOutcome>> = vec![None; events.len()];
+    let mut run: Vec<usize> = Vec::new();
+    for (i, ev) in events.iter().enumerate() {
+        if let Some(out) = rules::precheck(ev, now) {
+            outcomes[i] = Some(out);
+            continue;
+        }
+        let kind = rules::event_kind(ev);
+        if kind != 5 && rules::kind_class(kind) == rules::KindClass::Regular {
+            run.push(i);
+            continue;
+        }
+        save_run(conn, events, &mut run, &mut outcomes).await?;
+        outcomes[i] = Some(save_one(conn, ev, now).await?);
+    }
+    save_run(conn, events, &mut run, &mut outcomes).await?;
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| StoreError::Corrupt("event without outcome".into())))
+        .collect()
+}
+
+/// Saves a run of plain events (see [`save_all`]) in two round trips; empties `run`.
+async fn save_run(
+    conn: &mut SqliteConnection,
+    events: &[Event],
+    run: &mut Vec<usize>,
+    outcomes: &mut [Option<SaveOutcome>],
+) -> Result<()> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let probe: Vec<serde_json::Value> = run
+        .iter()
+        .map(|&i| serde_json::json!([events[i].id.to_hex(), events[i].pubkey.to_hex()]))
+        .collect();
+    let rows = sqlx::query(
+        "SELECT j.key, \
+                EXISTS(SELECT 1 FROM events WHERE id = unhex(j.value ->> 0)), \
+                EXISTS(SELECT 1 FROM deleted_ids \
+                       WHERE id = unhex(j.value ->> 0) AND pubkey = unhex(j.value ->> 1)) \
+         FROM json_each(?1) AS j",
+    )
+    .bind(serde_json::Value::from(probe).to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut flags = vec![(false, false); run.len()];
+    for r in &rows {
+        let k: i64 = r.try_get(0)?;
+        if let Some(f) = usize::try_from(k).ok().and_then(|k| flags.get_mut(k)) {
+            *f = (r.try_get(1)?, r.try_get(2)?);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut insert: Vec<usize> = Vec::new();
+    for (k, &i) in run.iter().enumerate() {
+        let (dup, deleted) = flags[k];
+        outcomes[i] = if dup || !seen.insert(events[i].id) {
+            Some(SaveOutcome::Duplicate)
+        } else if deleted {
+            Some(SaveOutcome::Rejected(rules::MSG_DELETED.into()))
+        } else {
+            insert.push(i);
+            None
+        };
+    }
+    if !insert.is_empty() {
+        let rows_json: Vec<serde_json::Value> = insert
+            .iter()
+            .map(|&i| {
+                let ev = &events[i];
+                serde_json::json!([
+                    ev.id.to_hex(),
+                    ev.pubkey.to_hex(),
+                    rules::ts_i64(ev.created_at.as_secs()),
+                    rules::event_kind(ev),
+                    rules::expiration(ev),
+                    ev.as_json(),
+                    rules::index_tags(ev),
+                ])
+            })
+            .collect();
+        let rows = sqlx::query(
+            "INSERT INTO events (id, pubkey, created_at, kind, d, expires_at, json) \
+                 SELECT unhex(j.value ->> 0), unhex(j.value ->> 1), j.value ->> 2, j.value ->> 3, \
+                        NULL, j.value ->> 4, j.value ->> 5 \
+                 FROM json_each(?1) AS j ORDER BY j.key; \
+             INSERT OR IGNORE INTO tags (name, value, created_at, serial) \
+                 SELECT t.value ->> 0, t.value ->> 1, e.created_at, e.serial \
+                 FROM json_each(?1) AS j \
+                 CROSS JOIN events AS e ON e.id = unhex(j.value ->> 0) \
+                 CROSS JOIN json_each(j.value, '$[6]') AS t; \
+             SELECT j.key, e.serial FROM json_each(?1) AS j \
+                 CROSS JOIN events AS e ON e.id = unhex(j.value ->> 0);",
+        )
+        .bind(serde_json::Value::from(rows_json).to_string())
+        .fetch_all(&mut *conn)
+        .await?;
+        for r in &rows {
+            let k: i64 = r.try_get(0)?;
+            let serial: i64 = r.try_get(1)?;
+            if let Some(&i) = usize::try_from(k).ok().and_then(|k| insert.get(k)) {
+                outcomes[i] = Some(SaveOutcome::Stored { serial: rules::u64_of(serial, "serial")? });
+            }
+        }
+        if insert.iter().any(|&i| outcomes[i].is_none()) {
+            return Err(StoreError::Corrupt("inserted event has no serial".into()));
+        }
+    }
+    run.clear();
+    Ok(())
 }
 
 /// Saves one event inside the writer's open transaction. Every refusal is decided before
@@ -108,21 +251,35 @@ async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<S
     let created = rules::ts_i64(ev.created_at.as_secs());
     let d = rules::replace_key(ev);
 
-    let row = sqlx::query(
-        "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1), \
-                EXISTS(SELECT 1 FROM deleted_ids WHERE id = ?1 AND pubkey = ?2), \
-                EXISTS(SELECT 1 FROM deleted_addrs WHERE kind = ?3 AND pubkey = ?2 AND d = ?4 \
-                       AND deleted_until >= ?5), \
-                EXISTS(SELECT 1 FROM events WHERE kind = ?3 AND pubkey = ?2 AND d = ?4 \
-                       AND (created_at > ?5 OR (created_at = ?5 AND id < ?1)))",
-    )
-    .bind(id)
-    .bind(pk)
-    .bind(kind)
-    .bind(d)
-    .bind(created)
-    .fetch_one(&mut *conn)
-    .await?;
+    // Regular events need two probes; replaceable/addressable ones two more. The explicit
+    // `d IS NOT NULL` lets SQLite use the partial index `events_replace`.
+    let row = if d.is_some() {
+        sqlx::query(
+            "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1), \
+                    EXISTS(SELECT 1 FROM deleted_ids WHERE id = ?1 AND pubkey = ?2), \
+                    EXISTS(SELECT 1 FROM deleted_addrs WHERE kind = ?3 AND pubkey = ?2 AND d = ?4 \
+                           AND deleted_until >= ?5), \
+                    EXISTS(SELECT 1 FROM events INDEXED BY events_replace \
+                           WHERE d IS NOT NULL AND kind = ?3 AND pubkey = ?2 AND d = ?4 \
+                           AND (created_at > ?5 OR (created_at = ?5 AND id < ?1)))",
+        )
+        .bind(id)
+        .bind(pk)
+        .bind(kind)
+        .bind(d)
+        .bind(created)
+        .fetch_one(&mut *conn)
+        .await?
+    } else {
+        sqlx::query(
+            "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1), \
+                    EXISTS(SELECT 1 FROM deleted_ids WHERE id = ?1 AND pubkey = ?2), 0, 0",
+        )
+        .bind(id)
+        .bind(pk)
+        .fetch_one(&mut *conn)
+        .await?
+    };
     let (dup, del_id, del_addr, newer): (bool, bool, bool, bool) =
         (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
     if dup {
@@ -162,17 +319,27 @@ async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<S
         None
     };
 
-    if let Some(d) = d {
-        sqlx::query("DELETE FROM events WHERE kind = ?1 AND pubkey = ?2 AND d = ?3")
-            .bind(kind)
-            .bind(pk)
-            .bind(d)
-            .execute(&mut *conn)
-            .await?;
-    }
-    let serial: i64 = sqlx::query_scalar(
-        "INSERT INTO events (id, pubkey, created_at, kind, d, expires_at, json) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING serial",
+    // One round trip to the SQLite worker: remove older versions, insert the event and its
+    // tags, read the serial back.
+    let tags = rules::index_tags(ev);
+    let tags_json = if tags.is_empty() {
+        None
+    } else {
+        Some(
+            serde_json::to_string(&tags)
+                .map_err(|e| StoreError::Corrupt(format!("encoding tags: {e}")))?,
+        )
+    };
+    let rows = sqlx::query(
+        "DELETE FROM events INDEXED BY events_replace \
+             WHERE ?5 IS NOT NULL AND d IS NOT NULL AND kind = ?4 AND pubkey = ?2 AND d = ?5; \
+         INSERT INTO events (id, pubkey, created_at, kind, d, expires_at, json) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7); \
+         INSERT OR IGNORE INTO tags (name, value, created_at, serial) \
+             SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), ?3, \
+                    (SELECT serial FROM events WHERE id = ?1) \
+             FROM json_each(coalesce(?8, '[]')) AS j; \
+         SELECT serial FROM events WHERE id = ?1;",
     )
     .bind(id)
     .bind(pk)
@@ -181,23 +348,13 @@ async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<S
     .bind(d)
     .bind(rules::expiration(ev))
     .bind(ev.as_json())
-    .fetch_one(&mut *conn)
+    .bind(tags_json)
+    .fetch_all(&mut *conn)
     .await?;
-    let tags = rules::index_tags(ev);
-    if !tags.is_empty() {
-        let json = serde_json::to_string(&tags)
-            .map_err(|e| StoreError::Corrupt(format!("encoding tags: {e}")))?;
-        sqlx::query(
-            "INSERT OR IGNORE INTO tags (name, value, created_at, serial) \
-             SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), ?1, ?2 \
-             FROM json_each(?3)",
-        )
-        .bind(created)
-        .bind(serial)
-        .bind(json)
-        .execute(&mut *conn)
-        .await?;
-    }
+    let serial: i64 = match rows.last() {
+        Some(r) => r.try_get(0)?,
+        None => return Err(StoreError::Corrupt("inserted event has no serial".into())),
+    };
 
     if let Some(t) = targets {
         for target in &t.ids {
@@ -226,7 +383,8 @@ async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<S
             .execute(&mut *conn)
             .await?;
             sqlx::query(
-                "DELETE FROM events WHERE kind = ?1 AND pubkey = ?2 AND d = ?3 AND created_at <= ?4",
+                "DELETE FROM events INDEXED BY events_replace \
+                 WHERE d IS NOT NULL AND kind = ?1 AND pubkey = ?2 AND d = ?3 AND created_at <= ?4",
             )
             .bind(i64::from(a.kind))
             .bind(pk)

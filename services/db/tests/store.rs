@@ -140,6 +140,7 @@ store_tests!(
     concurrent_saves,
     search_is_unsupported,
     admin_delete,
+    large_filter_lists,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -786,6 +787,30 @@ async fn admin_delete(fx: &Fx) {
     stored(s, &e).await;
 }
 
+async fn large_filter_lists(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let k = Keys::generate();
+    let p = Keys::generate().public_key();
+    let e = ev(&k, 1, "needle", T0, vec![Tag::public_key(p)]);
+    stored(s, &e).await;
+    stored(s, &ev(&k, 1, "hay", T0 + 1, vec![])).await;
+    let many_ids: Vec<EventId> =
+        (0..600u32).map(|i| ev(&k, 1, &format!("x{i}"), T0, vec![]).id).chain([e.id]).collect();
+    assert_eq!(ids(s, vec![Filter::new().ids(many_ids.clone())]).await, vec![e.id]);
+    let many_authors: Vec<nostr::PublicKey> = (0..600)
+        .map(|_| Keys::generate().public_key())
+        .chain([k.public_key()])
+        .collect();
+    assert_eq!(ids(s, vec![Filter::new().authors(many_authors).ids(many_ids)]).await, vec![e.id]);
+    let kinds: Vec<Kind> = (1000..1600u16).map(Kind::from).chain([Kind::from(1)]).collect();
+    assert_eq!(ids(s, vec![Filter::new().kinds(kinds).until(Timestamp::from(T0))]).await, vec![e.id]);
+    let ptag = SingleLetterTag::lowercase(nostr::Alphabet::P);
+    let values: Vec<String> = (0..600).map(|i| format!("v{i}")).chain([p.to_hex()]).collect();
+    assert_eq!(ids(s, vec![Filter::new().custom_tags(ptag, values)]).await, vec![e.id]);
+    let serials: Vec<u64> = (1..2000).collect();
+    assert_eq!(s.fetch_by_serials(&serials).await.unwrap().len(), 2);
+}
+
 // ---------------------------------------------------------------------------------------
 // Performance (ignored by default):
 //   cargo test -p orly-db --release --test store -- --ignored --nocapture perf
@@ -821,7 +846,10 @@ async fn time_queries(
 }
 
 async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
-    const N: usize = 100_000;
+    // ORLY_PERF_EVENTS overrides the store size (default 100,000).
+    #[allow(non_snake_case)]
+    let N: usize =
+        std::env::var("ORLY_PERF_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     const AUTHORS: usize = 1_000;
     let keys: Vec<Keys> = (0..AUTHORS).map(|_| Keys::generate()).collect();
     let pubs: Vec<nostr::PublicKey> = keys.iter().map(|k| k.public_key()).collect();
@@ -848,24 +876,35 @@ async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
         out
     };
     println!("signed {N} events in {:.1?}", t.elapsed());
+    use std::io::Write;
+    std::io::stdout().flush().ok();
 
-    // ingest: 8 concurrent clients, each waiting for its outcome before sending the next
+    // ingest: 8 concurrent clients, each with ORLY_PERF_INFLIGHT saves outstanding (default 1:
+    // waiting for each outcome before sending the next)
+    let inflight: usize =
+        std::env::var("ORLY_PERF_INFLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let t = std::time::Instant::now();
-    let chunks: Vec<Vec<Event>> = events.chunks(N / 8).map(|c| c.to_vec()).collect();
+    let chunks: Vec<Vec<Event>> = events.chunks(N.div_ceil(8)).map(|c| c.to_vec()).collect();
     let mut tasks = Vec::new();
     for chunk in chunks {
         let st = store.clone();
         tasks.push(tokio::spawn(async move {
-            for e in &chunk {
-                st.save_event(e).await.unwrap();
-            }
+            use futures::StreamExt;
+            futures::stream::iter(chunk)
+                .for_each_concurrent(inflight, |e| {
+                    let st = st.clone();
+                    async move {
+                        st.save_event(&e).await.unwrap();
+                    }
+                })
+                .await;
         }));
     }
     for task in tasks {
         task.await.unwrap();
     }
     let el = t.elapsed();
-    println!("ingest: {N} events, 8 clients, {:.2?} = {:.0} events/s", el, N as f64 / el.as_secs_f64());
+    println!("ingest: {N} events, 8 clients x {inflight} in flight, {:.2?} = {:.0} events/s", el, N as f64 / el.as_secs_f64());
 
     let by_author = |i: usize| Filter::new().author(pubs[(i * 7) % AUTHORS]).limit(100);
     let by_kind = |i: usize| {
