@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
@@ -55,10 +56,19 @@ where
     let addr = listener.local_addr().ok();
     tracing::info!(service = name, ?addr, "gRPC listening");
     let routes = Routes::new(health).add_service(service);
+    // tonic ignores its tcp_nodelay setting for a caller-supplied listener: set it on each
+    // accepted socket, or streamed replies wait on Nagle's algorithm and delayed ACKs.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        })
+    });
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     watcher.abort();
     result

@@ -293,6 +293,13 @@ pub fn spawn(listener: TcpListener, relay: Arc<Relay>) -> std::io::Result<Runnin
     let app = relay
         .router()
         .into_make_service_with_connect_info::<SocketAddr>();
+    // Replies are many small frames (EVENTs, then EOSE): without TCP_NODELAY, Nagle's
+    // algorithm and the client's delayed ACK hold each answer back by ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
