@@ -1,1 +1,346 @@
-fn main() {}
+//! `orly-bench`: ingest rate, REQ latency and memory of the real `orly` relay binary in three
+//! modes (local/SQLite, split/SQLite over gRPC, local/PostgreSQL), printed as one table.
+//!
+//! Run from the workspace root; `orly` and `orly-db` must sit next to `orly-bench`:
+//!
+//! ```text
+//! cargo build --release -p orly -p orly-db --bins && target/release/orly-bench
+//! ```
+//!
+//! (with `CARGO_TARGET_DIR` set, the binaries are in `$CARGO_TARGET_DIR/release/`). `--quick`
+//! is a smoke run; `--modes`, `--events`, `--clients`, `--queries`, `--connections` tune it;
+//! PostgreSQL needs an admin URL (`--pg-url`, `ORLY_BENCH_PG_URL` or `ORLY_TEST_PG_URL`).
+//! See docs/benchmarks.md.
+
+// A binary's root resolves modules beside it, so point at its own directory explicitly.
+#[path = "bench/client.rs"]
+mod client;
+#[path = "bench/dataset.rs"]
+mod dataset;
+#[path = "bench/postgres.rs"]
+mod postgres;
+#[path = "bench/process.rs"]
+mod process;
+#[path = "bench/report.rs"]
+mod report;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use client::Shape;
+use process::{Backend, Binaries, Stack};
+use report::{CpuUse, Measured, Outcome, Row, RunInfo};
+
+/// Benchmarks the orly relay: ingest, REQ latency and memory, per storage mode.
+#[derive(Debug, Parser)]
+#[command(name = "orly-bench", about, long_about = None)]
+struct Args {
+    /// Modes to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "local-sqlite,split-sqlite,local-postgres"
+    )]
+    modes: Vec<Mode>,
+    /// Signed events to publish (and the size of the store queried) [default: 100000; quick: 5000].
+    #[arg(long)]
+    events: Option<usize>,
+    /// Distinct authors of the events.
+    #[arg(long, default_value_t = 1000)]
+    authors: usize,
+    /// Concurrent publishing WebSocket clients.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Unanswered EVENTs each client keeps in flight.
+    #[arg(long, default_value_t = 500)]
+    window: usize,
+    /// Timed REQs per query shape [default: 1000; quick: 100].
+    #[arg(long)]
+    queries: Option<usize>,
+    /// Open connections, each holding a subscription, for the memory figure
+    /// [default: 1000; quick: 100].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// PostgreSQL admin URL; a scratch database is created in it and dropped after.
+    /// Falls back to ORLY_TEST_PG_URL; without either, local-postgres is skipped.
+    #[arg(long, env = "ORLY_BENCH_PG_URL")]
+    pg_url: Option<String>,
+    /// A small smoke run: 5000 events, 100 REQs per shape, 100 connections.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// How the relay is deployed for a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// `orly` with its store in-process on SQLite.
+    LocalSqlite,
+    /// `orly-db` on SQLite plus `orly` reaching it over gRPC.
+    SplitSqlite,
+    /// `orly` with its store in-process on PostgreSQL.
+    LocalPostgres,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::LocalSqlite => "local/SQLite",
+            Mode::SplitSqlite => "split/SQLite",
+            Mode::LocalPostgres => "local/PostgreSQL",
+        }
+    }
+}
+
+/// The sizes of one run, after `--quick` and the defaults.
+struct Plan {
+    events: usize,
+    authors: usize,
+    clients: usize,
+    window: usize,
+    queries: usize,
+    warmup: usize,
+    connections: usize,
+}
+
+impl Plan {
+    fn from_args(a: &Args) -> Self {
+        let pick = |v: Option<usize>, full: usize, quick: usize| {
+            v.unwrap_or(if a.quick { quick } else { full })
+        };
+        let queries = pick(a.queries, 1000, 100);
+        Self {
+            events: pick(a.events, 100_000, 5_000),
+            authors: a.authors.max(1),
+            clients: a.clients.max(1),
+            window: a.window.max(1),
+            queries,
+            warmup: (queries / 10).max(10),
+            connections: pick(a.connections, 1000, 100),
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("orly-bench: cannot start tokio: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = run(args) => r,
+            _ = interrupted() => {
+                // Dropping `run` killed the children; the scratch database goes too.
+                postgres::drop_live().await;
+                Err(anyhow::anyhow!("interrupted"))
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orly-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on Ctrl-C, SIGTERM or SIGHUP (a closed terminal), so the children never outlive us.
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let hup = signal(SignalKind::hangup());
+    match (term, hup) {
+        (Ok(mut term), Ok(mut hup)) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let bins = Binaries::locate()?;
+    let plan = Plan::from_args(&args);
+    let pg_url = args
+        .pg_url
+        .clone()
+        .or_else(|| std::env::var("ORLY_TEST_PG_URL").ok())
+        .filter(|u| !u.trim().is_empty());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+
+    eprintln!("signing {} events ...", plan.events);
+    let (events, authors) = (plan.events, plan.authors);
+    let data = Arc::new(
+        tokio::task::spawn_blocking(move || dataset::generate(events, authors, cores)).await??,
+    );
+
+    let mut rows = Vec::new();
+    for &mode in &args.modes {
+        eprintln!("== {}", mode.name());
+        let outcome = run_mode(mode, &bins, &data, &plan, pg_url.as_deref()).await;
+        if let Outcome::Failed(why) = &outcome {
+            eprintln!("{}: failed: {why}", mode.name());
+        }
+        rows.push(Row { mode, outcome });
+    }
+    let info = RunInfo {
+        cores,
+        events: plan.events,
+        clients: plan.clients,
+        queries: plan.queries,
+        connections: plan.connections,
+    };
+    report::print(&info, &rows);
+    if rows.iter().any(|r| matches!(r.outcome, Outcome::Failed(_))) {
+        anyhow::bail!("some modes failed");
+    }
+    Ok(())
+}
+
+async fn run_mode(
+    mode: Mode,
+    bins: &Binaries,
+    data: &Arc<dataset::Dataset>,
+    plan: &Plan,
+    pg_url: Option<&str>,
+) -> Outcome {
+    let result = match mode {
+        Mode::LocalSqlite => measure(bins, Backend::Sqlite, data, plan).await,
+        Mode::SplitSqlite => measure(bins, Backend::Split, data, plan).await,
+        Mode::LocalPostgres => {
+            let Some(admin) = pg_url else {
+                return Outcome::Skipped(
+                    "no PostgreSQL URL (give --pg-url, ORLY_BENCH_PG_URL or ORLY_TEST_PG_URL)"
+                        .into(),
+                );
+            };
+            measure_postgres(bins, admin, data, plan).await
+        }
+    };
+    match result {
+        Ok(m) => Outcome::Measured(Box::new(m)),
+        Err(e) => Outcome::Failed(format!("{e:#}")),
+    }
+}
+
+/// Runs the PostgreSQL mode in a scratch database that is dropped afterwards.
+async fn measure_postgres(
+    bins: &Binaries,
+    admin: &str,
+    data: &Arc<dataset::Dataset>,
+    plan: &Plan,
+) -> anyhow::Result<Measured> {
+    let db = postgres::ScratchDb::create(admin).await?;
+    let result = measure(bins, Backend::Postgres { url: &db.url }, data, plan).await;
+    if let Err(e) = db.drop_db().await {
+        eprintln!("warning: {e:#}");
+    }
+    result
+}
+
+/// Starts the stack, then ingest, REQ latency and memory, in that order, on one store.
+async fn measure(
+    bins: &Binaries,
+    backend: Backend<'_>,
+    data: &Arc<dataset::Dataset>,
+    plan: &Plan,
+) -> anyhow::Result<Measured> {
+    let stack = Stack::start(bins, backend).await?;
+    let result = measure_stack(&stack, data, plan).await;
+    result.map_err(|e| {
+        let mut log = stack.relay.log_tail();
+        if let Some(db) = &stack.db {
+            log.push_str(&db.log_tail());
+        }
+        if log.trim().is_empty() {
+            e
+        } else {
+            e.context(format!("child log tail:\n{log}"))
+        }
+    })
+}
+
+async fn measure_stack(
+    stack: &Stack,
+    data: &Arc<dataset::Dataset>,
+    plan: &Plan,
+) -> anyhow::Result<Measured> {
+    let cpu_before = cpu_snapshot(stack)?;
+    let ingest = client::ingest(&stack.url, data, plan.clients, plan.window).await?;
+    let ingest_cpu = cpu_snapshot(stack)?.since(&cpu_before);
+    eprintln!(
+        "  ingest: {:.0} events/s ({} accepted, {} refused, {:.1} s)",
+        ingest.rate(),
+        ingest.accepted,
+        ingest.refused,
+        ingest.secs
+    );
+    settle().await;
+    let rss_ingest_mb = stack.relay.rss_mb()?;
+
+    let mut latency = Vec::new();
+    for shape in Shape::ALL {
+        let l = client::req_latency(&stack.url, data, shape, plan.queries, plan.warmup).await?;
+        eprintln!(
+            "  REQ {:<10} p50 {:.2} ms  p99 {:.2} ms",
+            shape.label(),
+            l.p50_ms,
+            l.p99_ms
+        );
+        latency.push((shape, l));
+    }
+
+    let conns = client::hold_connections(&stack.url, plan.connections).await?;
+    settle().await;
+    let rss_conns_mb = stack.relay.rss_mb()?;
+    eprintln!(
+        "  RSS: {rss_ingest_mb:.1} MB after ingest, {rss_conns_mb:.1} MB with {} connections",
+        conns.len()
+    );
+    let db_rss_mb = stack.db.as_ref().map(process::Proc::rss_mb).transpose()?;
+    drop(conns);
+    Ok(Measured {
+        ingest,
+        latency,
+        rss_ingest_mb,
+        rss_conns_mb,
+        ingest_cpu,
+        db_rss_mb,
+    })
+}
+
+/// CPU seconds used so far by each process of the run.
+fn cpu_snapshot(stack: &Stack) -> anyhow::Result<CpuUse> {
+    Ok(CpuUse {
+        relay: stack.relay.cpu_secs()?,
+        db: stack.db.as_ref().map(process::Proc::cpu_secs).transpose()?,
+        bench: process::cpu_secs("self")?,
+    })
+}
+
+impl CpuUse {
+    fn since(&self, before: &CpuUse) -> CpuUse {
+        CpuUse {
+            relay: self.relay - before.relay,
+            db: self.db.zip(before.db).map(|(a, b)| a - b),
+            bench: self.bench - before.bench,
+        }
+    }
+}
+
+/// A moment for the relay to finish background work before its memory is read.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
