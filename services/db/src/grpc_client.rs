@@ -20,8 +20,10 @@ use crate::{EventStore, LeaseState, Result, SaveOutcome, SerialEntry, StoreError
 /// Longest wait for a TCP connection to orly-db (capped further by the call timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// TCP and HTTP/2 keepalive: find dead connections (a killed orly-db, a dropped NAT entry).
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A killed container or pod sends no RST, so calls hang on the old connection until the
+/// keepalive gives up; these values bound that to about 15 s before the channel reconnects.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The orly-db service as an [`EventStore`]. Cheap to clone (one shared HTTP/2 channel).
 #[derive(Clone)]
