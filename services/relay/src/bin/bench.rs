@@ -4,7 +4,7 @@
 //! Run from the workspace root; `orly` and `orly-db` must sit next to `orly-bench`:
 //!
 //! ```text
-//! cargo build --release -p orly -p orly-db --bins && target/release/orly-bench
+//! cargo build --release -p orly -p orly-db -p orly-acl --bins && target/release/orly-bench
 //! ```
 //!
 //! (with `CARGO_TARGET_DIR` set, the binaries are in `$CARGO_TARGET_DIR/release/`). `--quick`
@@ -42,7 +42,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "local-sqlite,split-sqlite,local-postgres"
+        default_value = "local-sqlite,split-sqlite,local-postgres,follows-local,follows-grpc"
     )]
     modes: Vec<Mode>,
     /// Signed events to publish (and the size of the store queried) [default: 100000; quick: 5000].
@@ -82,6 +82,10 @@ pub enum Mode {
     SplitSqlite,
     /// `orly` with its store in-process on PostgreSQL.
     LocalPostgres,
+    /// local/SQLite with ACL mode `follows` (an admin following 10,000 keys), in-process.
+    FollowsLocal,
+    /// The same with the ACL in an orly-acl process, over gRPC.
+    FollowsGrpc,
 }
 
 impl Mode {
@@ -90,6 +94,8 @@ impl Mode {
             Mode::LocalSqlite => "local/SQLite",
             Mode::SplitSqlite => "split/SQLite",
             Mode::LocalPostgres => "local/PostgreSQL",
+            Mode::FollowsLocal => "follows/local",
+            Mode::FollowsGrpc => "follows/gRPC",
         }
     }
 }
@@ -219,6 +225,20 @@ async fn run_mode(
     let result = match mode {
         Mode::LocalSqlite => measure(bins, Backend::Sqlite, data, plan).await,
         Mode::SplitSqlite => measure(bins, Backend::Split, data, plan).await,
+        Mode::FollowsLocal | Mode::FollowsGrpc => {
+            // Every author of the data set is followed, among 10,000 keys in all.
+            let admin = nostr::Keys::generate();
+            let mut follows = data.authors.clone();
+            while follows.len() < FOLLOWS {
+                follows.push(nostr::Keys::generate().public_key().to_hex());
+            }
+            let backend = Backend::Follows {
+                admin: &admin,
+                follows: &follows,
+                grpc: mode == Mode::FollowsGrpc,
+            };
+            measure(bins, backend, data, plan).await
+        }
         Mode::LocalPostgres => {
             let Some(admin) = pg_url else {
                 return Outcome::Skipped(
@@ -234,6 +254,9 @@ async fn run_mode(
         Err(e) => Outcome::Failed(format!("{e:#}")),
     }
 }
+
+/// Size of the admin's follow list in the `follows` modes.
+const FOLLOWS: usize = 10_000;
 
 /// Runs the PostgreSQL mode in a scratch database that is dropped afterwards.
 async fn measure_postgres(

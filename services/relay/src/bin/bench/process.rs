@@ -16,6 +16,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Binaries {
     pub orly: PathBuf,
     pub orly_db: PathBuf,
+    /// Needed only by the `follows-grpc` mode.
+    pub orly_acl: PathBuf,
 }
 
 impl Binaries {
@@ -25,12 +27,13 @@ impl Binaries {
         let bins = Self {
             orly: dir.join("orly"),
             orly_db: dir.join("orly-db"),
+            orly_acl: dir.join("orly-acl"),
         };
-        for path in [&bins.orly, &bins.orly_db] {
+        for path in [&bins.orly, &bins.orly_db, &bins.orly_acl] {
             if !path.is_file() {
                 bail!(
                     "{} not found next to orly-bench; build the relay binaries first:\n  \
-                     cargo build --release -p orly -p orly-db --bins",
+                     cargo build --release -p orly -p orly-db -p orly-acl --bins",
                     path.display()
                 );
             }
@@ -47,6 +50,35 @@ pub enum Backend<'a> {
     Postgres {
         url: &'a str,
     },
+    /// In-process SQLite with ACL mode `follows`: `admin` follows `follows` (a kind 3 stored
+    /// before the relay starts); with `grpc` the ACL runs in an orly-acl process.
+    Follows {
+        admin: &'a nostr::Keys,
+        follows: &'a [String],
+        grpc: bool,
+    },
+}
+
+/// Stores the admin's follow list in the SQLite file the relay will open.
+async fn seed_follow_list(
+    data_dir: &std::path::Path,
+    admin: &nostr::Keys,
+    follows: &[String],
+) -> anyhow::Result<()> {
+    let tags = follows
+        .iter()
+        .map(|p| nostr::Tag::parse(["p", p.as_str()]))
+        .collect::<Result<Vec<_>, _>>()?;
+    let list = nostr::EventBuilder::new(nostr::Kind::ContactList, "")
+        .tags(tags)
+        .sign_with_keys(admin)?;
+    let store = orly_db::sqlite::SqliteStore::open(&data_dir.join("orly.db")).await?;
+    let outcome = orly_db::EventStore::save_event(&store, &list).await?;
+    anyhow::ensure!(
+        matches!(outcome, orly_db::SaveOutcome::Stored { .. }),
+        "follow list not stored: {outcome:?}"
+    );
+    Ok(())
 }
 
 /// One child process, killed (SIGKILL) and reaped on drop.
@@ -159,8 +191,10 @@ impl Drop for Proc {
 
 /// A running relay and whatever backs it; everything stops, and the data dir goes, on drop.
 pub struct Stack {
-    // Field order is drop order: relay, then orly-db, then the directory.
+    // Field order is drop order: relay, then orly-acl, then orly-db, then the directory.
     pub relay: Proc,
+    /// Held so the orly-acl process lives as long as the relay.
+    _acl: Option<Proc>,
     pub db: Option<Proc>,
     pub url: String,
     _dir: tempfile::TempDir,
@@ -177,7 +211,34 @@ impl Stack {
             ("ORLY_DATA_DIR", data_dir.clone()),
         ];
         let mut db = None;
+        let mut acl = None;
         match backend {
+            Backend::Follows {
+                admin,
+                follows,
+                grpc,
+            } => {
+                seed_follow_list(dir.path(), admin, follows).await?;
+                env.push(("ORLY_DB_TYPE", "sqlite".into()));
+                env.push(("ORLY_ACL_MODE", "follows".into()));
+                env.push(("ORLY_ADMINS", admin.public_key().to_hex()));
+                if grpc {
+                    let acl_port = free_port()?;
+                    let acl_env = [
+                        ("ORLY_ACL_LISTEN", format!("127.0.0.1:{acl_port}")),
+                        ("ORLY_ACL_MODE", "follows".into()),
+                        ("ORLY_ADMINS", admin.public_key().to_hex()),
+                        // The same SQLite file as the relay (WAL allows both processes).
+                        ("ORLY_ACL_DB_TYPE", "sqlite".into()),
+                        ("ORLY_DATA_DIR", data_dir.clone()),
+                    ];
+                    let mut p = Proc::spawn("orly-acl", &bins.orly_acl, dir.path(), &acl_env)?;
+                    p.wait_listening(acl_port).await?;
+                    acl = Some(p);
+                    env.push(("ORLY_ACL_TYPE", "grpc".into()));
+                    env.push(("ORLY_GRPC_ACL_SERVER", format!("127.0.0.1:{acl_port}")));
+                }
+            }
             Backend::Sqlite => env.push(("ORLY_DB_TYPE", "sqlite".into())),
             Backend::Postgres { url } => {
                 env.push(("ORLY_DB_TYPE", "postgres".into()));
@@ -201,6 +262,7 @@ impl Stack {
         relay.wait_listening(port).await?;
         Ok(Self {
             relay,
+            _acl: acl,
             db,
             url: format!("ws://127.0.0.1:{port}"),
             _dir: dir,

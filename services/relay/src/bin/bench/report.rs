@@ -8,8 +8,23 @@ fn ingest_goal(mode: Mode) -> Option<f64> {
     match mode {
         Mode::LocalSqlite => Some(10_000.0),
         Mode::SplitSqlite => Some(5_000.0),
-        Mode::LocalPostgres => None,
+        Mode::LocalPostgres | Mode::FollowsLocal | Mode::FollowsGrpc => None,
     }
+}
+
+/// Issue 4: ingest with the ACL over gRPC within 20 % of in-process.
+const ACL_GRPC_GOAL: f64 = 0.8;
+
+/// The follows/gRPC ingest rate as a share of follows/local, when both were measured.
+fn acl_grpc_ratio(rows: &[Row]) -> Option<f64> {
+    let rate = |mode: Mode| {
+        rows.iter()
+            .find_map(|r| match (&r.outcome, r.mode == mode) {
+                (Outcome::Measured(m), true) => Some(m.ingest.rate()),
+                _ => None,
+            })
+    };
+    Some(rate(Mode::FollowsGrpc)? / rate(Mode::FollowsLocal)?)
 }
 const P99_GOAL_MS: f64 = 5.0;
 const RSS_GOAL_MB: f64 = 100.0;
@@ -61,14 +76,22 @@ pub fn print(info: &RunInfo, rows: &[Row]) {
     );
     println!(
         "goals: ingest >= 10000 ev/s local/SQLite, >= 5000 split/SQLite; REQ p99 <= {P99_GOAL_MS} ms; \
-         RSS <= {RSS_GOAL_MB} MB at 1000 connections"
+         RSS <= {RSS_GOAL_MB} MB at 1000 connections; follows over gRPC within 20% of in-process"
     );
     println!("latency cells are p50/p99 in ms, send to EOSE; RSS is the orly process alone");
     println!();
     let mut table = vec![header(info), goal_row()];
     table.extend(rows.iter().map(row_cells));
     print!("{}", render(&table));
-    let notes: Vec<String> = rows.iter().flat_map(notes).collect();
+    let mut notes: Vec<String> = rows.iter().flat_map(notes).collect();
+    if let Some(ratio) = acl_grpc_ratio(rows) {
+        notes.push(format!(
+            "ACL follows (10000 follows): ingest over gRPC is {:.0}% of in-process (goal: >= {:.0}%){}",
+            ratio * 100.0,
+            ACL_GRPC_GOAL * 100.0,
+            if ratio >= ACL_GRPC_GOAL { "" } else { "  MISSED" }
+        ));
+    }
     if !notes.is_empty() {
         println!();
         for n in notes {
