@@ -28,6 +28,8 @@ pub struct SyncManager {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     last_sync: AtomicI64,
     in_flight: Mutex<HashSet<String>>,
+    /// Peers whose lease this replica holds for a sync running now (see [`Self::syncing`]).
+    leased: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for SyncManager {
@@ -61,6 +63,7 @@ impl SyncManager {
             task: Mutex::new(None),
             last_sync: AtomicI64::new(0),
             in_flight: Mutex::new(HashSet::new()),
+            leased: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -81,6 +84,15 @@ impl SyncManager {
     /// Unix seconds of the last successful sync with any peer by this replica (0: none).
     pub fn last_sync(&self) -> i64 {
         self.last_sync.load(Ordering::Relaxed)
+    }
+
+    /// The peers this replica is syncing right now under their lease (sorted): a peer is in it
+    /// from the moment the lease is taken until just before it is released, so while leases hold
+    /// (they are renewed every third of their ttl) no peer is in the sets of two replicas at once.
+    pub fn syncing(&self) -> Vec<String> {
+        let mut peers: Vec<String> = self.leased.lock().iter().cloned().collect();
+        peers.sort();
+        peers
     }
 
     /// Starts the periodic loop (a pass at once, then every interval). False if running.
@@ -190,6 +202,11 @@ impl SyncManager {
                 state.holder
             )));
         }
+        self.leased.lock().insert(url.clone());
+        let leased = InFlight {
+            set: &self.leased,
+            url: url.clone(),
+        };
         let renew = {
             let store = self.store.clone();
             let (lease, holder) = (lease.clone(), holder.clone());
@@ -262,6 +279,7 @@ impl SyncManager {
             }
         }
         self.save_state(&peer_state).await;
+        drop(leased);
         if let Err(e) = self.store.release_lease(&lease, &holder).await {
             tracing::warn!(%lease, error = %e, "cannot release the peer lease");
         }
