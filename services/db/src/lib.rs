@@ -107,7 +107,8 @@ pub trait EventStore: Send + Sync + 'static {
     async fn latest_serial(&self) -> Result<u64>;
 
     /// Stored events with `from <= serial <= to`, ascending, at most `limit`.
-    async fn ids_by_serial_range(&self, from: u64, to: u64, limit: u32) -> Result<Vec<SerialEntry>>;
+    async fn ids_by_serial_range(&self, from: u64, to: u64, limit: u32)
+        -> Result<Vec<SerialEntry>>;
 
     /// The stored events among `serials`, with their serials.
     async fn fetch_by_serials(&self, serials: &[u64]) -> Result<Vec<(u64, Event)>>;

@@ -112,8 +112,12 @@ async fn save_one(conn: &mut PgConnection, ev: &Event, now: i64) -> Result<SaveO
     .bind(created)
     .fetch_one(&mut *conn)
     .await?;
-    let (dup, del_id, del_addr, newer): (bool, bool, bool, bool) =
-        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+    let (dup, del_id, del_addr, newer): (bool, bool, bool, bool) = (
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+    );
     if dup {
         return Ok(SaveOutcome::Duplicate);
     }
@@ -224,7 +228,9 @@ async fn save_one(conn: &mut PgConnection, ev: &Event, now: i64) -> Result<SaveO
             .await?;
         }
     }
-    Ok(SaveOutcome::Stored { serial: rules::u64_of(serial, "serial")? })
+    Ok(SaveOutcome::Stored {
+        serial: rules::u64_of(serial, "serial")?,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -276,7 +282,11 @@ fn where_clause(f: &NormFilter, now: i64, args: &mut Args) -> String {
         w.push(format!("e.pubkey = ANY({p})"));
     }
     if !f.kinds.is_empty() {
-        let kinds = f.kinds.iter().map(|k| i32::try_from(*k).unwrap_or(-1)).collect();
+        let kinds = f
+            .kinds
+            .iter()
+            .map(|k| i32::try_from(*k).unwrap_or(-1))
+            .collect();
         let p = args.push(Arg::Ints(kinds));
         w.push(format!("e.kind = ANY({p})"));
     }
@@ -324,9 +334,16 @@ impl PostgresStore {
         let mut args = Args(Vec::new());
         let sql = format!(
             "EXPLAIN {}",
-            select_sql(&f, "e.created_at, e.id, e.json", rules::now_secs(), &mut args)
+            select_sql(
+                &f,
+                "e.created_at, e.id, e.json",
+                rules::now_secs(),
+                &mut args
+            )
         );
-        let rows = bind_all(sqlx::query(&sql), args).fetch_all(&self.pool).await?;
+        let rows = bind_all(sqlx::query(&sql), args)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
             .collect()
@@ -334,7 +351,11 @@ impl PostgresStore {
 }
 
 fn raw_row(r: &PgRow) -> Result<RawRow> {
-    Ok(RawRow { created_at: r.try_get(0)?, id: r.try_get(1)?, json: r.try_get(2)? })
+    Ok(RawRow {
+        created_at: r.try_get(0)?,
+        id: r.try_get(1)?,
+        json: r.try_get(2)?,
+    })
 }
 
 fn serial_entry(r: &PgRow) -> Result<SerialEntry> {
@@ -373,7 +394,10 @@ impl EventStore for PostgresStore {
             };
             let mut args = Args(Vec::new());
             let sql = select_sql(&f, "e.created_at, e.id, e.json", now, &mut args);
-            for r in bind_all(sqlx::query(&sql), args).fetch_all(&self.pool).await? {
+            for r in bind_all(sqlx::query(&sql), args)
+                .fetch_all(&self.pool)
+                .await?
+            {
                 rows.push(raw_row(&r)?);
             }
         }
@@ -425,7 +449,10 @@ impl EventStore for PostgresStore {
             };
             let mut args = Args(Vec::new());
             let sql = select_sql(&f, "e.created_at, e.id", now, &mut args);
-            for r in bind_all(sqlx::query(&sql), args).fetch_all(&self.pool).await? {
+            for r in bind_all(sqlx::query(&sql), args)
+                .fetch_all(&self.pool)
+                .await?
+            {
                 let created: i64 = r.try_get(0)?;
                 let id: Vec<u8> = r.try_get(1)?;
                 set.insert((created, id));
@@ -433,7 +460,10 @@ impl EventStore for PostgresStore {
         }
         set.into_iter()
             .map(|(c, id)| {
-                Ok((Timestamp::from(rules::u64_of(c, "created_at")?), rules::event_id(&id)?))
+                Ok((
+                    Timestamp::from(rules::u64_of(c, "created_at")?),
+                    rules::event_id(&id)?,
+                ))
             })
             .collect()
     }
@@ -461,7 +491,12 @@ impl EventStore for PostgresStore {
         rules::u64_of(s.unwrap_or(0), "serial")
     }
 
-    async fn ids_by_serial_range(&self, from: u64, to: u64, limit: u32) -> Result<Vec<SerialEntry>> {
+    async fn ids_by_serial_range(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<SerialEntry>> {
         if from > to || limit == 0 {
             return Ok(vec![]);
         }
@@ -494,7 +529,10 @@ impl EventStore for PostgresStore {
         .await?;
         rows.iter()
             .map(|r| {
-                Ok((rules::u64_of(r.try_get(0)?, "serial")?, rules::parse_event(r.try_get(1)?)?))
+                Ok((
+                    rules::u64_of(r.try_get(0)?, "serial")?,
+                    rules::parse_event(r.try_get(1)?)?,
+                ))
             })
             .collect()
     }
@@ -515,10 +553,12 @@ impl EventStore for PostgresStore {
         if let Some(s) = get().await? {
             return rules::identity_secret(&s);
         }
-        sqlx::query("INSERT INTO relay_identity (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
-            .bind(rules::new_identity_secret().to_vec())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO relay_identity (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(rules::new_identity_secret().to_vec())
+        .execute(&self.pool)
+        .await?;
         match get().await? {
             Some(s) => rules::identity_secret(&s),
             None => Err(StoreError::Corrupt("relay identity secret vanished".into())),
@@ -538,14 +578,19 @@ impl EventStore for PostgresStore {
     }
 
     async fn get_marker(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(sqlx::query_scalar("SELECT value FROM markers WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT value FROM markers WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     async fn delete_marker(&self, key: &str) -> Result<()> {
-        sqlx::query("DELETE FROM markers WHERE key = $1").bind(key).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM markers WHERE key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -591,9 +636,17 @@ impl EventStore for PostgresStore {
         match r {
             Some(r) => {
                 let h: String = r.try_get(0)?;
-                Ok(LeaseState { acquired: h == holder, holder: h, expires_at_ms: r.try_get(1)? })
+                Ok(LeaseState {
+                    acquired: h == holder,
+                    holder: h,
+                    expires_at_ms: r.try_get(1)?,
+                })
             }
-            None => Ok(LeaseState { acquired: false, holder: String::new(), expires_at_ms: 0 }),
+            None => Ok(LeaseState {
+                acquired: false,
+                holder: String::new(),
+                expires_at_ms: 0,
+            }),
         }
     }
 

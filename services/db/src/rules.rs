@@ -249,7 +249,11 @@ pub fn normalize(filter: &Filter, mode: LimitMode) -> Option<NormFilter> {
     }
     let mut tags = Vec::new();
     for (name, values) in filter.generic_tags.iter() {
-        let vals: Vec<String> = values.iter().filter(|v| indexable_value(v)).cloned().collect();
+        let vals: Vec<String> = values
+            .iter()
+            .filter(|v| indexable_value(v))
+            .cloned()
+            .collect();
         if vals.is_empty() {
             return None;
         }
@@ -292,7 +296,11 @@ pub struct RawRow {
 
 /// Deduplicates by id and orders by created_at descending then id ascending, then parses.
 pub fn finish_rows(mut rows: Vec<RawRow>) -> Result<Vec<Event>> {
-    rows.sort_unstable_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.id.cmp(&b.id)));
+    rows.sort_unstable_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| a.id.cmp(&b.id))
+    });
     rows.dedup_by(|a, b| a.id == b.id);
     rows.iter().map(|r| parse_event(&r.json)).collect()
 }
@@ -404,12 +412,14 @@ async fn run_writer<S: BatchSaver>(mut saver: S, mut rx: mpsc::Receiver<SaveRequ
                 // One bad event must not fail the others: retry each alone.
                 tracing::warn!(error = %err, size = batch.len(), "batch save failed; retrying one by one");
                 for (req, ev) in batch.drain(..).zip(events) {
-                    let res = saver
-                        .save_batch(std::slice::from_ref(&ev))
-                        .await
-                        .and_then(|mut v| {
-                            v.pop().ok_or_else(|| StoreError::Corrupt("no outcome".into()))
-                        });
+                    let res =
+                        saver
+                            .save_batch(std::slice::from_ref(&ev))
+                            .await
+                            .and_then(|mut v| {
+                                v.pop()
+                                    .ok_or_else(|| StoreError::Corrupt("no outcome".into()))
+                            });
                     let _ = req.reply.send(res);
                 }
             }
@@ -420,9 +430,12 @@ async fn run_writer<S: BatchSaver>(mut saver: S, mut rx: mpsc::Receiver<SaveRequ
 /// Sends one event to the writer and waits for its outcome.
 pub async fn save_via(tx: &mpsc::Sender<SaveRequest>, event: &Event) -> Result<SaveOutcome> {
     let (reply, rx) = oneshot::channel();
-    tx.send(SaveRequest { event: event.clone(), reply })
-        .await
-        .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+    tx.send(SaveRequest {
+        event: event.clone(),
+        reply,
+    })
+    .await
+    .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
     rx.await
         .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
 }

@@ -35,6 +35,10 @@ const READ_CONNECTIONS: u32 = 4;
 const MAX_INLINE_LIST: usize = 256;
 /// How often the WAL is checkpointed in the background.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// WAL size above which the background checkpoint truncates it. Under non-stop writes a
+/// PASSIVE checkpoint never catches up with the writer, so without this the WAL grows
+/// without bound (it reached 10 GB at 600,000 events).
+pub const DEFAULT_WAL_LIMIT_BYTES: u64 = 64 << 20;
 /// Serials / ids fetched per statement.
 const FETCH_CHUNK: usize = 256;
 
@@ -46,6 +50,11 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database file at `path`.
     pub async fn open(path: &Path) -> Result<SqliteStore> {
+        Self::open_with_wal_limit(path, DEFAULT_WAL_LIMIT_BYTES).await
+    }
+
+    /// [`open`](Self::open) with the WAL size that triggers a truncating checkpoint.
+    pub async fn open_with_wal_limit(path: &Path, wal_limit_bytes: u64) -> Result<SqliteStore> {
         let opts = SqliteConnectOptions::from_str("sqlite:")
             .map_err(StoreError::Database)?
             .filename(path)
@@ -69,14 +78,21 @@ impl SqliteStore {
             .min_connections(1)
             .connect_with(opts.pragma("journal_size_limit", "67108864"))
             .await?;
-        let writer = rules::spawn_writer(SqliteSaver { conn });
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let writer = rules::spawn_writer(SqliteSaver {
+            conn,
+            wal: wal.into(),
+            wal_limit: wal_limit_bytes,
+        });
         tokio::spawn(checkpoint_loop(pool.clone(), writer.downgrade()));
         Ok(SqliteStore { pool, writer })
     }
 }
 
 /// Checkpoints the WAL every [`CHECKPOINT_EVERY`] while the store is open. PASSIVE never
-/// blocks the writer or readers; the WAL is reused once a checkpoint caught up.
+/// blocks the writer or readers; the WAL is reused once a checkpoint caught up. (When it never
+/// catches up, the writer itself truncates the WAL: see [`SqliteSaver::bound_wal`].)
 async fn checkpoint_loop(pool: SqlitePool, writer: mpsc::WeakSender<SaveRequest>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -85,12 +101,17 @@ async fn checkpoint_loop(pool: SqlitePool, writer: mpsc::WeakSender<SaveRequest>
         if writer.upgrade().is_none() {
             break;
         }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
             tracing::warn!(error = %e, "WAL checkpoint failed");
         }
     }
     // Final checkpoint so the file is compact for the next open.
-    let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&pool).await;
+    let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&pool)
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -99,13 +120,38 @@ async fn checkpoint_loop(pool: SqlitePool, writer: mpsc::WeakSender<SaveRequest>
 
 struct SqliteSaver {
     conn: SqliteConnection,
+    wal: std::path::PathBuf,
+    wal_limit: u64,
+}
+
+impl SqliteSaver {
+    /// Truncates the WAL once it outgrows its limit. Done by the writer between batches, as
+    /// the only writer it cannot be starved of the lock, and the previous batch has been
+    /// answered already; readers are short, the busy timeout covers them.
+    async fn bound_wal(&mut self) {
+        let size = std::fs::metadata(&self.wal).map(|m| m.len()).unwrap_or(0);
+        if size <= self.wal_limit {
+            return;
+        }
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&mut self.conn)
+            .await
+        {
+            Ok((0, _, _)) => tracing::debug!(wal_bytes = size, "WAL truncated"),
+            Ok(_) => tracing::debug!(wal_bytes = size, "WAL truncation deferred: readers busy"),
+            Err(e) => tracing::warn!(error = %e, "truncating WAL checkpoint failed"),
+        }
+    }
 }
 
 #[async_trait]
 impl BatchSaver for SqliteSaver {
     async fn save_batch(&mut self, events: &[Event]) -> Result<Vec<SaveOutcome>> {
+        self.bound_wal().await;
         let now = rules::now_secs();
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut self.conn).await?;
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.conn)
+            .await?;
         match save_all(&mut self.conn, events, now).await {
             Ok(outcomes) => {
                 if let Err(e) = sqlx::query("COMMIT").execute(&mut self.conn).await {
@@ -125,7 +171,11 @@ impl BatchSaver for SqliteSaver {
 /// Plain events (regular kinds other than deletions) only interact through their ids, so
 /// runs of them are checked in one statement and inserted in one more; other events go one
 /// by one through [`save_one`]. Order is kept: a run is flushed before the next other event.
-async fn save_all(conn: &mut SqliteConnection, events: &[Event], now: i64) -> Result<Vec<SaveOutcome>> {
+async fn save_all(
+    conn: &mut SqliteConnection,
+    events: &[Event],
+    now: i64,
+) -> Result<Vec<SaveOutcome>> {
     let mut outcomes: Vec<Option<SaveOutcome>> = vec![None; events.len()];
     let mut run: Vec<usize> = Vec::new();
     for (i, ev) in events.iter().enumerate() {
@@ -228,7 +278,9 @@ async fn save_run(
             let k: i64 = r.try_get(0)?;
             let serial: i64 = r.try_get(1)?;
             if let Some(&i) = usize::try_from(k).ok().and_then(|k| insert.get(k)) {
-                outcomes[i] = Some(SaveOutcome::Stored { serial: rules::u64_of(serial, "serial")? });
+                outcomes[i] = Some(SaveOutcome::Stored {
+                    serial: rules::u64_of(serial, "serial")?,
+                });
             }
         }
         if insert.iter().any(|&i| outcomes[i].is_none()) {
@@ -280,8 +332,12 @@ async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<S
         .fetch_one(&mut *conn)
         .await?
     };
-    let (dup, del_id, del_addr, newer): (bool, bool, bool, bool) =
-        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+    let (dup, del_id, del_addr, newer): (bool, bool, bool, bool) = (
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+    );
     if dup {
         return Ok(SaveOutcome::Duplicate);
     }
@@ -394,7 +450,9 @@ async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<S
             .await?;
         }
     }
-    Ok(SaveOutcome::Stored { serial: rules::u64_of(serial, "serial")? })
+    Ok(SaveOutcome::Stored {
+        serial: rules::u64_of(serial, "serial")?,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -456,7 +514,9 @@ fn where_clause(f: &NormFilter, now: i64, args: &mut Vec<Arg>) -> String {
     if !f.kinds.is_empty() {
         if f.kinds.len() > MAX_INLINE_LIST {
             w.push("e.kind IN (SELECT value FROM json_each(?))".into());
-            args.push(Arg::Text(serde_json::Value::from(f.kinds.clone()).to_string()));
+            args.push(Arg::Text(
+                serde_json::Value::from(f.kinds.clone()).to_string(),
+            ));
         } else {
             w.push(format!("e.kind IN ({})", placeholders(f.kinds.len())));
             args.extend(f.kinds.iter().map(|k| Arg::Int(*k)));
@@ -478,7 +538,9 @@ fn where_clause(f: &NormFilter, now: i64, args: &mut Vec<Arg>) -> String {
                  AND t.value IN (SELECT value FROM json_each(?)))"
                     .into(),
             );
-            args.push(Arg::Text(serde_json::Value::from(values.clone()).to_string()));
+            args.push(Arg::Text(
+                serde_json::Value::from(values.clone()).to_string(),
+            ));
         } else {
             w.push(format!(
                 "e.serial IN (SELECT t.serial FROM tags t WHERE t.name = ? AND t.value IN ({}))",
@@ -517,9 +579,16 @@ impl SqliteStore {
         let mut args = Vec::new();
         let sql = format!(
             "EXPLAIN QUERY PLAN {}",
-            select_sql(&f, "e.created_at, e.id, e.json", rules::now_secs(), &mut args)
+            select_sql(
+                &f,
+                "e.created_at, e.id, e.json",
+                rules::now_secs(),
+                &mut args
+            )
         );
-        let rows = bind_all(sqlx::query(&sql), args).fetch_all(&self.pool).await?;
+        let rows = bind_all(sqlx::query(&sql), args)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| r.try_get::<String, _>(3).map_err(StoreError::from))
             .collect()
@@ -527,7 +596,11 @@ impl SqliteStore {
 }
 
 fn raw_row(r: &SqliteRow) -> Result<RawRow> {
-    Ok(RawRow { created_at: r.try_get(0)?, id: r.try_get(1)?, json: r.try_get(2)? })
+    Ok(RawRow {
+        created_at: r.try_get(0)?,
+        id: r.try_get(1)?,
+        json: r.try_get(2)?,
+    })
 }
 
 fn serial_entry(r: &SqliteRow) -> Result<SerialEntry> {
@@ -566,7 +639,10 @@ impl EventStore for SqliteStore {
             };
             let mut args = Vec::new();
             let sql = select_sql(&f, "e.created_at, e.id, e.json", now, &mut args);
-            for r in bind_all(sqlx::query(&sql), args).fetch_all(&self.pool).await? {
+            for r in bind_all(sqlx::query(&sql), args)
+                .fetch_all(&self.pool)
+                .await?
+            {
                 rows.push(raw_row(&r)?);
             }
         }
@@ -621,7 +697,10 @@ impl EventStore for SqliteStore {
             };
             let mut args = Vec::new();
             let sql = select_sql(&f, "e.created_at, e.id", now, &mut args);
-            for r in bind_all(sqlx::query(&sql), args).fetch_all(&self.pool).await? {
+            for r in bind_all(sqlx::query(&sql), args)
+                .fetch_all(&self.pool)
+                .await?
+            {
                 let created: i64 = r.try_get(0)?;
                 let id: Vec<u8> = r.try_get(1)?;
                 set.insert((created, id));
@@ -629,7 +708,10 @@ impl EventStore for SqliteStore {
         }
         set.into_iter()
             .map(|(c, id)| {
-                Ok((Timestamp::from(rules::u64_of(c, "created_at")?), rules::event_id(&id)?))
+                Ok((
+                    Timestamp::from(rules::u64_of(c, "created_at")?),
+                    rules::event_id(&id)?,
+                ))
             })
             .collect()
     }
@@ -658,7 +740,12 @@ impl EventStore for SqliteStore {
         rules::u64_of(seq.unwrap_or(0), "serial")
     }
 
-    async fn ids_by_serial_range(&self, from: u64, to: u64, limit: u32) -> Result<Vec<SerialEntry>> {
+    async fn ids_by_serial_range(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<SerialEntry>> {
         if from > to || limit == 0 {
             return Ok(vec![]);
         }
@@ -715,10 +802,12 @@ impl EventStore for SqliteStore {
         if let Some(s) = get().await? {
             return rules::identity_secret(&s);
         }
-        sqlx::query("INSERT INTO relay_identity (id, secret) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING")
-            .bind(rules::new_identity_secret().to_vec())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO relay_identity (id, secret) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(rules::new_identity_secret().to_vec())
+        .execute(&self.pool)
+        .await?;
         match get().await? {
             Some(s) => rules::identity_secret(&s),
             None => Err(StoreError::Corrupt("relay identity secret vanished".into())),
@@ -738,14 +827,19 @@ impl EventStore for SqliteStore {
     }
 
     async fn get_marker(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(sqlx::query_scalar("SELECT value FROM markers WHERE key = ?1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT value FROM markers WHERE key = ?1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     async fn delete_marker(&self, key: &str) -> Result<()> {
-        sqlx::query("DELETE FROM markers WHERE key = ?1").bind(key).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM markers WHERE key = ?1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -791,9 +885,17 @@ impl EventStore for SqliteStore {
         match r {
             Some(r) => {
                 let h: String = r.try_get(0)?;
-                Ok(LeaseState { acquired: h == holder, holder: h, expires_at_ms: r.try_get(1)? })
+                Ok(LeaseState {
+                    acquired: h == holder,
+                    holder: h,
+                    expires_at_ms: r.try_get(1)?,
+                })
             }
-            None => Ok(LeaseState { acquired: false, holder: String::new(), expires_at_ms: 0 }),
+            None => Ok(LeaseState {
+                acquired: false,
+                holder: String::new(),
+                expires_at_ms: 0,
+            }),
         }
     }
 

@@ -20,8 +20,15 @@ const T0: u64 = 1_700_000_000;
 // ---------------------------------------------------------------------------------------
 
 enum Backend {
-    Sqlite { _dir: tempfile::TempDir, path: PathBuf },
-    Postgres { admin_url: String, db: String, url: String },
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    },
+    Postgres {
+        admin_url: String,
+        db: String,
+        url: String,
+    },
 }
 
 struct Fx {
@@ -34,7 +41,10 @@ impl Fx {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("orly.db");
         let store = SqliteStore::open(&path).await.expect("open sqlite");
-        Fx { store: Arc::new(store), backend: Backend::Sqlite { _dir: dir, path } }
+        Fx {
+            store: Arc::new(store),
+            backend: Backend::Sqlite { _dir: dir, path },
+        }
     }
 
     async fn postgres() -> Option<Fx> {
@@ -43,21 +53,30 @@ impl Fx {
             return None;
         };
         let db = format!("orly_test_{:016x}", rand::random::<u64>());
-        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect admin");
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("connect admin");
         sqlx::query(&format!("CREATE DATABASE {db}"))
             .execute(&mut admin)
             .await
             .expect("create database");
         admin.close().await.ok();
         let url = with_database(&admin_url, &db);
-        let store = PostgresStore::connect(&url, 8).await.expect("connect postgres");
-        Some(Fx { store: Arc::new(store), backend: Backend::Postgres { admin_url, db, url } })
+        let store = PostgresStore::connect(&url, 8)
+            .await
+            .expect("connect postgres");
+        Some(Fx {
+            store: Arc::new(store),
+            backend: Backend::Postgres { admin_url, db, url },
+        })
     }
 
     /// A second, independent handle on the same database (as after a restart).
     async fn reopen(&self) -> Arc<dyn EventStore> {
         match &self.backend {
-            Backend::Sqlite { path, .. } => Arc::new(SqliteStore::open(path).await.expect("reopen")),
+            Backend::Sqlite { path, .. } => {
+                Arc::new(SqliteStore::open(path).await.expect("reopen"))
+            }
             Backend::Postgres { url, .. } => {
                 Arc::new(PostgresStore::connect(url, 4).await.expect("reconnect"))
             }
@@ -176,7 +195,13 @@ async fn rejected(store: &dyn EventStore, e: &Event, prefix: &str) {
 }
 
 async fn ids(store: &dyn EventStore, filters: Vec<Filter>) -> Vec<EventId> {
-    store.query(&filters).await.expect("query").into_iter().map(|e| e.id).collect()
+    store
+        .query(&filters)
+        .await
+        .expect("query")
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
 }
 
 /// Expected order: created_at descending, then id ascending.
@@ -223,14 +248,28 @@ async fn filter_fields(fx: &Fx) {
         ids(s, vec![Filter::new().ids([e1.id, e4.id])]).await,
         ordered(&[&e1, &e4])
     );
-    assert_eq!(ids(s, vec![Filter::new().author(a.public_key())]).await, ordered(&[&e1, &e2]));
     assert_eq!(
-        ids(s, vec![Filter::new().authors([a.public_key(), b.public_key()])]).await,
+        ids(s, vec![Filter::new().author(a.public_key())]).await,
+        ordered(&[&e1, &e2])
+    );
+    assert_eq!(
+        ids(
+            s,
+            vec![Filter::new().authors([a.public_key(), b.public_key()])]
+        )
+        .await,
         ordered(&[&e1, &e2, &e3, &e4])
     );
-    assert_eq!(ids(s, vec![Filter::new().kind(Kind::from(1))]).await, ordered(&[&e1, &e3]));
     assert_eq!(
-        ids(s, vec![Filter::new().kinds([Kind::from(7), Kind::from(42)])]).await,
+        ids(s, vec![Filter::new().kind(Kind::from(1))]).await,
+        ordered(&[&e1, &e3])
+    );
+    assert_eq!(
+        ids(
+            s,
+            vec![Filter::new().kinds([Kind::from(7), Kind::from(42)])]
+        )
+        .await,
         ordered(&[&e2, &e4])
     );
     // since / until are inclusive
@@ -254,7 +293,9 @@ async fn filter_fields(fx: &Fx) {
     );
     assert!(ids(
         s,
-        vec![Filter::new().since(Timestamp::from(T0 + 31)).until(Timestamp::from(T0 + 30))]
+        vec![Filter::new()
+            .since(Timestamp::from(T0 + 31))
+            .until(Timestamp::from(T0 + 30))]
     )
     .await
     .is_empty());
@@ -272,19 +313,46 @@ async fn filter_fields(fx: &Fx) {
         .await,
         vec![e3.id]
     );
-    assert!(ids(s, vec![Filter::new().author(a.public_key()).kind(Kind::from(42))])
-        .await
-        .is_empty());
+    assert!(ids(
+        s,
+        vec![Filter::new().author(a.public_key()).kind(Kind::from(42))]
+    )
+    .await
+    .is_empty());
 }
 
 async fn tag_queries(fx: &Fx) {
     let s = fx.store.as_ref();
     let k = Keys::generate();
     let (p1, p2) = (Keys::generate().public_key(), Keys::generate().public_key());
-    let e1 = ev(&k, 1, "1", T0 + 1, vec![Tag::public_key(p1), Tag::hashtag("nostr")]);
-    let e2 = ev(&k, 1, "2", T0 + 2, vec![Tag::public_key(p2), Tag::hashtag("rust")]);
-    let e3 = ev(&k, 1, "3", T0 + 3, vec![Tag::public_key(p1), Tag::public_key(p2)]);
-    let e4 = ev(&k, 1, "4", T0 + 4, vec![tag(&["L", "label"]), tag(&["t", "nostr", "x"])]);
+    let e1 = ev(
+        &k,
+        1,
+        "1",
+        T0 + 1,
+        vec![Tag::public_key(p1), Tag::hashtag("nostr")],
+    );
+    let e2 = ev(
+        &k,
+        1,
+        "2",
+        T0 + 2,
+        vec![Tag::public_key(p2), Tag::hashtag("rust")],
+    );
+    let e3 = ev(
+        &k,
+        1,
+        "3",
+        T0 + 3,
+        vec![Tag::public_key(p1), Tag::public_key(p2)],
+    );
+    let e4 = ev(
+        &k,
+        1,
+        "4",
+        T0 + 4,
+        vec![tag(&["L", "label"]), tag(&["t", "nostr", "x"])],
+    );
     for e in [&e1, &e2, &e3, &e4] {
         stored(s, e).await;
     }
@@ -297,18 +365,36 @@ async fn tag_queries(fx: &Fx) {
     );
     // any value matches
     assert_eq!(
-        ids(s, vec![Filter::new().custom_tags(p, [p1.to_hex(), p2.to_hex()])]).await,
+        ids(
+            s,
+            vec![Filter::new().custom_tags(p, [p1.to_hex(), p2.to_hex()])]
+        )
+        .await,
         ordered(&[&e1, &e2, &e3])
     );
     // tag keys are AND'd
     assert_eq!(
-        ids(s, vec![Filter::new().custom_tag(p, p1.to_hex()).custom_tag(t, "nostr")]).await,
+        ids(
+            s,
+            vec![Filter::new()
+                .custom_tag(p, p1.to_hex())
+                .custom_tag(t, "nostr")]
+        )
+        .await,
         vec![e1.id]
     );
-    assert_eq!(ids(s, vec![Filter::new().hashtag("nostr")]).await, ordered(&[&e1, &e4]));
-    assert_eq!(ids(s, vec![Filter::new().custom_tag(upper_l, "label")]).await, vec![e4.id]);
+    assert_eq!(
+        ids(s, vec![Filter::new().hashtag("nostr")]).await,
+        ordered(&[&e1, &e4])
+    );
+    assert_eq!(
+        ids(s, vec![Filter::new().custom_tag(upper_l, "label")]).await,
+        vec![e4.id]
+    );
     // only the first value is indexed
-    assert!(ids(s, vec![Filter::new().custom_tag(t, "x")]).await.is_empty());
+    assert!(ids(s, vec![Filter::new().custom_tag(t, "x")])
+        .await
+        .is_empty());
     // with other fields
     assert_eq!(
         ids(
@@ -321,9 +407,12 @@ async fn tag_queries(fx: &Fx) {
         .await,
         vec![e3.id]
     );
-    assert!(ids(s, vec![Filter::new().custom_tag(p, p2.to_hex()).kind(Kind::from(7))])
-        .await
-        .is_empty());
+    assert!(ids(
+        s,
+        vec![Filter::new().custom_tag(p, p2.to_hex()).kind(Kind::from(7))]
+    )
+    .await
+    .is_empty());
     // a tag filter with no values matches nothing
     let mut f = Filter::new();
     f.generic_tags.insert(p, Default::default());
@@ -344,17 +433,38 @@ async fn limit_and_ordering(fx: &Fx) {
     let refs: Vec<&Event> = all.iter().collect();
     let expected = ordered(&refs);
     assert_eq!(ids(s, vec![Filter::new()]).await, expected);
-    assert_eq!(ids(s, vec![Filter::new().limit(3)]).await, expected[..3].to_vec());
-    assert_eq!(ids(s, vec![Filter::new().limit(1)]).await, expected[..1].to_vec());
+    assert_eq!(
+        ids(s, vec![Filter::new().limit(3)]).await,
+        expected[..3].to_vec()
+    );
+    assert_eq!(
+        ids(s, vec![Filter::new().limit(1)]).await,
+        expected[..1].to_vec()
+    );
     assert!(ids(s, vec![Filter::new().limit(0)]).await.is_empty());
     assert_eq!(ids(s, vec![Filter::new().limit(100)]).await, expected);
     assert_eq!(
-        ids(s, vec![Filter::new().author(k.public_key()).kind(Kind::from(1)).limit(5)]).await,
+        ids(
+            s,
+            vec![Filter::new()
+                .author(k.public_key())
+                .kind(Kind::from(1))
+                .limit(5)]
+        )
+        .await,
         expected[..5].to_vec()
     );
     // the limit keeps the newest matching events even with until
-    let until = ids(s, vec![Filter::new().until(Timestamp::from(T0 + 2)).limit(2)]).await;
-    let older: Vec<&Event> = refs.iter().copied().filter(|e| e.created_at.as_secs() <= T0 + 2).collect();
+    let until = ids(
+        s,
+        vec![Filter::new().until(Timestamp::from(T0 + 2)).limit(2)],
+    )
+    .await;
+    let older: Vec<&Event> = refs
+        .iter()
+        .copied()
+        .filter(|e| e.created_at.as_secs() <= T0 + 2)
+        .collect();
     assert_eq!(until, ordered(&older)[..2].to_vec());
 }
 
@@ -382,13 +492,20 @@ async fn or_filters_with_separate_limits(fx: &Fx) {
     // overlapping filters are deduplicated
     let got = ids(
         s,
-        vec![Filter::new().author(a.public_key()), Filter::new().kind(Kind::from(1)).limit(1)],
+        vec![
+            Filter::new().author(a.public_key()),
+            Filter::new().kind(Kind::from(1)).limit(1),
+        ],
     )
     .await;
     let mut exp: Vec<&Event> = ea.iter().collect();
     exp.push(&eb[4]);
     assert_eq!(got, ordered(&exp));
-    let got = ids(s, vec![Filter::new().id(ea[0].id), Filter::new().id(ea[0].id)]).await;
+    let got = ids(
+        s,
+        vec![Filter::new().id(ea[0].id), Filter::new().id(ea[0].id)],
+    )
+    .await;
     assert_eq!(got, vec![ea[0].id]);
 }
 
@@ -425,8 +542,14 @@ async fn replaceable_events(fx: &Fx) {
     let c3b = ev(&k, 3, "", T0 + 2, vec![]);
     stored(s, &c3a).await;
     stored(s, &c3b).await;
-    assert_eq!(ids(s, vec![Filter::new().author(k.public_key())]).await, ordered(&[&low, &list, &c3b]));
-    assert_eq!(s.fetch_by_ids(&[v1.id, v2.id, c3a.id]).await.unwrap(), vec![]);
+    assert_eq!(
+        ids(s, vec![Filter::new().author(k.public_key())]).await,
+        ordered(&[&low, &list, &c3b])
+    );
+    assert_eq!(
+        s.fetch_by_ids(&[v1.id, v2.id, c3a.id]).await.unwrap(),
+        vec![]
+    );
 }
 
 async fn addressable_events(fx: &Fx) {
@@ -448,7 +571,11 @@ async fn addressable_events(fx: &Fx) {
     rejected(s, &a1, "duplicate:").await;
     let d = SingleLetterTag::lowercase(nostr::Alphabet::D);
     assert_eq!(
-        ids(s, vec![Filter::new().kind(Kind::from(30_023)).custom_tag(d, "a")]).await,
+        ids(
+            s,
+            vec![Filter::new().kind(Kind::from(30_023)).custom_tag(d, "a")]
+        )
+        .await,
         vec![a2.id]
     );
     // tie-break
@@ -469,9 +596,18 @@ async fn deletion_by_e_tag(fx: &Fx) {
         stored(s, e).await;
     }
     // someone else's deletion is refused and changes nothing
-    let foreign = ev(&b, 5, "", T0 + 5, vec![Tag::event(target.id), Tag::event(theirs.id)]);
+    let foreign = ev(
+        &b,
+        5,
+        "",
+        T0 + 5,
+        vec![Tag::event(target.id), Tag::event(theirs.id)],
+    );
     rejected(s, &foreign, "blocked:").await;
-    assert_eq!(s.fetch_by_ids(&[target.id, theirs.id]).await.unwrap().len(), 2);
+    assert_eq!(
+        s.fetch_by_ids(&[target.id, theirs.id]).await.unwrap().len(),
+        2
+    );
     assert!(s.fetch_by_ids(&[foreign.id]).await.unwrap().is_empty());
 
     let del = ev(&a, 5, "", T0 + 5, vec![Tag::event(target.id)]);
@@ -528,7 +664,13 @@ async fn deletion_by_a_tag(fx: &Fx) {
     // replaceable kinds via `a` with an empty d
     let meta = ev(&a, 0, "{}", T0 + 10, vec![]);
     stored(s, &meta).await;
-    let del0 = ev(&a, 5, "", T0 + 30, vec![tag(&["a", &format!("0:{}:", a.public_key().to_hex())])]);
+    let del0 = ev(
+        &a,
+        5,
+        "",
+        T0 + 30,
+        vec![tag(&["a", &format!("0:{}:", a.public_key().to_hex())])],
+    );
     stored(s, &del0).await;
     assert!(s.fetch_by_ids(&[meta.id]).await.unwrap().is_empty());
     rejected(s, &meta, "blocked:").await;
@@ -537,10 +679,28 @@ async fn deletion_by_a_tag(fx: &Fx) {
 async fn expiration(fx: &Fx) {
     let s = fx.store.as_ref();
     let k = Keys::generate();
-    let past = ev(&k, 1, "past", T0, vec![Tag::expiration(Timestamp::from(now() - 10))]);
+    let past = ev(
+        &k,
+        1,
+        "past",
+        T0,
+        vec![Tag::expiration(Timestamp::from(now() - 10))],
+    );
     rejected(s, &past, "invalid:").await;
-    let soon = ev(&k, 1, "soon", now(), vec![Tag::expiration(Timestamp::from(now() + 2))]);
-    let later = ev(&k, 1, "later", now(), vec![Tag::expiration(Timestamp::from(now() + 3600))]);
+    let soon = ev(
+        &k,
+        1,
+        "soon",
+        now(),
+        vec![Tag::expiration(Timestamp::from(now() + 2))],
+    );
+    let later = ev(
+        &k,
+        1,
+        "later",
+        now(),
+        vec![Tag::expiration(Timestamp::from(now() + 3600))],
+    );
     stored(s, &soon).await;
     stored(s, &later).await;
     let f = || vec![Filter::new().author(k.public_key())];
@@ -567,7 +727,9 @@ async fn serials(fx: &Fx) {
     let s = fx.store.as_ref();
     assert_eq!(s.latest_serial().await.unwrap(), 0);
     let k = Keys::generate();
-    let evs: Vec<Event> = (0..6).map(|i| ev(&k, 1, &format!("{i}"), T0 + 100 - i, vec![])).collect();
+    let evs: Vec<Event> = (0..6)
+        .map(|i| ev(&k, 1, &format!("{i}"), T0 + 100 - i, vec![]))
+        .collect();
     let mut serials = Vec::new();
     for e in &evs {
         serials.push(stored(s, e).await);
@@ -575,20 +737,40 @@ async fn serials(fx: &Fx) {
     assert!(serials.windows(2).all(|w| w[0] < w[1]), "{serials:?}");
     assert_eq!(s.latest_serial().await.unwrap(), serials[5]);
 
-    let range = s.ids_by_serial_range(serials[1], serials[4], 100).await.unwrap();
-    assert_eq!(range.iter().map(|r| r.serial).collect::<Vec<_>>(), serials[1..=4].to_vec());
+    let range = s
+        .ids_by_serial_range(serials[1], serials[4], 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        range.iter().map(|r| r.serial).collect::<Vec<_>>(),
+        serials[1..=4].to_vec()
+    );
     assert_eq!(range[0].id, evs[1].id);
     assert_eq!(range[0].pubkey, k.public_key());
     assert_eq!(range[0].created_at, evs[1].created_at);
     assert_eq!(range[0].kind, 1);
     let limited = s.ids_by_serial_range(0, u64::MAX, 2).await.unwrap();
-    assert_eq!(limited.iter().map(|r| r.serial).collect::<Vec<_>>(), serials[..2].to_vec());
-    assert!(s.ids_by_serial_range(serials[4], serials[1], 10).await.unwrap().is_empty());
+    assert_eq!(
+        limited.iter().map(|r| r.serial).collect::<Vec<_>>(),
+        serials[..2].to_vec()
+    );
+    assert!(s
+        .ids_by_serial_range(serials[4], serials[1], 10)
+        .await
+        .unwrap()
+        .is_empty());
 
-    let fetched = s.fetch_by_serials(&[serials[3], serials[0], 999_999]).await.unwrap();
-    let mut fetched_ids: Vec<(u64, EventId)> = fetched.into_iter().map(|(s, e)| (s, e.id)).collect();
+    let fetched = s
+        .fetch_by_serials(&[serials[3], serials[0], 999_999])
+        .await
+        .unwrap();
+    let mut fetched_ids: Vec<(u64, EventId)> =
+        fetched.into_iter().map(|(s, e)| (s, e.id)).collect();
     fetched_ids.sort();
-    assert_eq!(fetched_ids, vec![(serials[0], evs[0].id), (serials[3], evs[3].id)]);
+    assert_eq!(
+        fetched_ids,
+        vec![(serials[0], evs[0].id), (serials[3], evs[3].id)]
+    );
 
     // a serial is never reused, and the latest serial does not go back
     assert!(s.delete_event(&evs[5].id).await.unwrap());
@@ -607,7 +789,13 @@ async fn negentropy_items(fx: &Fx) {
     let (a, b) = (Keys::generate(), Keys::generate());
     let mut evs = Vec::new();
     for i in 0..6u64 {
-        let e = ev(if i % 2 == 0 { &a } else { &b }, 1, &format!("{i}"), T0 + i / 2, vec![]);
+        let e = ev(
+            if i % 2 == 0 { &a } else { &b },
+            1,
+            &format!("{i}"),
+            T0 + i / 2,
+            vec![],
+        );
         stored(s, &e).await;
         evs.push(e);
     }
@@ -616,7 +804,10 @@ async fn negentropy_items(fx: &Fx) {
     exp.sort();
     assert_eq!(items, exp);
     let items = s
-        .negentropy_items(&[Filter::new().author(a.public_key()), Filter::new().id(evs[1].id)])
+        .negentropy_items(&[
+            Filter::new().author(a.public_key()),
+            Filter::new().id(evs[1].id),
+        ])
         .await
         .unwrap();
     let mut exp: Vec<(Timestamp, EventId)> = evs
@@ -639,7 +830,10 @@ async fn markers(fx: &Fx) {
     assert_eq!(s.get_marker("sync/a").await.unwrap(), Some(b"2".to_vec()));
     assert_eq!(
         s.list_markers("sync/").await.unwrap(),
-        vec![("sync/a".to_string(), b"2".to_vec()), ("sync/b".to_string(), vec![0, 255, 7])]
+        vec![
+            ("sync/a".to_string(), b"2".to_vec()),
+            ("sync/b".to_string(), vec![0, 255, 7])
+        ]
     );
     assert_eq!(s.list_markers("").await.unwrap().len(), 3);
     assert!(s.list_markers("nope").await.unwrap().is_empty());
@@ -664,12 +858,27 @@ async fn leases(fx: &Fx) {
     assert!(a2.acquired);
     assert!(a2.expires_at_ms > a.expires_at_ms);
     // other leases are independent
-    assert!(s.acquire_lease("other", "B", 60_000).await.unwrap().acquired);
+    assert!(
+        s.acquire_lease("other", "B", 60_000)
+            .await
+            .unwrap()
+            .acquired
+    );
     // release by a non-holder does nothing; by the holder frees it
     s.release_lease("leader", "B").await.unwrap();
-    assert!(!s.acquire_lease("leader", "B", 60_000).await.unwrap().acquired);
+    assert!(
+        !s.acquire_lease("leader", "B", 60_000)
+            .await
+            .unwrap()
+            .acquired
+    );
     s.release_lease("leader", "A").await.unwrap();
-    assert!(s.acquire_lease("leader", "B", 60_000).await.unwrap().acquired);
+    assert!(
+        s.acquire_lease("leader", "B", 60_000)
+            .await
+            .unwrap()
+            .acquired
+    );
     // an expired lease can be taken
     assert!(s.acquire_lease("short", "A", 20).await.unwrap().acquired);
     assert!(!s.acquire_lease("short", "B", 20).await.unwrap().acquired);
@@ -682,7 +891,10 @@ async fn leases(fx: &Fx) {
     for i in 0..8 {
         let st = fx.store.clone();
         tasks.push(tokio::spawn(async move {
-            st.acquire_lease("race", &format!("h{i}"), 60_000).await.unwrap().acquired
+            st.acquire_lease("race", &format!("h{i}"), 60_000)
+                .await
+                .unwrap()
+                .acquired
         }));
     }
     let mut winners = 0;
@@ -715,20 +927,36 @@ async fn count(fx: &Fx) {
         stored(s, &ev(&b, 7, &format!("b{i}"), T0 + i, vec![])).await;
     }
     assert_eq!(s.count(&[Filter::new()]).await.unwrap(), 8);
-    assert_eq!(s.count(&[Filter::new().author(a.public_key()).limit(1)]).await.unwrap(), 5);
     assert_eq!(
-        s.count(&[Filter::new().author(a.public_key()), Filter::new().kind(Kind::from(1))])
+        s.count(&[Filter::new().author(a.public_key()).limit(1)])
             .await
             .unwrap(),
         5
     );
     assert_eq!(
-        s.count(&[Filter::new().author(a.public_key()), Filter::new().author(b.public_key())])
-            .await
-            .unwrap(),
+        s.count(&[
+            Filter::new().author(a.public_key()),
+            Filter::new().kind(Kind::from(1))
+        ])
+        .await
+        .unwrap(),
+        5
+    );
+    assert_eq!(
+        s.count(&[
+            Filter::new().author(a.public_key()),
+            Filter::new().author(b.public_key())
+        ])
+        .await
+        .unwrap(),
         8
     );
-    assert_eq!(s.count(&[Filter::new().since(Timestamp::from(T0 + 3))]).await.unwrap(), 2);
+    assert_eq!(
+        s.count(&[Filter::new().since(Timestamp::from(T0 + 3))])
+            .await
+            .unwrap(),
+        2
+    );
     assert_eq!(s.count(&[]).await.unwrap(), 0);
 }
 
@@ -738,7 +966,13 @@ async fn concurrent_saves(fx: &Fx) {
     for (ki, k) in keys.iter().enumerate() {
         for i in 0..40u64 {
             let st = fx.store.clone();
-            let e = ev(k, 1, &format!("{ki}-{i}"), T0 + i, vec![Tag::hashtag("load")]);
+            let e = ev(
+                k,
+                1,
+                &format!("{ki}-{i}"),
+                T0 + i,
+                vec![Tag::hashtag("load")],
+            );
             tasks.push(tokio::spawn(async move {
                 let serial = match st.save_event(&e).await.unwrap() {
                     SaveOutcome::Stored { serial } => serial,
@@ -756,12 +990,23 @@ async fn concurrent_saves(fx: &Fx) {
         all_ids.push(id);
     }
     assert_eq!(serials.len(), 320);
-    assert_eq!(fx.store.latest_serial().await.unwrap(), *serials.iter().max().unwrap());
-    let got = fx.store.query(&[Filter::new().hashtag("load").limit(1000)]).await.unwrap();
+    assert_eq!(
+        fx.store.latest_serial().await.unwrap(),
+        *serials.iter().max().unwrap()
+    );
+    let got = fx
+        .store
+        .query(&[Filter::new().hashtag("load").limit(1000)])
+        .await
+        .unwrap();
     assert_eq!(got.len(), 320);
     let got_ids: HashSet<EventId> = got.iter().map(|e| e.id).collect();
     assert!(all_ids.iter().all(|id| got_ids.contains(id)));
-    let range = fx.store.ids_by_serial_range(0, u64::MAX, 1000).await.unwrap();
+    let range = fx
+        .store
+        .ids_by_serial_range(0, u64::MAX, 1000)
+        .await
+        .unwrap();
     assert_eq!(range.len(), 320);
 }
 
@@ -770,7 +1015,12 @@ async fn search_is_unsupported(fx: &Fx) {
     let k = Keys::generate();
     stored(s, &ev(&k, 1, "find me", T0, vec![])).await;
     assert!(ids(s, vec![Filter::new().search("find")]).await.is_empty());
-    assert_eq!(ids(s, vec![Filter::new().search("find"), Filter::new()]).await.len(), 1);
+    assert_eq!(
+        ids(s, vec![Filter::new().search("find"), Filter::new()])
+            .await
+            .len(),
+        1
+    );
 }
 
 async fn admin_delete(fx: &Fx) {
@@ -782,7 +1032,9 @@ async fn admin_delete(fx: &Fx) {
     assert!(s.delete_event(&e.id).await.unwrap());
     assert!(!s.delete_event(&e.id).await.unwrap());
     let ptag = SingleLetterTag::lowercase(nostr::Alphabet::P);
-    assert!(ids(s, vec![Filter::new().custom_tag(ptag, p.to_hex())]).await.is_empty());
+    assert!(ids(s, vec![Filter::new().custom_tag(ptag, p.to_hex())])
+        .await
+        .is_empty());
     // an administrative delete does not block the event
     stored(s, &e).await;
 }
@@ -794,19 +1046,43 @@ async fn large_filter_lists(fx: &Fx) {
     let e = ev(&k, 1, "needle", T0, vec![Tag::public_key(p)]);
     stored(s, &e).await;
     stored(s, &ev(&k, 1, "hay", T0 + 1, vec![])).await;
-    let many_ids: Vec<EventId> =
-        (0..600u32).map(|i| ev(&k, 1, &format!("x{i}"), T0, vec![]).id).chain([e.id]).collect();
-    assert_eq!(ids(s, vec![Filter::new().ids(many_ids.clone())]).await, vec![e.id]);
+    let many_ids: Vec<EventId> = (0..600u32)
+        .map(|i| ev(&k, 1, &format!("x{i}"), T0, vec![]).id)
+        .chain([e.id])
+        .collect();
+    assert_eq!(
+        ids(s, vec![Filter::new().ids(many_ids.clone())]).await,
+        vec![e.id]
+    );
     let many_authors: Vec<nostr::PublicKey> = (0..600)
         .map(|_| Keys::generate().public_key())
         .chain([k.public_key()])
         .collect();
-    assert_eq!(ids(s, vec![Filter::new().authors(many_authors).ids(many_ids)]).await, vec![e.id]);
-    let kinds: Vec<Kind> = (1000..1600u16).map(Kind::from).chain([Kind::from(1)]).collect();
-    assert_eq!(ids(s, vec![Filter::new().kinds(kinds).until(Timestamp::from(T0))]).await, vec![e.id]);
+    assert_eq!(
+        ids(s, vec![Filter::new().authors(many_authors).ids(many_ids)]).await,
+        vec![e.id]
+    );
+    let kinds: Vec<Kind> = (1000..1600u16)
+        .map(Kind::from)
+        .chain([Kind::from(1)])
+        .collect();
+    assert_eq!(
+        ids(
+            s,
+            vec![Filter::new().kinds(kinds).until(Timestamp::from(T0))]
+        )
+        .await,
+        vec![e.id]
+    );
     let ptag = SingleLetterTag::lowercase(nostr::Alphabet::P);
-    let values: Vec<String> = (0..600).map(|i| format!("v{i}")).chain([p.to_hex()]).collect();
-    assert_eq!(ids(s, vec![Filter::new().custom_tags(ptag, values)]).await, vec![e.id]);
+    let values: Vec<String> = (0..600)
+        .map(|i| format!("v{i}"))
+        .chain([p.to_hex()])
+        .collect();
+    assert_eq!(
+        ids(s, vec![Filter::new().custom_tags(ptag, values)]).await,
+        vec![e.id]
+    );
     let serials: Vec<u64> = (1..2000).collect();
     assert_eq!(s.fetch_by_serials(&serials).await.unwrap().len(), 2);
 }
@@ -848,8 +1124,10 @@ async fn time_queries(
 async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
     // ORLY_PERF_EVENTS overrides the store size (default 100,000).
     #[allow(non_snake_case)]
-    let N: usize =
-        std::env::var("ORLY_PERF_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let N: usize = std::env::var("ORLY_PERF_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
     const AUTHORS: usize = 1_000;
     let keys: Vec<Keys> = (0..AUTHORS).map(|_| Keys::generate()).collect();
     let pubs: Vec<nostr::PublicKey> = keys.iter().map(|k| k.public_key()).collect();
@@ -871,7 +1149,13 @@ async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
                 Tag::public_key(pubs[rnd() as usize % AUTHORS]),
                 Tag::hashtag(format!("t{}", rnd() % 50)),
             ];
-            out.push(ev(k, kind, &format!("event number {i} with some text"), T0 + i as u64, tags));
+            out.push(ev(
+                k,
+                kind,
+                &format!("event number {i} with some text"),
+                T0 + i as u64,
+                tags,
+            ));
         }
         out
     };
@@ -881,8 +1165,10 @@ async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
 
     // ingest: 8 concurrent clients, each with ORLY_PERF_INFLIGHT saves outstanding (default 1:
     // waiting for each outcome before sending the next)
-    let inflight: usize =
-        std::env::var("ORLY_PERF_INFLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let inflight: usize = std::env::var("ORLY_PERF_INFLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let t = std::time::Instant::now();
     let chunks: Vec<Vec<Event>> = events.chunks(N.div_ceil(8)).map(|c| c.to_vec()).collect();
     let mut tasks = Vec::new();
@@ -904,7 +1190,11 @@ async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
         task.await.unwrap();
     }
     let el = t.elapsed();
-    println!("ingest: {N} events, 8 clients x {inflight} in flight, {:.2?} = {:.0} events/s", el, N as f64 / el.as_secs_f64());
+    println!(
+        "ingest: {N} events, 8 clients x {inflight} in flight, {:.2?} = {:.0} events/s",
+        el,
+        N as f64 / el.as_secs_f64()
+    );
 
     let by_author = |i: usize| Filter::new().author(pubs[(i * 7) % AUTHORS]).limit(100);
     let by_kind = |i: usize| {
@@ -914,7 +1204,11 @@ async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
             .limit(100)
     };
     let p = SingleLetterTag::lowercase(nostr::Alphabet::P);
-    let by_p = |i: usize| Filter::new().custom_tag(p, pubs[(i * 13) % AUTHORS].to_hex()).limit(100);
+    let by_p = |i: usize| {
+        Filter::new()
+            .custom_tag(p, pubs[(i * 13) % AUTHORS].to_hex())
+            .limit(100)
+    };
     let by_ids = |i: usize| {
         Filter::new()
             .ids((0..20).map(|j| events[(i * 101 + j * 997) % N].id))
@@ -935,7 +1229,10 @@ async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
     time_queries(&store, "by #p", by_p).await;
     time_queries(&store, "by ids", by_ids).await;
     let t = std::time::Instant::now();
-    let c = store.count(&[Filter::new().kind(Kind::from(1))]).await.unwrap();
+    let c = store
+        .count(&[Filter::new().kind(Kind::from(1))])
+        .await
+        .unwrap();
     println!("count kind 1: {c} in {:.2?}", t.elapsed());
     let t = std::time::Instant::now();
     let items = store.negentropy_items(&[Filter::new()]).await.unwrap();
@@ -946,7 +1243,11 @@ async fn perf_run(store: Arc<dyn EventStore>, explain: Option<&SqliteStore>) {
 #[ignore]
 async fn perf_sqlite_100k() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("orly.db")).await.unwrap());
+    let store = Arc::new(
+        SqliteStore::open(&dir.path().join("orly.db"))
+            .await
+            .unwrap(),
+    );
     let dyn_store: Arc<dyn EventStore> = store.clone();
     perf_run(dyn_store, Some(&store)).await;
 }
@@ -954,7 +1255,53 @@ async fn perf_sqlite_100k() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn perf_postgres_100k() {
-    let Some(fx) = Fx::postgres().await else { return };
+    let Some(fx) = Fx::postgres().await else {
+        return;
+    };
     perf_run(fx.store.clone(), None).await;
     fx.finish().await;
+}
+
+/// Regression: under non-stop writes the WAL used to grow without bound, because a PASSIVE
+/// checkpoint never caught up with the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_wal_stays_bounded_under_continuous_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orly.db");
+    let limit = 1 << 20;
+    let store = Arc::new(
+        SqliteStore::open_with_wal_limit(&path, limit)
+            .await
+            .unwrap(),
+    );
+    let wal = dir.path().join("orly.db-wal");
+    let keys = Keys::generate();
+    let mut largest = 0u64;
+    // Eight writers keep the single SQLite writer busy the whole time.
+    for round in 0..40u64 {
+        let mut tasks = Vec::new();
+        for w in 0..8u64 {
+            let store = store.clone();
+            let keys = keys.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..25u64 {
+                    let e = EventBuilder::text_note(format!("{round}-{w}-{i} {}", "x".repeat(400)))
+                        .tags([Tag::parse(["t", &format!("tag{i}")]).unwrap()])
+                        .sign_with_keys(&keys)
+                        .unwrap();
+                    store.save_event(&e).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    }
+    assert_eq!(store.count(&[Filter::new()]).await.unwrap(), 8000);
+    // A little over the limit is fine (writes continue while the check runs); unbounded is not.
+    assert!(
+        largest < 8 * limit,
+        "WAL grew to {largest} bytes (limit {limit})"
+    );
 }
