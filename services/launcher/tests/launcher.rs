@@ -142,7 +142,11 @@ impl Launched {
     async fn wait_relay_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if http_status(self.relay, "/readyz").await == Some(200) {
+            // Ready means the launcher finished its start-up too, not only the relay: a child
+            // killed before that fails the start by design.
+            if http_status(self.relay, "/readyz").await == Some(200)
+                && self.log().iter().any(|l| l.contains("all services ready"))
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

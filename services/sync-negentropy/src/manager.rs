@@ -207,7 +207,9 @@ impl SyncManager {
             set: &self.leased,
             url: url.clone(),
         };
-        let renew = {
+        // Aborted when this sync ends or is cut off (its future dropped, e.g. by `stop`): a
+        // detached renewal would hold the peer's lease forever.
+        let renew = AbortOnDrop({
             let store = self.store.clone();
             let (lease, holder) = (lease.clone(), holder.clone());
             let period = self.settings.lease_ttl / 3;
@@ -221,7 +223,7 @@ impl SyncManager {
                     }
                 }
             })
-        };
+        });
 
         let mut peer_state = match self.book.state(&url).await {
             Ok(Some(s)) => s,
@@ -247,7 +249,7 @@ impl SyncManager {
             opts.filter = f;
         }
         let result = sync_with_peer(&self.store, &url, &opts, progress).await;
-        renew.abort();
+        drop(renew);
 
         match &result {
             Ok(r) => {
@@ -307,5 +309,14 @@ pub fn with_since(filter: Filter, since: i64) -> Filter {
         filter.since(Timestamp::from(since as u64))
     } else {
         filter
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

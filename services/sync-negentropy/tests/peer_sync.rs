@@ -406,3 +406,63 @@ async fn the_periodic_loop_syncs_and_a_dead_replicas_lease_is_taken_over() {
     assert!(!manager.is_active());
     assert!(manager.last_sync() > 0);
 }
+
+/// Regression: stopping the loop in the middle of a sync used to leave the lease-renewal task
+/// running, so the peer's lease was renewed forever and no other replica could take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_mid_sync_lets_the_peer_lease_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = store(&dir, "ours.db").await;
+    // A peer that accepts connections and never answers: the sync hangs in its first read.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", hang.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let ttl = Duration::from_secs(3);
+    let manager = SyncManager::new(
+        ours.clone(),
+        SyncSettings {
+            lease_ttl: ttl,
+            peer_timeout: Duration::from_secs(60),
+            ..settings()
+        },
+    )
+    .unwrap();
+    manager.add_peers(std::slice::from_ref(&url)).await.unwrap();
+    assert!(manager.start());
+    let mut syncing = false;
+    for _ in 0..100 {
+        if !manager.syncing().is_empty() {
+            syncing = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(syncing, "the sync with the silent peer started");
+    assert!(manager.stop());
+
+    // Once its ttl has passed, another replica can take the lease.
+    let lease = format!(
+        "{LEASE_PREFIX}{}",
+        orly_sync_negentropy::peers::normalize_peer_url(&url).unwrap()
+    );
+    let mut taken = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if ours
+            .acquire_lease(&lease, "replica-b", 3000)
+            .await
+            .unwrap()
+            .acquired
+        {
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "the stopped replica still holds {lease}");
+    holder.abort();
+}
