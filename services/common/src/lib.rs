@@ -5,6 +5,7 @@ pub mod acl;
 pub mod config;
 pub mod grpc;
 pub mod metrics;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use orly_db::{config, grpc_server, open_store, StoreConfig, StoreKind};
 
@@ -44,33 +43,17 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("orly-db: cannot start the tokio runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("orly-db: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    orly_common::service::run_main("orly-db", run())
 }
 
 async fn run() -> anyhow::Result<()> {
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let level = match (
-        matches.value_source("log_level"),
-        std::env::var("ORLY_DB_LOG_LEVEL"),
-    ) {
-        (Some(ValueSource::DefaultValue), Ok(l)) if !l.trim().is_empty() => l,
-        _ => args.log_level.clone(),
-    };
-    orly_common::init_tracing(&level);
+    orly_common::init_tracing(&orly_common::service::log_level(
+        &matches,
+        &args.log_level,
+        "ORLY_DB_LOG_LEVEL",
+    ));
 
     if args.db_type == StoreKind::Grpc {
         bail!(

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::builder::BoolishValueParser;
-use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use nostr::{Filter, JsonUtil};
 use orly_db::{config, open_store, StoreConfig, StoreKind};
@@ -88,33 +87,17 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("orly-sync-negentropy: cannot start the tokio runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("orly-sync-negentropy: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    orly_common::service::run_main("orly-sync-negentropy", run())
 }
 
 async fn run() -> anyhow::Result<()> {
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let level = match (
-        matches.value_source("log_level"),
-        std::env::var("ORLY_SYNC_NEGENTROPY_LOG_LEVEL"),
-    ) {
-        (Some(ValueSource::DefaultValue), Ok(l)) if !l.trim().is_empty() => l,
-        _ => args.log_level.clone(),
-    };
-    orly_common::init_tracing(&level);
+    orly_common::init_tracing(&orly_common::service::log_level(
+        &matches,
+        &args.log_level,
+        "ORLY_SYNC_NEGENTROPY_LOG_LEVEL",
+    ));
 
     let engine_settings = EngineSettings {
         frame_size: args.frame_size,
