@@ -609,7 +609,7 @@ impl EventStore for PostgresStore {
     async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<LeaseState> {
         let now = rules::now_ms();
         let expires = now.saturating_add(ttl_ms);
-        let won = sqlx::query(
+        let won = sqlx::query_as::<_, (String, i64)>(
             "INSERT INTO leases (name, holder, expires_at_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, \
                  expires_at_ms = EXCLUDED.expires_at_ms \
@@ -622,32 +622,18 @@ impl EventStore for PostgresStore {
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        if let Some(r) = won {
-            return Ok(LeaseState {
-                acquired: true,
-                holder: r.try_get(0)?,
-                expires_at_ms: r.try_get(1)?,
-            });
-        }
-        let r = sqlx::query("SELECT holder, expires_at_ms FROM leases WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        match r {
-            Some(r) => {
-                let h: String = r.try_get(0)?;
-                Ok(LeaseState {
-                    acquired: h == holder,
-                    holder: h,
-                    expires_at_ms: r.try_get(1)?,
-                })
+        let current = match won {
+            Some(_) => None,
+            None => {
+                sqlx::query_as::<_, (String, i64)>(
+                    "SELECT holder, expires_at_ms FROM leases WHERE name = $1",
+                )
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?
             }
-            None => Ok(LeaseState {
-                acquired: false,
-                holder: String::new(),
-                expires_at_ms: 0,
-            }),
-        }
+        };
+        Ok(rules::lease_state(holder, won, current))
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {

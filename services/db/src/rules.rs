@@ -440,6 +440,32 @@ pub async fn save_via(tx: &mpsc::Sender<SaveRequest>, event: &Event) -> Result<S
         .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
 }
 
+/// The outcome of a lease upsert: `won` is the row the conditional upsert wrote (the caller
+/// holds the lease), else `current` is the lease as another holder keeps it.
+pub fn lease_state(
+    holder: &str,
+    won: Option<(String, i64)>,
+    current: Option<(String, i64)>,
+) -> crate::LeaseState {
+    match (won, current) {
+        (Some((holder, expires_at_ms)), _) => crate::LeaseState {
+            acquired: true,
+            holder,
+            expires_at_ms,
+        },
+        (None, Some((current, expires_at_ms))) => crate::LeaseState {
+            acquired: current == holder,
+            holder: current,
+            expires_at_ms,
+        },
+        (None, None) => crate::LeaseState {
+            acquired: false,
+            holder: String::new(),
+            expires_at_ms: 0,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
