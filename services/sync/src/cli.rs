@@ -1,0 +1,103 @@
+//! What the three service binaries share: storage options, ORLY's variable fallbacks, and the
+//! run loop (listen, metrics, SIGTERM).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use orly_db::{open_store, SharedStore, StoreConfig, StoreKind};
+
+/// The first of `names` set to a non-empty value, when `given` (the service's own variable or
+/// flag) is not.
+pub fn fallback(given: Option<String>, names: &[&str]) -> Option<String> {
+    given.filter(|v| !v.trim().is_empty()).or_else(|| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
+    })
+}
+
+/// A boolean variable ("true"/"1"/"yes"/"on", or false-y), `None` when unset.
+pub fn env_bool(name: &str) -> Option<bool> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
+
+/// Opens the service's store.
+pub async fn store(
+    kind: StoreKind,
+    db_server: &str,
+    data_dir: PathBuf,
+    db_url: Option<String>,
+    db_timeout: Duration,
+) -> anyhow::Result<SharedStore> {
+    let cfg = StoreConfig {
+        kind,
+        data_dir,
+        postgres_url: db_url,
+        grpc_server: db_server.to_string(),
+        grpc_timeout: db_timeout,
+        ..StoreConfig::default()
+    };
+    open_store(&cfg)
+        .await
+        .with_context(|| format!("cannot open the {} store", cfg.kind))
+}
+
+/// Binds `listen`, serves metrics on `metrics_listen` (if any), runs `serve` until
+/// SIGTERM/SIGINT, then `stop`.
+pub async fn run<S, SF, T, TF>(
+    name: &str,
+    listen: &str,
+    metrics_listen: &str,
+    serve: S,
+    stop: T,
+) -> anyhow::Result<()>
+where
+    S: FnOnce(tokio::net::TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> SF,
+    SF: Future<Output = Result<(), tonic::transport::Error>>,
+    T: FnOnce() -> TF,
+    TF: Future<Output = ()>,
+{
+    let metrics_addr = match metrics_listen.trim() {
+        "" => None,
+        s => Some(
+            s.parse::<SocketAddr>()
+                .with_context(|| format!("invalid ORLY_METRICS_LISTEN {s:?}"))?,
+        ),
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "{name} listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+    };
+    tokio::spawn(async move {
+        orly_common::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    if let Some(addr) = metrics_addr {
+        let shutdown = stopped();
+        tokio::spawn(async move {
+            if let Err(e) = orly_common::metrics::serve(addr, shutdown).await {
+                tracing::error!(%addr, error = %e, "metrics server failed");
+            }
+        });
+    }
+    let result = serve(listener, stopped()).await;
+    stop().await;
+    result.context("gRPC server failed")?;
+    tracing::info!("{name} stopped");
+    Ok(())
+}

@@ -1,0 +1,611 @@
+//! Distributed sync (orly-sync-distributed): serial-based pull between peer relays.
+//!
+//! Serving: `POST /api/sync/current` answers our highest serial and `POST /api/sync/event-ids`
+//! the ids in a serial range (at most [`MAX_RANGE`] serials per call) — or, given `ids`, those
+//! events — to peers whose NIP-98 signer is the NIP-11 identity of a configured peer.
+//! Pulling: every interval (or when woken) each peer whose lease this replica holds is asked
+//! for its serial, and [`catch_up`](crate::peer::catch_up) pulls the range since the last
+//! serial stored from it, which persists across restarts.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nostr::{Event, EventId, PublicKey};
+use orly_db::SharedStore;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::error::SyncError;
+use crate::http::{normalize_http_url, HttpRequest, HttpResponse, PeerHttp};
+use crate::nip11::Nip11Cache;
+use crate::peer::{
+    catch_up, CatchupRules, Listed, Page, PeerBook, PeerSource, PeerStatus, STATUS_ACTIVE,
+    STATUS_ERROR, STATUS_SELF,
+};
+use crate::serve::{self, FetchedEvents, Identity, MAX_RESPONSE};
+use crate::shard::{Shard, ShardOwner};
+
+/// Most serials one `/api/sync/event-ids` call may span.
+pub const MAX_RANGE: u64 = 10_000;
+pub const PATH_CURRENT: &str = "/api/sync/current";
+pub const PATH_EVENT_IDS: &str = "/api/sync/event-ids";
+/// Store marker holding the peer list set by `UpdatePeers` (the relay group), JSON.
+const DYNAMIC_PEERS: &str = "distributed:peers";
+/// Wake-ups by `NotifyNewEvent` are at most this frequent.
+const NOTIFY_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// Settings of the distributed sync.
+#[derive(Debug, Clone)]
+pub struct DistributedSettings {
+    /// Our public URL (`ORLY_RELAY_URL`): never a peer of ourselves.
+    pub relay_url: Option<String>,
+    /// `node_id` sent to peers (default: the identity pubkey, hex).
+    pub node_id: Option<String>,
+    /// Configured peers (http(s) base URLs); the relay group's list is added to them.
+    pub peers: Vec<String>,
+    pub interval: Duration,
+    pub nip11_ttl: Duration,
+    /// Deadline of one request to a peer.
+    pub timeout: Duration,
+    pub lease_ttl: Duration,
+    pub holder: String,
+}
+
+impl Default for DistributedSettings {
+    fn default() -> Self {
+        Self {
+            relay_url: None,
+            node_id: None,
+            peers: Vec::new(),
+            interval: Duration::from_secs(30),
+            nip11_ttl: Duration::from_secs(30 * 60),
+            timeout: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(15),
+            holder: crate::shard::default_holder(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct CurrentRequest {
+    #[serde(default)]
+    pub node_id: String,
+    #[serde(default)]
+    pub relay_url: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CurrentResponse {
+    pub node_id: String,
+    pub relay_url: String,
+    pub serial: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct EventIdsRequest {
+    #[serde(default)]
+    pub node_id: String,
+    #[serde(default)]
+    pub relay_url: String,
+    pub from: u64,
+    pub to: u64,
+    /// Ours: name ids to get those events back (in `events`) instead of the listing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct EventIdsResponse {
+    #[serde(default)]
+    pub event_map: BTreeMap<String, u64>,
+    #[serde(flatten)]
+    pub fetched: FetchedEvents,
+}
+
+/// The distributed sync of one relay (one replica of the service).
+pub struct DistributedSync {
+    store: SharedStore,
+    settings: DistributedSettings,
+    identity: Identity,
+    nip11: Arc<Nip11Cache>,
+    http: PeerHttp,
+    book: PeerBook,
+    shard: Arc<Shard>,
+    notified_serial: AtomicU64,
+    wake: Notify,
+    last_wake: Mutex<Option<Instant>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for DistributedSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistributedSync")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl DistributedSync {
+    pub fn new(store: SharedStore, mut settings: DistributedSettings) -> Result<Arc<Self>, String> {
+        settings.peers = settings
+            .peers
+            .iter()
+            .map(|p| normalize_http_url(p))
+            .collect::<Result<_, _>>()?;
+        if let Some(u) = &settings.relay_url {
+            settings.relay_url = Some(normalize_http_url(u)?);
+        }
+        if settings.interval.is_zero() || settings.lease_ttl < Duration::from_millis(300) {
+            return Err("interval must be > 0 and the lease ttl at least 300ms".into());
+        }
+        Ok(Arc::new(Self {
+            identity: Identity::new(store.clone()),
+            nip11: Arc::new(Nip11Cache::new(settings.nip11_ttl, settings.timeout)),
+            http: PeerHttp::new(settings.timeout, MAX_RESPONSE),
+            book: PeerBook::new(store.clone(), "distributed"),
+            shard: Arc::new(Shard::new(
+                store.clone(),
+                "distributed",
+                settings.holder.clone(),
+                settings.lease_ttl,
+            )),
+            store,
+            settings,
+            notified_serial: AtomicU64::new(0),
+            wake: Notify::new(),
+            last_wake: Mutex::new(None),
+            task: Mutex::new(None),
+        }))
+    }
+
+    pub fn settings(&self) -> &DistributedSettings {
+        &self.settings
+    }
+
+    pub fn nip11(&self) -> &Arc<Nip11Cache> {
+        &self.nip11
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// The peers this replica is pulling from now.
+    pub fn owned_peers(&self) -> Vec<String> {
+        self.shard.owned()
+    }
+
+    /// Our `node_id`: the configured one, else the identity pubkey.
+    pub async fn node_id(&self) -> Result<String, SyncError> {
+        match &self.settings.node_id {
+            Some(n) if !n.is_empty() => Ok(n.clone()),
+            _ => Ok(self.identity.pubkey().await?.to_hex()),
+        }
+    }
+
+    pub fn relay_url(&self) -> String {
+        self.settings.relay_url.clone().unwrap_or_default()
+    }
+
+    /// Configured peers plus the relay group's, without our own URL.
+    pub async fn peers(&self) -> Result<Vec<String>, SyncError> {
+        let mut peers = self.settings.peers.clone();
+        if let Some(raw) = self.store.get_marker(DYNAMIC_PEERS).await? {
+            let dynamic: Vec<String> = serde_json::from_slice(&raw).unwrap_or_default();
+            for p in dynamic {
+                if !peers.contains(&p) {
+                    peers.push(p);
+                }
+            }
+        }
+        let own = self.settings.relay_url.as_deref();
+        peers.retain(|p| Some(p.as_str()) != own);
+        peers.sort();
+        Ok(peers)
+    }
+
+    /// Replaces the relay group's part of the peer list (`UpdatePeers`).
+    pub async fn update_peers(&self, peers: &[String]) -> Result<(), SyncError> {
+        let mut list: Vec<String> = Vec::new();
+        for p in peers {
+            let p = normalize_http_url(p).map_err(SyncError::Invalid)?;
+            if !list.contains(&p) {
+                list.push(p);
+            }
+        }
+        list.sort();
+        let raw = serde_json::to_vec(&list).map_err(|e| SyncError::Invalid(e.to_string()))?;
+        self.store.set_marker(DYNAMIC_PEERS, &raw).await?;
+        tracing::info!(peers = list.len(), "distributed peer list updated");
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Does the relay at `peer_url` have the identity `expected`? (`IsAuthorizedPeer`)
+    pub async fn is_authorized_peer(&self, peer_url: &str, expected: &str) -> bool {
+        let Ok(url) = normalize_http_url(peer_url) else {
+            return false;
+        };
+        match self.nip11.pubkey(&url).await {
+            Ok(pk) => pk.to_hex().eq_ignore_ascii_case(expected.trim()),
+            Err(_) => false,
+        }
+    }
+
+    /// The NIP-11 pubkey of a peer, hex ("" when unavailable).
+    pub async fn peer_pubkey(&self, peer_url: &str) -> String {
+        let Ok(url) = normalize_http_url(peer_url) else {
+            return String::new();
+        };
+        self.nip11
+            .pubkey(&url)
+            .await
+            .map(|p| p.to_hex())
+            .unwrap_or_default()
+    }
+
+    /// Our highest serial.
+    pub async fn current_serial(&self) -> Result<u64, SyncError> {
+        let stored = self.store.latest_serial().await?;
+        Ok(stored.max(self.notified_serial.load(Ordering::Relaxed)))
+    }
+
+    /// `{hex id: serial}` of the events in `from..=to`.
+    pub async fn event_ids(&self, from: u64, to: u64) -> Result<BTreeMap<String, u64>, SyncError> {
+        check_range(from, to).map_err(SyncError::Invalid)?;
+        let entries = self
+            .store
+            .ids_by_serial_range(from.max(1), to, MAX_RANGE as u32)
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|e| (e.id.to_hex(), e.serial))
+            .collect())
+    }
+
+    /// The relay stored an event: note its serial and wake the pull loop early (debounced).
+    pub fn notify_new_event(&self, serial: u64) {
+        self.notified_serial.fetch_max(serial, Ordering::Relaxed);
+        let mut last = self.last_wake.lock();
+        if last.is_none_or(|t| t.elapsed() >= NOTIFY_DEBOUNCE) {
+            *last = Some(Instant::now());
+            self.wake.notify_waiters();
+        }
+    }
+
+    /// Wakes every peer's pull now (`TriggerSync`).
+    pub fn trigger(&self) {
+        self.wake.notify_waiters();
+    }
+
+    /// Peer states for `GetSyncStatus`.
+    pub async fn peer_statuses(&self) -> Result<Vec<PeerStatus>, SyncError> {
+        let mut out = Vec::new();
+        for p in self.peers().await? {
+            out.push(self.book.status(&p).await?);
+        }
+        Ok(out)
+    }
+
+    /// Starts sharing the peers with the other replicas and pulling from ours. False if running.
+    pub fn start(self: &Arc<Self>) -> bool {
+        let mut task = self.task.lock();
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return false;
+        }
+        *task = Some(self.shard.spawn(self.clone()));
+        tracing::info!(interval = ?self.settings.interval, holder = %self.shard.holder(), "distributed sync started");
+        true
+    }
+
+    /// Stops pulling and gives this replica's peers back to the others.
+    pub async fn stop(&self) {
+        let task = self.task.lock().take();
+        if let Some(t) = task {
+            t.abort();
+        }
+        self.shard.release_all().await;
+    }
+
+    /// `POST /api/sync/current` (HandleCurrentRequest).
+    pub async fn handle_current(&self, req: &HttpRequest) -> HttpResponse {
+        if let Err(resp) = self.authorize(req).await {
+            return resp;
+        }
+        let body: CurrentRequest = match serve::parse_body(req) {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        if let Some(resp) = self.refuse_self(&body.node_id).await {
+            return resp;
+        }
+        let (node_id, serial) = match (self.node_id().await, self.current_serial().await) {
+            (Ok(n), Ok(s)) => (n, s),
+            (Err(e), _) | (_, Err(e)) => return HttpResponse::text(500, e.to_string()),
+        };
+        HttpResponse::json(
+            200,
+            &CurrentResponse {
+                node_id,
+                relay_url: self.relay_url(),
+                serial,
+            },
+        )
+    }
+
+    /// `POST /api/sync/event-ids` (HandleEventIDsRequest).
+    pub async fn handle_event_ids(&self, req: &HttpRequest) -> HttpResponse {
+        if let Err(resp) = self.authorize(req).await {
+            return resp;
+        }
+        let body: EventIdsRequest = match serve::parse_body(req) {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        if let Some(resp) = self.refuse_self(&body.node_id).await {
+            return resp;
+        }
+        if let Err(e) = check_range(body.from, body.to) {
+            return HttpResponse::text(400, e);
+        }
+        let result = match &body.ids {
+            Some(ids) => match serve::parse_ids(ids) {
+                Ok(ids) => serve::fetch_events(&self.store, &ids, |_| true)
+                    .await
+                    .map(|fetched| EventIdsResponse {
+                        event_map: BTreeMap::new(),
+                        fetched,
+                    }),
+                Err(resp) => return resp,
+            },
+            None => self
+                .event_ids(body.from, body.to)
+                .await
+                .map(|event_map| EventIdsResponse {
+                    event_map,
+                    fetched: FetchedEvents::default(),
+                }),
+        };
+        match result {
+            Ok(r) => HttpResponse::json(200, &r),
+            Err(e) => HttpResponse::text(500, e.to_string()),
+        }
+    }
+
+    async fn authorize(&self, req: &HttpRequest) -> Result<PublicKey, HttpResponse> {
+        if !req.method.eq_ignore_ascii_case("POST") {
+            return Err(HttpResponse::text(405, "Method not allowed"));
+        }
+        let peers = self
+            .peers()
+            .await
+            .map_err(|e| HttpResponse::text(500, e.to_string()))?;
+        serve::authorize_peer(req, &peers, &self.nip11).await
+    }
+
+    async fn refuse_self(&self, node_id: &str) -> Option<HttpResponse> {
+        let ours = self.node_id().await.ok()?;
+        (!node_id.is_empty() && node_id.eq_ignore_ascii_case(&ours))
+            .then(|| HttpResponse::text(400, "Cannot sync with self"))
+    }
+
+    /// One pull from `peer`: its serial, then everything since the last one we stored.
+    pub async fn poll_peer(&self, peer: &str) -> Result<PeerStatus, SyncError> {
+        let mut status = self.book.status(peer).await?;
+        status.holder = self.shard.holder().to_string();
+        let ours = self.identity.pubkey().await?;
+        if self.nip11.pubkey(peer).await.ok() == Some(ours) {
+            status.status = STATUS_SELF.into();
+            self.book.save_status(&status).await?;
+            return Ok(status);
+        }
+        let result = self.pull(peer, status.last_serial).await;
+        match &result {
+            Ok(report) => {
+                status.last_serial = report.last_serial;
+                status.status = STATUS_ACTIVE.into();
+                status.error_count = 0;
+                status.last_error.clear();
+                status.last_poll = nostr::Timestamp::now().as_secs() as i64;
+                status.events_stored += report.stored;
+                if report.stored > 0 {
+                    tracing::info!(%peer, stored = report.stored, last_serial = report.last_serial, "pulled from peer");
+                }
+                metrics::counter!("orly_sync_events_stored_total", "service" => "distributed")
+                    .increment(report.stored);
+            }
+            Err(e) => {
+                status.last_serial = self.book.last_serial(peer).await?.unwrap_or(0);
+                status.status = STATUS_ERROR.into();
+                status.error_count = status.error_count.saturating_add(1);
+                status.last_error = e.to_string();
+                tracing::warn!(%peer, error = %e, "distributed pull failed");
+            }
+        }
+        self.book.save_status(&status).await?;
+        result.map(|_| status)
+    }
+
+    async fn pull(&self, peer: &str, last: u64) -> Result<crate::peer::CatchupReport, SyncError> {
+        let source = self.source().await?;
+        let latest = source.latest(peer, last).await?;
+        let mut last = last;
+        if latest < last {
+            // The peer's store was replaced: its serials start over.
+            tracing::warn!(%peer, latest, last, "peer serial went backwards; pulling it again from the start");
+            last = 0;
+            self.book.set_last_serial(peer, 0).await?;
+        }
+        catch_up(
+            &self.store,
+            &source,
+            &self.book,
+            peer,
+            last,
+            latest,
+            CatchupRules::default(),
+        )
+        .await
+    }
+
+    async fn source(&self) -> Result<DistributedSource, SyncError> {
+        Ok(DistributedSource {
+            http: self.http.clone(),
+            keys: self.identity.keys().await?.clone(),
+            node_id: self.node_id().await?,
+            relay_url: self.relay_url(),
+            timeout: self.settings.timeout,
+        })
+    }
+}
+
+#[async_trait]
+impl ShardOwner for DistributedSync {
+    async fn targets(&self) -> Result<Vec<String>, SyncError> {
+        self.peers().await
+    }
+
+    fn start_worker(self: Arc<Self>, peer: String) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                let woken = self.wake.notified();
+                let _ = self.poll_peer(&peer).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(self.settings.interval) => {}
+                    _ = woken => {}
+                }
+            }
+        })
+    }
+}
+
+fn check_range(from: u64, to: u64) -> Result<(), String> {
+    if to < from {
+        return Err(format!("bad serial range: from {from} is after to {to}"));
+    }
+    if to - from.max(1) >= MAX_RANGE {
+        return Err(format!(
+            "serial range {from}..={to} too large (at most {MAX_RANGE} serials per call)"
+        ));
+    }
+    Ok(())
+}
+
+/// The client side of the distributed protocol.
+pub struct DistributedSource {
+    http: PeerHttp,
+    keys: nostr::Keys,
+    node_id: String,
+    relay_url: String,
+    timeout: Duration,
+}
+
+impl DistributedSource {
+    async fn event_ids(
+        &self,
+        peer: &str,
+        from: u64,
+        to: u64,
+        ids: Option<Vec<String>>,
+    ) -> Result<EventIdsResponse, SyncError> {
+        let body = serde_json::to_vec(&EventIdsRequest {
+            node_id: self.node_id.clone(),
+            relay_url: self.relay_url.clone(),
+            from,
+            to,
+            ids,
+        })
+        .map_err(|e| SyncError::Invalid(e.to_string()))?;
+        self.http
+            .json(
+                "POST",
+                &format!("{peer}{PATH_EVENT_IDS}"),
+                Some(body),
+                &self.keys,
+                self.timeout,
+            )
+            .await
+    }
+}
+
+#[async_trait]
+impl PeerSource for DistributedSource {
+    async fn latest(&self, peer: &str, _after: u64) -> Result<u64, SyncError> {
+        let body = serde_json::to_vec(&CurrentRequest {
+            node_id: self.node_id.clone(),
+            relay_url: self.relay_url.clone(),
+        })
+        .map_err(|e| SyncError::Invalid(e.to_string()))?;
+        let resp: CurrentResponse = self
+            .http
+            .json(
+                "POST",
+                &format!("{peer}{PATH_CURRENT}"),
+                Some(body),
+                &self.keys,
+                self.timeout,
+            )
+            .await?;
+        Ok(resp.serial)
+    }
+
+    async fn list(&self, peer: &str, from: u64, to: u64) -> Result<Page, SyncError> {
+        let end = to.min(from + MAX_RANGE - 1);
+        let resp = self.event_ids(peer, from, end, None).await?;
+        if resp.event_map.len() as u64 > end - from + 1 {
+            return Err(SyncError::garbage(
+                peer,
+                "more ids than serials in the range",
+            ));
+        }
+        let mut entries = resp
+            .event_map
+            .iter()
+            .map(|(id, serial)| {
+                EventId::from_hex(id)
+                    .map(|id| Listed {
+                        serial: *serial,
+                        id,
+                    })
+                    .map_err(|_| SyncError::garbage(peer, format!("invalid event id {id:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|l| l.serial);
+        Ok(Page { entries, end })
+    }
+
+    async fn fetch(
+        &self,
+        peer: &str,
+        from: u64,
+        to: u64,
+        ids: &[EventId],
+    ) -> Result<Vec<Event>, SyncError> {
+        serve::fetch_all(peer, ids, |ids| async move {
+            let hex = ids.iter().map(|i| i.to_hex()).collect();
+            self.event_ids(peer, from, to, Some(hex))
+                .await
+                .map(|r| r.fetched)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_ranges_are_checked() {
+        assert!(check_range(1, 1).is_ok());
+        assert!(check_range(0, 9_999).is_ok());
+        assert!(check_range(1, 10_000).is_ok());
+        assert!(check_range(1, 10_001).is_err());
+        assert!(check_range(5, 4).is_err());
+    }
+}

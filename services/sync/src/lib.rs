@@ -1,0 +1,42 @@
+//! orly-sync: the distributed, cluster and relay-group sync services of orly, on one shared
+//! peer-sync engine.
+//!
+//! - [`peer`]: per-peer state in the store and [`peer::catch_up`], which both pull protocols
+//!   use to page through a peer's serials, fetch what is missing, check it and store it in
+//!   order, resuming where a cut-off sync stopped;
+//! - [`shard`]: several replicas of a service split the peers by store leases;
+//! - [`serve`], [`http`], [`nip11`]: NIP-98 on both sides, the relay identity, peer identities;
+//! - [`distributed`], [`cluster`], [`relaygroup`]: the three services' logic;
+//! - [`api`]: what the relay calls, in-process or over gRPC ([`grpc_client`]); [`grpc_server`]
+//!   is the face of each service binary.
+
+pub mod api;
+pub mod cli;
+pub mod cluster;
+pub mod distributed;
+pub mod error;
+pub mod grpc_client;
+pub mod grpc_server;
+pub mod http;
+pub mod nip11;
+pub mod peer;
+pub mod relaygroup;
+pub mod serve;
+pub mod shard;
+
+pub use api::{ClusterApi, DistributedApi, RelayGroupApi};
+pub use cluster::{ClusterSettings, ClusterSync};
+pub use distributed::{DistributedSettings, DistributedSync};
+pub use error::SyncError;
+pub use grpc_client::{GrpcCluster, GrpcDistributed, GrpcRelayGroup};
+pub use http::{HttpRequest, HttpResponse};
+pub use relaygroup::RelayGroup;
+
+/// Parses a comma-separated list of pubkeys (npub or hex); empty entries are skipped.
+pub fn parse_pubkeys(s: &str) -> Result<Vec<nostr::PublicKey>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| nostr::PublicKey::parse(p).map_err(|e| format!("invalid pubkey {p:?}: {e}")))
+        .collect()
+}

@@ -1,0 +1,188 @@
+//! The serving side both pull protocols share: the relay identity, NIP-98 peer authorization,
+//! and answering a fetch (the events among requested ids) within a byte budget.
+
+use std::time::Duration;
+
+use nostr::{Event, EventId, JsonUtil, Keys, PublicKey};
+use orly_db::SharedStore;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::OnceCell;
+
+use crate::error::SyncError;
+use crate::http::{HttpRequest, HttpResponse};
+use crate::nip11::Nip11Cache;
+use crate::peer::MAX_FETCH_IDS;
+
+/// Bytes of events one fetch answer carries at most; the rest is flagged `more`.
+pub const FETCH_BUDGET: usize = 16 * 1024 * 1024;
+/// Largest response body a client reads (the budget plus one event at most).
+pub const MAX_RESPONSE: usize = FETCH_BUDGET + 1024 * 1024;
+
+/// The relay identity key, kept in the store (the NIP-11 `pubkey` of the relay).
+#[derive(Clone)]
+pub struct Identity {
+    store: SharedStore,
+    keys: std::sync::Arc<OnceCell<Keys>>,
+}
+
+impl Identity {
+    pub fn new(store: SharedStore) -> Self {
+        Self {
+            store,
+            keys: std::sync::Arc::new(OnceCell::new()),
+        }
+    }
+
+    pub async fn keys(&self) -> Result<&Keys, SyncError> {
+        self.keys
+            .get_or_try_init(|| async {
+                let secret = self.store.relay_identity_secret().await?;
+                let sk = nostr::SecretKey::from_slice(&secret)
+                    .map_err(|e| SyncError::Invalid(format!("stored identity key: {e}")))?;
+                Ok::<_, SyncError>(Keys::new(sk))
+            })
+            .await
+    }
+
+    pub async fn pubkey(&self) -> Result<PublicKey, SyncError> {
+        Ok(self.keys().await?.public_key())
+    }
+}
+
+/// Checks a forwarded request's NIP-98 header and that its signer is the NIP-11 identity of one
+/// of `peers`. `Err` is the answer to send: 401 for a missing or bad header, 403 for a signer
+/// that is no peer's.
+pub async fn authorize_peer(
+    req: &HttpRequest,
+    peers: &[String],
+    nip11: &Nip11Cache,
+) -> Result<PublicKey, HttpResponse> {
+    let now = nostr::Timestamp::now().as_secs();
+    let signer = req.nip98_signer(now).map_err(|e| {
+        tracing::info!(path = %req.path, remote = %req.remote_addr, reason = %e, "sync request refused");
+        HttpResponse::text(401, format!("Unauthorized: {e}"))
+    })?;
+    if peers.iter().any(|p| nip11.cached(p) == Some(signer)) {
+        return Ok(signer);
+    }
+    let lookups = futures::future::join_all(peers.iter().map(|p| nip11.pubkey(p))).await;
+    if lookups.iter().any(|r| r.as_ref().ok() == Some(&signer)) {
+        return Ok(signer);
+    }
+    tracing::info!(path = %req.path, remote = %req.remote_addr, %signer, "sync request from an unknown peer refused");
+    Err(HttpResponse::text(403, "Unauthorized peer"))
+}
+
+/// Parses a JSON request body, or the 400 to answer.
+pub fn parse_body<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T, HttpResponse> {
+    serde_json::from_slice(&req.body)
+        .map_err(|e| HttpResponse::text(400, format!("Invalid request body: {e}")))
+}
+
+/// Hex ids from a request, at most [`MAX_FETCH_IDS`].
+pub fn parse_ids(ids: &[String]) -> Result<Vec<EventId>, HttpResponse> {
+    if ids.len() > MAX_FETCH_IDS {
+        return Err(HttpResponse::text(
+            400,
+            format!("too many ids: {} (at most {MAX_FETCH_IDS})", ids.len()),
+        ));
+    }
+    ids.iter()
+        .map(|h| {
+            EventId::from_hex(h)
+                .map_err(|_| HttpResponse::text(400, format!("invalid event id {h:?}")))
+        })
+        .collect()
+}
+
+/// Events as they travel in a fetch answer.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct FetchedEvents {
+    #[serde(default)]
+    pub events: Vec<Box<RawValue>>,
+    /// Some requested events did not fit the byte budget: ask again for the rest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
+}
+
+/// The stored events among `ids` that `keep` accepts, as JSON within [`FETCH_BUDGET`].
+pub async fn fetch_events(
+    store: &SharedStore,
+    ids: &[EventId],
+    keep: impl Fn(&Event) -> bool,
+) -> Result<FetchedEvents, SyncError> {
+    let mut out = FetchedEvents::default();
+    let mut bytes = 0usize;
+    for event in store.fetch_by_ids(ids).await? {
+        if !keep(&event) {
+            continue;
+        }
+        let json = event.as_json();
+        if bytes + json.len() > FETCH_BUDGET && !out.events.is_empty() {
+            out.more = true;
+            break;
+        }
+        bytes += json.len();
+        out.events.push(
+            RawValue::from_string(json)
+                .map_err(|e| SyncError::Invalid(format!("event JSON: {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Parses fetched events: each an object or (ORLY v0.24's form) a string holding one.
+pub fn parse_fetched(peer: &str, raw: &[Box<RawValue>]) -> Result<Vec<Event>, SyncError> {
+    raw.iter()
+        .map(|r| {
+            let text = r.get();
+            let parsed = if text.starts_with('"') {
+                serde_json::from_str::<String>(text)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| Event::from_json(s).map_err(|e| e.to_string()))
+            } else {
+                Event::from_json(text).map_err(|e| e.to_string())
+            };
+            parsed.map_err(|e| SyncError::garbage(peer, format!("malformed event: {e}")))
+        })
+        .collect()
+}
+
+/// Fetches `ids` from a peer through `call` (one request per round), following `more`.
+pub async fn fetch_all<F, Fut>(
+    peer: &str,
+    ids: &[EventId],
+    mut call: F,
+) -> Result<Vec<Event>, SyncError>
+where
+    F: FnMut(Vec<EventId>) -> Fut,
+    Fut: std::future::Future<Output = Result<FetchedEvents, SyncError>>,
+{
+    let mut out: Vec<Event> = Vec::with_capacity(ids.len());
+    let mut pending: Vec<EventId> = ids.to_vec();
+    loop {
+        let answer = call(pending.clone()).await?;
+        let got = parse_fetched(peer, &answer.events)?;
+        if answer.more && got.is_empty() {
+            return Err(SyncError::garbage(peer, "answered `more` without events"));
+        }
+        let got_ids: std::collections::HashSet<EventId> = got.iter().map(|e| e.id).collect();
+        out.extend(got);
+        if !answer.more {
+            return Ok(out);
+        }
+        pending.retain(|id| !got_ids.contains(id));
+        if pending.is_empty() {
+            return Ok(out);
+        }
+    }
+}
+
+/// A deadline for calls to peers that must answer promptly.
+pub fn clamp_wait(ms: Option<&str>, max: Duration) -> Duration {
+    ms.and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::ZERO)
+        .min(max)
+}
