@@ -125,6 +125,42 @@ pub struct Cli {
     #[arg(long, env = "ORLY_RELAY_URL")]
     pub relay_url: Option<String>,
 
+    /// orly-sync-distributed address for --sync-type grpc (e.g. 127.0.0.1:50061); unset: no
+    /// distributed sync.
+    #[arg(long, env = "ORLY_GRPC_SYNC_DISTRIBUTED")]
+    pub grpc_sync_distributed: Option<String>,
+    /// orly-sync-cluster address for --sync-type grpc (e.g. 127.0.0.1:50062); unset: no cluster.
+    #[arg(long, env = "ORLY_GRPC_SYNC_CLUSTER")]
+    pub grpc_sync_cluster: Option<String>,
+    /// orly-sync-relaygroup address for --sync-type grpc (e.g. 127.0.0.1:50063); unset: no
+    /// relay group.
+    #[arg(long, env = "ORLY_GRPC_SYNC_RELAYGROUP")]
+    pub grpc_sync_relaygroup: Option<String>,
+    /// Distributed sync peers (http(s) or ws(s) URLs, comma-separated) for local sync; with
+    /// peers or relay group admins the distributed sync runs in-process.
+    #[arg(long, env = "ORLY_RELAY_PEERS", default_value = "")]
+    pub relay_peers: String,
+    /// Time between distributed pulls from each peer (local sync).
+    #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub distributed_interval: Duration,
+    /// Who may publish cluster membership (kind 39108), npub or hex (local sync); falls back to
+    /// ORLY_ADMINS, as ORLY does. With admins the cluster sync runs in-process.
+    #[arg(long, env = "ORLY_CLUSTER_ADMINS")]
+    pub cluster_admins: Option<String>,
+    /// Replicate privileged events (DMs, gift wraps, …) between cluster members (local sync).
+    #[arg(long, env = "ORLY_CLUSTER_PROPAGATE_PRIVILEGED_EVENTS", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub cluster_propagate_privileged: bool,
+    /// Pause after a failed cluster poll (local sync).
+    #[arg(long, env = "ORLY_SYNC_CLUSTER_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub cluster_poll_interval: Duration,
+    /// Who may publish relay group configs (kinds 39105 and 10008), npub or hex (local sync).
+    #[arg(long, env = "ORLY_RELAY_GROUP_ADMINS", default_value = "")]
+    pub relay_group_admins: String,
+    /// How often the relay looks for events stored by other processes (sync services, other
+    /// relay replicas) to deliver them to live subscriptions; 0 disables.
+    #[arg(long, env = "ORLY_STORE_FOLLOW_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
+    pub store_follow_interval: Duration,
+
     /// NIP-11 name.
     #[arg(long, env = "ORLY_APP_NAME", default_value = "orly")]
     pub name: String,

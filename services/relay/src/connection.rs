@@ -471,10 +471,23 @@ async fn ingest(conn: &Conn, raw: &str) -> String {
         metrics::counter!("orly_events_total", "result" => "ephemeral").increment(1);
         return message::ok_message(&id, true, "");
     }
+    let hooks = relay.sync_hooks().cloned();
+    if let Some(hooks) = &hooks {
+        if let Err(reason) = hooks.before_store(&event).await {
+            return refuse(&reason);
+        }
+    }
     match relay.store.save_event(&event).await {
-        Ok(SaveOutcome::Stored { .. }) => {
+        Ok(SaveOutcome::Stored { serial }) => {
             metrics::counter!("orly_events_total", "result" => "stored").increment(1);
-            relay.registry.broadcast(&event);
+            if relay.claims.claim(event.id) {
+                relay.registry.broadcast(&event);
+            }
+            if let Some(hooks) = hooks {
+                let relay = relay.clone();
+                let event = event.clone();
+                tokio::spawn(async move { hooks.after_store(&relay, &event, serial).await });
+            }
             // Before the OK, so an admin's new follow list applies by the time it is acked.
             relay.acl.on_event_stored(&event).await;
             message::ok_message(&id, true, "")

@@ -8,6 +8,7 @@ pub mod message;
 pub mod nip11;
 pub mod server;
 pub mod subscriptions;
+pub mod sync;
 
 pub use config::{Cli, Limits, RelayConfig};
 pub use server::{spawn, Relay, RunningRelay};

@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use nostr::PublicKey;
 use orly_db::SharedStore;
@@ -23,10 +23,14 @@ use crate::acl::Acl;
 use crate::config::RelayConfig;
 use crate::nip11;
 use crate::subscriptions::Registry;
+use crate::sync::{Claims, SyncHooks};
 
 /// Hard cap on a WebSocket message: beyond the configured limit we still read the message
 /// (to answer it with a clear refusal); beyond this the socket is closed by the protocol layer.
 const HARD_MESSAGE_CAP_FACTOR: usize = 4;
+
+/// Largest sync request body (a fetch names at most 1000 ids).
+const MAX_SYNC_BODY: usize = 1024 * 1024;
 
 /// Largest NIP-86 request body.
 const MAX_NIP86_BODY: usize = 64 * 1024;
@@ -43,6 +47,10 @@ pub struct Relay {
     negentropy: std::sync::OnceLock<Arc<dyn NegentropyHandler>>,
     /// Distinguishes this process's connections at a shared negentropy service.
     pub instance: String,
+    /// The peer sync services (`None`: their endpoints answer 404).
+    sync: std::sync::OnceLock<Arc<SyncHooks>>,
+    /// Exactly-once live delivery between ingest and the store follower.
+    pub claims: Claims,
     identity: OnceCell<PublicKey>,
     shutdown: watch::Sender<bool>,
 }
@@ -67,6 +75,8 @@ impl Relay {
             registry: Registry::default(),
             negentropy: std::sync::OnceLock::new(),
             instance: hex::encode(rand::random::<[u8; 6]>()),
+            sync: std::sync::OnceLock::new(),
+            claims: Claims::default(),
             identity: OnceCell::new(),
             shutdown: watch::channel(false).0,
         })
@@ -75,6 +85,15 @@ impl Relay {
     /// Enables NIP-77: NEG-OPEN / NEG-MSG / NEG-CLOSE go to `handler`. Set once, before serving.
     pub fn enable_negentropy(&self, handler: Arc<dyn NegentropyHandler>) {
         let _ = self.negentropy.set(handler);
+    }
+
+    /// Connects the peer sync services. Set once, before serving.
+    pub fn enable_sync(&self, hooks: Arc<SyncHooks>) {
+        let _ = self.sync.set(hooks);
+    }
+
+    pub fn sync_hooks(&self) -> Option<&Arc<SyncHooks>> {
+        self.sync.get()
     }
 
     /// The NIP-77 handler, when enabled.
@@ -117,6 +136,10 @@ impl Relay {
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route(orly_acl::nip86::PATH, post(nip86))
+            .route(orly_sync::distributed::PATH_CURRENT, any(sync_http))
+            .route(orly_sync::distributed::PATH_EVENT_IDS, any(sync_http))
+            .route(orly_sync::cluster::PATH_LATEST, any(sync_http))
+            .route(orly_sync::cluster::PATH_EVENTS, any(sync_http))
             .fallback(root)
             .with_state(self.clone())
             .merge(orly_common::metrics::router())
@@ -128,6 +151,72 @@ async fn readyz(State(relay): State<Arc<Relay>>) -> Response {
         Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store: timed out").into_response(),
+    }
+}
+
+/// The peer sync endpoints, answered by the distributed or cluster sync service.
+async fn sync_http(
+    State(relay): State<Arc<Relay>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let hooks = relay.sync_hooks();
+    let path = req.uri().path().to_string();
+    let distributed = hooks.and_then(|h| h.distributed.clone());
+    let cluster = hooks.and_then(|h| h.cluster.clone());
+    let enabled = match path.as_str() {
+        orly_sync::distributed::PATH_CURRENT | orly_sync::distributed::PATH_EVENT_IDS => {
+            distributed.is_some()
+        }
+        _ => cluster.is_some(),
+    };
+    if !enabled {
+        return (StatusCode::NOT_FOUND, "sync is not enabled on this relay").into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_SYNC_BODY).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
+    };
+    let mut headers = std::collections::BTreeMap::new();
+    for (name, value) in &parts.headers {
+        if let Ok(v) = value.to_str() {
+            headers.insert(name.as_str().to_ascii_lowercase(), v.to_string());
+        }
+    }
+    let forwarded = orly_sync::HttpRequest {
+        method: parts.method.as_str().to_string(),
+        path: path.clone(),
+        headers,
+        body: body.to_vec(),
+        query_string: parts.uri.query().unwrap_or_default().to_string(),
+        remote_addr: peer.to_string(),
+    };
+    let result = match (path.as_str(), distributed, cluster) {
+        (orly_sync::distributed::PATH_CURRENT, Some(d), _) => d.handle_current(forwarded).await,
+        (orly_sync::distributed::PATH_EVENT_IDS, Some(d), _) => d.handle_event_ids(forwarded).await,
+        (orly_sync::cluster::PATH_LATEST, _, Some(c)) => c.handle_latest(forwarded).await,
+        (_, _, Some(c)) => c.handle_events(forwarded).await,
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    match result {
+        Ok(resp) => {
+            let mut builder = Response::builder()
+                .status(StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY));
+            for (k, v) in &resp.headers {
+                builder = builder.header(k.as_str(), v.as_str());
+            }
+            builder
+                .body(Body::from(resp.body))
+                .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+        }
+        Err(e) => {
+            tracing::warn!(%path, error = %e, "sync service unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("sync service unavailable: {e}"),
+            )
+                .into_response()
+        }
     }
 }
 

@@ -327,6 +327,7 @@ impl ClusterSync {
             self.book.set_last_serial(new, 0).await?;
             tracing::info!(member = %new, "cluster member added");
         }
+        self.shard.kick();
         Ok(())
     }
 
@@ -662,6 +663,7 @@ impl ClusterSync {
                 status.last_poll = now;
                 status.last_serial = r.last_serial;
                 status.events_stored += r.stored;
+                status.events_fetched += r.fetched;
                 (changed || r.stored > 0, r.pages > 0)
             }
             Err(e) => {

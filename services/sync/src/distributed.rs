@@ -99,12 +99,16 @@ pub struct EventIdsRequest {
     pub ids: Option<Vec<String>>,
 }
 
+/// (`events` and `more` are ours, for a request naming `ids`; not flattened from
+/// [`FetchedEvents`] because serde cannot flatten raw JSON values.)
 #[derive(Debug, Serialize, Deserialize, Default)]
 pub struct EventIdsResponse {
     #[serde(default)]
     pub event_map: BTreeMap<String, u64>,
-    #[serde(flatten)]
-    pub fetched: FetchedEvents,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<Box<serde_json::value::RawValue>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// The distributed sync of one relay (one replica of the service).
@@ -222,6 +226,7 @@ impl DistributedSync {
         let raw = serde_json::to_vec(&list).map_err(|e| SyncError::Invalid(e.to_string()))?;
         self.store.set_marker(DYNAMIC_PEERS, &raw).await?;
         tracing::info!(peers = list.len(), "distributed peer list updated");
+        self.shard.kick();
         self.wake.notify_waiters();
         Ok(())
     }
@@ -359,7 +364,8 @@ impl DistributedSync {
                     .await
                     .map(|fetched| EventIdsResponse {
                         event_map: BTreeMap::new(),
-                        fetched,
+                        events: fetched.events,
+                        more: fetched.more,
                     }),
                 Err(resp) => return resp,
             },
@@ -368,7 +374,7 @@ impl DistributedSync {
                 .await
                 .map(|event_map| EventIdsResponse {
                     event_map,
-                    fetched: FetchedEvents::default(),
+                    ..EventIdsResponse::default()
                 }),
         };
         match result {
@@ -413,6 +419,7 @@ impl DistributedSync {
                 status.last_error.clear();
                 status.last_poll = nostr::Timestamp::now().as_secs() as i64;
                 status.events_stored += report.stored;
+                status.events_fetched += report.fetched;
                 if report.stored > 0 {
                     tracing::info!(%peer, stored = report.stored, last_serial = report.last_serial, "pulled from peer");
                 }
@@ -590,7 +597,10 @@ impl PeerSource for DistributedSource {
             let hex = ids.iter().map(|i| i.to_hex()).collect();
             self.event_ids(peer, from, to, Some(hex))
                 .await
-                .map(|r| r.fetched)
+                .map(|r| FetchedEvents {
+                    events: r.events,
+                    more: r.more,
+                })
         })
         .await
     }

@@ -42,6 +42,9 @@ pub struct PeerStatus {
     pub last_error: String,
     /// Events stored from this peer, all time.
     pub events_stored: u64,
+    /// Events this peer sent us, all time (more than stored: some arrived by another path
+    /// meanwhile; ids we already had are never fetched).
+    pub events_fetched: u64,
     /// Replica that polled last.
     pub holder: String,
 }

@@ -36,6 +36,7 @@ pub struct Shard {
     holder: String,
     ttl: Duration,
     workers: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    kick: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Shard {
@@ -81,7 +82,13 @@ impl Shard {
             holder,
             ttl,
             workers: Mutex::new(BTreeMap::new()),
+            kick: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Runs the next round now (the target list changed).
+    pub fn kick(&self) {
+        self.kick.notify_one();
     }
 
     pub fn holder(&self) -> &str {
@@ -108,7 +115,10 @@ impl Shard {
             let mut tick = tokio::time::interval(shard.ttl / 3);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shard.kick.notified() => {}
+                }
                 if let Err(e) = shard.round(&owner).await {
                     tracing::warn!(ns = shard.ns, error = %e, "shard round failed");
                 }
