@@ -343,3 +343,27 @@ async fn follow_once(
 pub fn pubkeys(list: &str) -> Result<Vec<PublicKey>, String> {
     orly_sync::parse_pubkeys(list)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_event_is_claimed_once_by_whichever_side_comes_first() {
+        let claims = Claims::default();
+        let id = EventId::all_zeros();
+        // Without a follower every claim succeeds and nothing is kept.
+        assert!(claims.claim(id));
+        assert!(claims.claim(id));
+        claims
+            .active
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(claims.claim(id), "first side delivers");
+        assert!(!claims.claim(id), "second side drops");
+        assert!(claims.set.lock().is_empty(), "nothing left behind");
+        assert!(
+            claims.claim(id),
+            "a later store of the same id is new again"
+        );
+    }
+}

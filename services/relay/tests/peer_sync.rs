@@ -494,7 +494,18 @@ async fn cluster_replicates_members_and_follows_membership_changes(mode: Mode) {
     publish(&nodes[1], std::slice::from_ref(&first)).await;
 
     let keys = Keys::generate();
+    // A live subscription on B sees what arrives from A (delivered by B's store follower).
+    let mut live = RawClient::connect(&nodes[1].ws()).await;
+    live.send_json(json!(["REQ", "live", {"authors": [keys.public_key().to_hex()]}]))
+        .await;
+    live.recv_type("EOSE").await;
     let e1 = publish(&nodes[0], &notes(&keys, "members only", 5)).await;
+    let mut seen = BTreeSet::new();
+    while seen.len() < e1.len() {
+        let v = live.recv_type("EVENT").await;
+        seen.insert(v[2]["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen, e1.iter().cloned().collect::<BTreeSet<_>>());
     wait_all(&nodes[1], &e1, "A to B").await;
     let e1b = publish(&nodes[1], &notes(&keys, "from B", 5)).await;
     wait_all(&nodes[0], &e1b, "B to A").await;
