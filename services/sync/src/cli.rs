@@ -101,3 +101,74 @@ where
     tracing::info!("{name} stopped");
     Ok(())
 }
+
+/// Declares a service binary's `Args`: the options every sync service has — listen address,
+/// storage, log level, metrics, with env names under `prefix` — followed by its own fields.
+/// Also gives `Args::parse_all()` (the arguments and the log level, with ORLY's
+/// `<prefix>_LOG_LEVEL` fallback) and `Args::open_store()`.
+#[macro_export]
+macro_rules! service_args {
+    (
+        name: $name:literal,
+        prefix: $prefix:literal,
+        listen: $listen:literal,
+        about: $about:literal,
+        { $($extra:tt)* }
+    ) => {
+        #[derive(Debug, clap::Parser)]
+        #[command(name = $name, version, about = $about)]
+        struct Args {
+            /// gRPC listen address (host:port).
+            #[arg(long, env = concat!($prefix, "_LISTEN"), default_value = $listen)]
+            listen: String,
+            /// Storage: grpc (orly-db), sqlite or postgres.
+            #[arg(long, env = concat!($prefix, "_DB_TYPE"), default_value = "grpc")]
+            db_type: orly_db::StoreKind,
+            /// orly-db address with --db-type grpc.
+            #[arg(long, env = concat!($prefix, "_DB_SERVER"), default_value = "127.0.0.1:50051")]
+            db_server: String,
+            /// Deadline of one orly-db call with --db-type grpc.
+            #[arg(long, env = concat!($prefix, "_DB_TIMEOUT"), default_value = "10s", value_parser = orly_common::parse_duration)]
+            db_timeout: std::time::Duration,
+            /// Data directory holding the SQLite file (orly.db) with --db-type sqlite.
+            #[arg(long, env = "ORLY_DATA_DIR", default_value_os_t = orly_db::config::default_data_dir())]
+            data_dir: std::path::PathBuf,
+            /// PostgreSQL URL with --db-type postgres.
+            #[arg(long, env = "ORLY_DB_URL")]
+            db_url: Option<String>,
+            #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info",
+                  help = concat!("Log level or tracing filter (falls back to ", $prefix, "_LOG_LEVEL when unset)"))]
+            log_level: String,
+            /// Prometheus /metrics listen address (host:port); empty disables metrics.
+            #[arg(long, env = "ORLY_METRICS_LISTEN", default_value = "")]
+            metrics_listen: String,
+            $($extra)*
+        }
+
+        impl Args {
+            /// The arguments (exits with clap's message on bad ones) and the log level.
+            fn parse_all() -> (Self, String) {
+                use clap::{CommandFactory, FromArgMatches};
+                let matches = Self::command().get_matches();
+                let args = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+                let level = orly_common::service::log_level(
+                    &matches,
+                    &args.log_level,
+                    concat!($prefix, "_LOG_LEVEL"),
+                );
+                (args, level)
+            }
+
+            async fn open_store(&self) -> anyhow::Result<orly_db::SharedStore> {
+                $crate::cli::store(
+                    self.db_type,
+                    &self.db_server,
+                    self.data_dir.clone(),
+                    self.db_url.clone(),
+                    self.db_timeout,
+                )
+                .await
+            }
+        }
+    };
+}

@@ -699,7 +699,10 @@ impl ShardOwner for ClusterSync {
                 match self.poll_member(&member).await {
                     // A member that answered at once without news cannot long-poll (ORLY):
                     // fall back to polling it every interval.
-                    Ok(false) if started.elapsed() < self.settings.long_poll / 2 => {
+                    Ok(false)
+                        if self.settings.long_poll.is_zero()
+                            || started.elapsed() < self.settings.long_poll / 2 =>
+                    {
                         tokio::time::sleep(self.settings.poll_interval).await;
                     }
                     Ok(_) => {}

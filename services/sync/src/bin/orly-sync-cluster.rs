@@ -1,49 +1,20 @@
 //! orly-sync-cluster: replication between the member relays of a cluster (membership by kind
 //! 39108), as `orlysync.cluster.v1.ClusterSyncService` with `grpc.health.v1`, until SIGTERM.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::anyhow;
 use clap::builder::BoolishValueParser;
-use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
-use orly_db::{config, StoreKind};
+use clap::ArgAction;
 use orly_sync::cli::{self, env_bool, fallback};
 use orly_sync::{grpc_server, parse_pubkeys, ClusterSettings, ClusterSync};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "orly-sync-cluster",
-    version,
-    about = "orly cluster sync: replicates every member relay of the cluster (membership by kind 39108) in near real time"
-)]
-struct Args {
-    /// gRPC listen address (host:port).
-    #[arg(
-        long,
-        env = "ORLY_SYNC_CLUSTER_LISTEN",
-        default_value = "127.0.0.1:50062"
-    )]
-    listen: String,
-    /// Storage: grpc (orly-db), sqlite or postgres.
-    #[arg(long, env = "ORLY_SYNC_CLUSTER_DB_TYPE", default_value = "grpc")]
-    db_type: StoreKind,
-    /// orly-db address with --db-type grpc.
-    #[arg(
-        long,
-        env = "ORLY_SYNC_CLUSTER_DB_SERVER",
-        default_value = "127.0.0.1:50051"
-    )]
-    db_server: String,
-    /// Deadline of one orly-db call with --db-type grpc.
-    #[arg(long, env = "ORLY_SYNC_CLUSTER_DB_TIMEOUT", default_value = "10s", value_parser = orly_common::parse_duration)]
-    db_timeout: Duration,
-    /// Data directory holding the SQLite file (orly.db) with --db-type sqlite.
-    #[arg(long, env = "ORLY_DATA_DIR", default_value_os_t = config::default_data_dir())]
-    data_dir: PathBuf,
-    /// PostgreSQL URL with --db-type postgres.
-    #[arg(long, env = "ORLY_DB_URL")]
-    db_url: Option<String>,
+orly_sync::service_args! {
+    name: "orly-sync-cluster",
+    prefix: "ORLY_SYNC_CLUSTER",
+    listen: "127.0.0.1:50062",
+    about: "orly cluster sync: replicates every member relay of the cluster (membership by kind 39108) in near real time",
+    {
     /// Who may publish cluster membership (kind 39108), npub or hex, comma-separated
     /// [falls back to ORLY_CLUSTER_ADMINS, then ORLY_ADMINS].
     #[arg(long, env = "ORLY_SYNC_CLUSTER_ADMINS")]
@@ -76,12 +47,7 @@ struct Args {
     /// Start replicating at start-up (false: only the Start RPC starts it).
     #[arg(long, env = "ORLY_SYNC_CLUSTER_AUTOSTART", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     autostart: bool,
-    /// Log level or tracing filter (falls back to ORLY_SYNC_CLUSTER_LOG_LEVEL when unset).
-    #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info")]
-    log_level: String,
-    /// Prometheus /metrics listen address (host:port); empty disables metrics.
-    #[arg(long, env = "ORLY_METRICS_LISTEN", default_value = "")]
-    metrics_listen: String,
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -89,13 +55,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let matches = Args::command().get_matches();
-    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    orly_common::init_tracing(&orly_common::service::log_level(
-        &matches,
-        &args.log_level,
-        "ORLY_SYNC_CLUSTER_LOG_LEVEL",
-    ));
+    let (args, log_level) = Args::parse_all();
+    orly_common::init_tracing(&log_level);
     let admins =
         fallback(args.admins.clone(), &["ORLY_CLUSTER_ADMINS", "ORLY_ADMINS"]).unwrap_or_default();
     let admins = parse_pubkeys(&admins).map_err(|e| anyhow!("ORLY_SYNC_CLUSTER_ADMINS: {e}"))?;
@@ -117,14 +78,7 @@ async fn run() -> anyhow::Result<()> {
         allow_unauthenticated: args.allow_unauthenticated,
         ..ClusterSettings::default()
     };
-    let store = cli::store(
-        args.db_type,
-        &args.db_server,
-        args.data_dir.clone(),
-        args.db_url.clone(),
-        args.db_timeout,
-    )
-    .await?;
+    let store = args.open_store().await?;
     let sync = ClusterSync::new(store, settings).map_err(|e| anyhow!(e))?;
     if args.autostart {
         sync.start();
