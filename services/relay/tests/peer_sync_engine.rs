@@ -611,3 +611,35 @@ async fn cluster_listing_pages_and_hides_privileged_events() {
         );
     }
 }
+
+/// A poll that finishes after its member was removed (its worker not yet stopped) records a
+/// serial for that member; the member must stay removed. (The member list was once derived
+/// from those serial markers, and such a late write brought the member back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_stays_removed_when_a_late_poll_writes_its_serial() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir.path().join("t.db")).await;
+    let sync = ClusterSync::new(store.clone(), ClusterSettings::default()).unwrap();
+    sync.update_membership(&PEERS.map(String::from))
+        .await
+        .unwrap();
+    assert_eq!(sync.member_urls().await.unwrap().len(), 4);
+    sync.update_membership(&PEERS[..2].iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    // What the removed member's late worker does at the end of a page.
+    orly_sync::peer::PeerBook::new(store.clone(), "cluster")
+        .set_last_serial(PEERS[3], 42)
+        .await
+        .unwrap();
+    assert_eq!(
+        sync.member_urls().await.unwrap(),
+        PEERS[..2].iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    );
+    // Re-added, it starts again from serial 0 (it catches up everything).
+    sync.update_membership(&PEERS.map(String::from))
+        .await
+        .unwrap();
+    let m = sync.member(PEERS[3]).await.unwrap().unwrap();
+    assert_eq!(m.last_serial, 0);
+}

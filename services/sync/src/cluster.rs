@@ -11,6 +11,10 @@
 //! NIP-98 signed by a member's identity (unsigned ORLY-style requests only with
 //! `allow_unauthenticated`). Privileged kinds are left out unless propagation is on.
 //!
+//! State: `cluster:members` (the member list), `cluster:peer:<url>` (the last serial from a
+//! member, 8 bytes big-endian as ORLY keeps it), `cluster:state:<url>` (status JSON),
+//! `cluster:membership` (the membership event applied last).
+//!
 //! Pulling: one worker per member this replica holds the lease of long-polls the member and
 //! catches up whatever it stored since the last serial we have from it, so a new event reaches
 //! the other members within one round trip (p50 a few ms on loopback) and a member that was away
@@ -52,6 +56,9 @@ pub const MAX_MEMBERS: usize = 1000;
 const WATCH_PERIOD: Duration = Duration::from_millis(10);
 /// Store marker of the membership event applied last: JSON {id, created_at}.
 const APPLIED: &str = "cluster:membership";
+/// Store marker of the member list (JSON array of http URLs). Kept apart from the per-member
+/// serial markers so that a poll finishing after its member was removed cannot bring it back.
+const MEMBERS: &str = "cluster:members";
 
 /// Settings of the cluster sync.
 #[derive(Debug, Clone)]
@@ -276,9 +283,18 @@ impl ClusterSync {
     /// Member URLs (without ourselves), sorted.
     pub async fn member_urls(&self) -> Result<Vec<String>, SyncError> {
         let own = self.settings.relay_url.as_deref();
-        let mut urls = self.book.urls().await?;
+        let mut urls = self.stored_members().await?;
         urls.retain(|u| Some(u.as_str()) != own);
         Ok(urls)
+    }
+
+    async fn stored_members(&self) -> Result<Vec<String>, SyncError> {
+        Ok(match self.store.get_marker(MEMBERS).await? {
+            Some(raw) => serde_json::from_slice(&raw).map_err(|e| {
+                SyncError::Store(orly_db::StoreError::Corrupt(format!("member list: {e}")))
+            })?,
+            None => Vec::new(),
+        })
     }
 
     pub async fn members(&self) -> Result<Vec<ClusterMember>, SyncError> {
@@ -318,14 +334,17 @@ impl ClusterSync {
                 wanted.push(u);
             }
         }
-        let current = self.book.urls().await?;
-        for gone in current.iter().filter(|u| !wanted.contains(u)) {
-            self.book.remove(gone).await?;
-            tracing::info!(member = %gone, "cluster member removed");
-        }
+        wanted.sort();
+        let current = self.stored_members().await?;
         for new in wanted.iter().filter(|u| !current.contains(u)) {
             self.book.set_last_serial(new, 0).await?;
             tracing::info!(member = %new, "cluster member added");
+        }
+        let list = serde_json::to_vec(&wanted).map_err(|e| SyncError::Invalid(e.to_string()))?;
+        self.store.set_marker(MEMBERS, &list).await?;
+        for gone in current.iter().filter(|u| !wanted.contains(u)) {
+            self.book.remove(gone).await?;
+            tracing::info!(member = %gone, "cluster member removed");
         }
         self.shard.kick();
         Ok(())

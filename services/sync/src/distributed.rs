@@ -8,7 +8,6 @@
 //! serial stored from it, which persists across restarts.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,7 +119,6 @@ pub struct DistributedSync {
     http: PeerHttp,
     book: PeerBook,
     shard: Arc<Shard>,
-    notified_serial: AtomicU64,
     wake: Notify,
     last_wake: Mutex<Option<Instant>>,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -160,7 +158,6 @@ impl DistributedSync {
             )),
             store,
             settings,
-            notified_serial: AtomicU64::new(0),
             wake: Notify::new(),
             last_wake: Mutex::new(None),
             task: Mutex::new(None),
@@ -254,10 +251,10 @@ impl DistributedSync {
             .unwrap_or_default()
     }
 
-    /// Our highest serial.
+    /// Our highest serial, always read from the store (a notification never moves it: a wrong
+    /// one would send peers paging through serials that do not exist).
     pub async fn current_serial(&self) -> Result<u64, SyncError> {
-        let stored = self.store.latest_serial().await?;
-        Ok(stored.max(self.notified_serial.load(Ordering::Relaxed)))
+        Ok(self.store.latest_serial().await?)
     }
 
     /// `{hex id: serial}` of the events in `from..=to`.
@@ -273,9 +270,9 @@ impl DistributedSync {
             .collect())
     }
 
-    /// The relay stored an event: note its serial and wake the pull loop early (debounced).
+    /// The relay stored an event: wake the pull loop early (debounced).
     pub fn notify_new_event(&self, serial: u64) {
-        self.notified_serial.fetch_max(serial, Ordering::Relaxed);
+        metrics::gauge!("orly_sync_notified_serial").set(serial as f64);
         let mut last = self.last_wake.lock();
         if last.is_none_or(|t| t.elapsed() >= NOTIFY_DEBOUNCE) {
             *last = Some(Instant::now());

@@ -161,10 +161,7 @@ impl dpb::distributed_sync_service_server::DistributedSyncService for Distribute
     }
 
     async fn update_serial(&self, _: Request<common::Empty>) -> GrpcResult<common::Empty> {
-        // The serial is read from the store on every request; this refreshes the notified
-        // value for GetInfo and wakes nobody.
-        let serial = self.0.current_serial().await?;
-        self.0.notify_new_event(serial);
+        // The current serial is read from the store on every request: nothing to refresh.
         Ok(Response::new(common::Empty {}))
     }
 
