@@ -259,6 +259,14 @@ impl Claims {
         set.insert(id);
         true
     }
+
+    /// Takes back claims this side made but could not deliver.
+    pub fn unclaim(&self, ids: impl IntoIterator<Item = EventId>) {
+        let mut set = self.set.lock();
+        for id in ids {
+            set.remove(&id);
+        }
+    }
 }
 
 /// Delivers events stored by other processes to live subscriptions (and applies replicated
@@ -314,18 +322,33 @@ async fn follow_once(
         let Some(last) = entries.last().map(|e| e.serial) else {
             break;
         };
-        let serials: Vec<u64> = entries.iter().map(|e| e.serial).collect();
-        let mut events = store.fetch_by_serials(&serials).await?;
+        // Claimed before fetching: the relay's own events (claimed by its ingest) are never
+        // read back.
+        let claimed: Vec<&orly_db::SerialEntry> = entries
+            .iter()
+            .filter(|e| relay.claims.claim(e.id))
+            .collect();
+        let serials: Vec<u64> = claimed.iter().map(|e| e.serial).collect();
+        let mut events = if serials.is_empty() {
+            Vec::new()
+        } else {
+            match store.fetch_by_serials(&serials).await {
+                Ok(events) => events,
+                Err(e) => {
+                    // Given back, so that the next attempt delivers them.
+                    relay.claims.unclaim(claimed.iter().map(|e| e.id));
+                    return Err(e);
+                }
+            }
+        };
         events.sort_by_key(|(s, _)| *s);
         for (_, event) in events {
-            if relay.claims.claim(event.id) {
-                relay.registry.broadcast(&event);
-                if let Some(hooks) = relay.sync_hooks() {
-                    let is_special =
-                        event.kind.as_u16() == KIND_MEMBERSHIP || is_relay_group_kind(event.kind);
-                    if is_special {
-                        hooks.after_any_store(relay, &event).await;
-                    }
+            relay.registry.broadcast(&event);
+            if let Some(hooks) = relay.sync_hooks() {
+                let is_special =
+                    event.kind.as_u16() == KIND_MEMBERSHIP || is_relay_group_kind(event.kind);
+                if is_special {
+                    hooks.after_any_store(relay, &event).await;
                 }
             }
         }
