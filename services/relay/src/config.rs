@@ -143,6 +143,10 @@ pub struct Cli {
     /// Time between distributed pulls from each peer (local sync).
     #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub distributed_interval: Duration,
+    /// How long a distributed pull waits at the peer for a new event (local sync; at most 25s,
+    /// 0: poll every interval).
+    #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_LONG_POLL", default_value = "25s", value_parser = parse_duration)]
+    pub distributed_long_poll: Duration,
     /// Who may publish cluster membership (kind 39108), npub or hex (local sync); falls back to
     /// ORLY_ADMINS, as ORLY does. With admins the cluster sync runs in-process.
     #[arg(long, env = "ORLY_CLUSTER_ADMINS")]

@@ -176,11 +176,12 @@ fn enable_sync(
         DistributedSync, GrpcCluster, GrpcDistributed, GrpcRelayGroup, RelayGroup, RelayGroupApi,
     };
     let mut running = RunningSync::default();
-    let (distributed, cluster, relaygroup): (
+    type Apis = (
         Option<Arc<dyn DistributedApi>>,
         Option<Arc<dyn ClusterApi>>,
         Option<Arc<dyn RelayGroupApi>>,
-    ) = if cli.sync_type == "grpc" {
+    );
+    let (distributed, cluster, relaygroup): Apis = if cli.sync_type == "grpc" {
         let t = cli.grpc_sync_timeout;
         fn addr(a: &Option<String>) -> Option<&str> {
             a.as_deref().map(str::trim).filter(|a| !a.is_empty())
@@ -220,6 +221,7 @@ fn enable_sync(
                     relay_url: cli.relay_url.clone(),
                     peers,
                     interval: cli.distributed_interval,
+                    long_poll: cli.distributed_long_poll,
                     ..DistributedSettings::default()
                 },
             )

@@ -191,12 +191,29 @@ async fn sync_http(
         query_string: parts.uri.query().unwrap_or_default().to_string(),
         remote_addr: peer.to_string(),
     };
-    let result = match (path.as_str(), distributed, cluster) {
-        (orly_sync::distributed::PATH_CURRENT, Some(d), _) => d.handle_current(forwarded).await,
-        (orly_sync::distributed::PATH_EVENT_IDS, Some(d), _) => d.handle_event_ids(forwarded).await,
-        (orly_sync::cluster::PATH_LATEST, _, Some(c)) => c.handle_latest(forwarded).await,
-        (_, _, Some(c)) => c.handle_events(forwarded).await,
-        _ => return StatusCode::NOT_FOUND.into_response(),
+    let answer = async {
+        match (path.as_str(), distributed, cluster) {
+            (orly_sync::distributed::PATH_CURRENT, Some(d), _) => {
+                Some(d.handle_current(forwarded).await)
+            }
+            (orly_sync::distributed::PATH_EVENT_IDS, Some(d), _) => {
+                Some(d.handle_event_ids(forwarded).await)
+            }
+            (orly_sync::cluster::PATH_LATEST, _, Some(c)) => Some(c.handle_latest(forwarded).await),
+            (_, _, Some(c)) => Some(c.handle_events(forwarded).await),
+            _ => None,
+        }
+    };
+    // A long poll must not hold the relay's shutdown.
+    let mut shutdown = relay.shutdown_receiver();
+    let result = tokio::select! {
+        r = answer => match r {
+            Some(r) => r,
+            None => return StatusCode::NOT_FOUND.into_response(),
+        },
+        _ = shutdown.wait_for(|s| *s) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "relay shutting down").into_response();
+        }
     };
     match result {
         Ok(resp) => {

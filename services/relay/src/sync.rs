@@ -5,9 +5,9 @@
 //! services, other relay replicas) to live subscriptions ([`spawn_follower`]). Every call is
 //! best-effort: a sync service that is down never stops the relay serving clients.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use nostr::{Event, EventId, PublicKey};
@@ -233,14 +233,19 @@ impl SyncHooks {
 }
 
 /// Exactly-once delivery between the relay's own ingest and the follower: whichever sees a
-/// stored event first claims it and delivers it; the other finds the claim and drops it (so
-/// the set holds only events one side has seen).
+/// stored event first claims it and delivers it; the other finds the claim and drops it. A
+/// claim nobody takes back (an event another process stored: the ingest never sees it) lapses
+/// after [`CLAIM_TTL`]; the relay's own claims are taken back within a follower period.
 #[derive(Default)]
 pub struct Claims {
-    set: Mutex<HashSet<EventId>>,
+    map: Mutex<HashMap<EventId, Instant>>,
     /// Off (every claim succeeds, nothing kept) until a follower runs.
     active: std::sync::atomic::AtomicBool,
 }
+
+/// How long an untaken claim is kept: far longer than the moment between a store and the
+/// ingest's claim.
+const CLAIM_TTL: Duration = Duration::from_secs(30);
 
 impl Claims {
     /// True for the first of the two sides.
@@ -248,24 +253,25 @@ impl Claims {
         if !self.active.load(std::sync::atomic::Ordering::Relaxed) {
             return true;
         }
-        let mut set = self.set.lock();
-        if set.remove(&id) {
+        let mut map = self.map.lock();
+        if map.remove(&id).is_some() {
             return false;
         }
-        // A follower that skipped ahead leaves claims nobody takes back.
-        if set.len() > 100_000 {
-            set.clear();
-        }
-        set.insert(id);
+        map.insert(id, Instant::now());
         true
     }
 
     /// Takes back claims this side made but could not deliver.
     pub fn unclaim(&self, ids: impl IntoIterator<Item = EventId>) {
-        let mut set = self.set.lock();
+        let mut map = self.map.lock();
         for id in ids {
-            set.remove(&id);
+            map.remove(&id);
         }
+    }
+
+    /// Forgets claims older than `ttl`.
+    fn prune(&self, ttl: Duration) {
+        self.map.lock().retain(|_, at| at.elapsed() < ttl);
     }
 }
 
@@ -280,8 +286,13 @@ pub fn spawn_follower(relay: Arc<Relay>, period: Duration) -> tokio::task::JoinH
         let mut cursor: Option<u64> = None;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pruned = Instant::now();
         loop {
             tick.tick().await;
+            if pruned.elapsed() >= Duration::from_secs(1) {
+                relay.claims.prune(CLAIM_TTL);
+                pruned = Instant::now();
+            }
             match follow_once(&relay, &mut cursor).await {
                 Ok(()) => {}
                 Err(e) => tracing::debug!(error = %e, "store follower: store unavailable"),
@@ -383,10 +394,15 @@ mod tests {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(claims.claim(id), "first side delivers");
         assert!(!claims.claim(id), "second side drops");
-        assert!(claims.set.lock().is_empty(), "nothing left behind");
+        assert!(claims.map.lock().is_empty(), "nothing left behind");
         assert!(
             claims.claim(id),
             "a later store of the same id is new again"
         );
+        // An event stored elsewhere is claimed by the follower alone; the claim lapses.
+        claims.prune(Duration::from_secs(3600));
+        assert_eq!(claims.map.lock().len(), 1);
+        claims.prune(Duration::ZERO);
+        assert!(claims.map.lock().is_empty());
     }
 }

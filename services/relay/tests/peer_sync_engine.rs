@@ -226,8 +226,9 @@ async fn distributed_pair() -> Pair {
             DistributedSettings {
                 relay_url: Some(urls[i].clone()),
                 peers: vec![urls[1 - i].clone()],
-                // Pulls are driven by the test.
+                // Pulls are driven by the test; a pull waits at most 3s for news.
                 interval: Duration::from_secs(3600),
+                long_poll: Duration::from_secs(3),
                 ..DistributedSettings::default()
             },
         )
@@ -270,14 +271,31 @@ async fn synced_events_are_not_sent_back_to_their_origin() {
     // A pulls B's 30 serials: all listed, none fetched, none stored.
     let at_a = a.poll_peer(url_b).await.unwrap();
     assert_eq!(at_a.last_serial, 30);
+    assert_eq!(pair.stores[1].latest_serial().await.unwrap(), 30);
     assert_eq!(at_a.events_fetched, 0);
     assert_eq!(at_a.events_stored, 0);
     assert_eq!(pair.stores[0].latest_serial().await.unwrap(), 30);
 
-    // B's next pull has nothing new, and nothing is fetched twice.
-    let again = b.poll_peer(url_a).await.unwrap();
-    assert_eq!(again.events_fetched, 30);
-    assert_eq!(again.events_stored, 30);
+    // B's next pull waits at A for news; an event stored meanwhile (the relay says so with
+    // NotifyNewEvent) ends the wait, and only that event is fetched.
+    let waiting = {
+        let b = b.clone();
+        let url_a = url_a.clone();
+        tokio::spawn(async move { b.poll_peer(&url_a).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = note(&keys, "stored while B waits", t);
+    let orly_db::SaveOutcome::Stored { serial } = pair.stores[0].save_event(&late).await.unwrap()
+    else {
+        panic!("not stored")
+    };
+    DistributedApi::notify_new_event(&a.clone(), late.id, serial)
+        .await
+        .unwrap();
+    let again = waiting.await.unwrap().unwrap();
+    assert_eq!(again.events_fetched, 31);
+    assert_eq!(again.events_stored, 31);
+    assert_eq!(again.last_serial, 31);
 
     // Replaceable and deleted events follow the store's rules on the other side too.
     let profile_old = nostr::EventBuilder::metadata(&nostr::Metadata::new().name("old"))
@@ -521,6 +539,7 @@ async fn a_hanging_peer_times_out() {
         DistributedSettings {
             peers: vec![url.clone()],
             timeout: Duration::from_millis(500),
+            long_poll: Duration::from_millis(200),
             ..DistributedSettings::default()
         },
     )

@@ -51,7 +51,8 @@ pub async fn store(
 }
 
 /// Binds `listen`, serves metrics on `metrics_listen` (if any), runs `serve` until
-/// SIGTERM/SIGINT, then `stop`.
+/// SIGTERM/SIGINT. At the signal `stop` runs first (it ends pulling, hands leases over and
+/// answers waiting long polls), then the server drains its requests and exits.
 pub async fn run<S, SF, T, TF>(
     name: &str,
     listen: &str,
@@ -83,10 +84,6 @@ where
             let _ = rx.wait_for(|s| *s).await;
         }) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
     };
-    tokio::spawn(async move {
-        orly_common::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
     if let Some(addr) = metrics_addr {
         let shutdown = stopped();
         tokio::spawn(async move {
@@ -95,8 +92,19 @@ where
             }
         });
     }
-    let result = serve(listener, stopped()).await;
-    stop().await;
+    let serving = serve(listener, stopped());
+    tokio::pin!(serving);
+    let result = tokio::select! {
+        result = &mut serving => {
+            stop().await;
+            result
+        }
+        _ = orly_common::shutdown_signal() => {
+            stop().await;
+            let _ = stop_tx.send(true);
+            serving.await
+        }
+    };
     result.context("gRPC server failed")?;
     tracing::info!("{name} stopped");
     Ok(())

@@ -29,7 +29,6 @@ use nostr::{Event, EventId, Filter, Kind, PublicKey};
 use orly_db::SharedStore;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::SyncError;
@@ -39,7 +38,7 @@ use crate::peer::{
     catch_up, CatchupRules, Listed, Page, PeerBook, PeerSource, PeerStatus, STATUS_ACTIVE,
     STATUS_ERROR, STATUS_SELF,
 };
-use crate::serve::{self, FetchedEvents, Identity, MAX_RESPONSE};
+use crate::serve::{self, FetchedEvents, Identity, SerialWatch, MAX_RESPONSE};
 use crate::shard::{Shard, ShardOwner};
 
 pub const KIND_MEMBERSHIP: u16 = 39108;
@@ -52,8 +51,6 @@ pub const MAX_LIMIT: u32 = 10_000;
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
 /// Most members a membership event may list.
 pub const MAX_MEMBERS: usize = 1000;
-/// How often the store is asked for new serials while long polls wait.
-const WATCH_PERIOD: Duration = Duration::from_millis(10);
 /// Store marker of the membership event applied last: JSON {id, created_at}.
 const APPLIED: &str = "cluster:membership";
 /// Store marker of the member list (JSON array of http URLs). Kept apart from the per-member
@@ -216,8 +213,7 @@ pub struct ClusterSync {
     http: PeerHttp,
     book: PeerBook,
     shard: Arc<Shard>,
-    latest: watch::Sender<u64>,
-    watcher: Mutex<Option<JoinHandle<()>>>,
+    latest: SerialWatch,
     task: Mutex<Option<JoinHandle<()>>>,
     last_status_save: AtomicI64,
 }
@@ -250,10 +246,9 @@ impl ClusterSync {
                 settings.holder.clone(),
                 settings.lease_ttl,
             )),
+            latest: SerialWatch::new(store.clone()),
             store,
             settings,
-            latest: watch::channel(0).0,
-            watcher: Mutex::new(None),
             task: Mutex::new(None),
             last_status_save: AtomicI64::new(0),
         }))
@@ -414,54 +409,13 @@ impl ClusterSync {
         Ok(())
     }
 
-    /// Our latest serial; with `wait`, held until it exceeds `after` or `wait` passes.
+    /// Our latest serial; with `after`, held up to `wait` until it exceeds `after`.
     pub async fn latest_serial(
         &self,
         after: Option<u64>,
         wait: Duration,
     ) -> Result<u64, SyncError> {
-        let now = self.store.latest_serial().await?;
-        let Some(after) = after else { return Ok(now) };
-        if now > after || wait.is_zero() {
-            return Ok(now);
-        }
-        let mut rx = self.latest.subscribe();
-        self.ensure_watcher();
-        let _ = tokio::time::timeout(wait, rx.wait_for(|s| *s > after)).await;
-        drop(rx);
-        Ok(self.store.latest_serial().await?)
-    }
-
-    /// Polls the store for new serials while long polls wait.
-    fn ensure_watcher(&self) {
-        let mut watcher = self.watcher.lock();
-        if watcher.as_ref().is_some_and(|t| !t.is_finished()) {
-            return;
-        }
-        let store = self.store.clone();
-        let tx = self.latest.clone();
-        *watcher = Some(tokio::spawn(async move {
-            let mut idle = 0u32;
-            loop {
-                if tx.receiver_count() == 0 {
-                    idle += 1;
-                    // Lingers a moment: long polls come back to back.
-                    if idle > 100 {
-                        break;
-                    }
-                } else {
-                    idle = 0;
-                    if let Ok(s) = store.latest_serial().await {
-                        tx.send_if_modified(|v| {
-                            let changed = *v != s;
-                            *v = s;
-                            changed
-                        });
-                    }
-                }
-                tokio::time::sleep(WATCH_PERIOD).await;
-            }
-        }));
+        self.latest.latest(after, wait).await
     }
 
     /// Entries with serial in `from..=to`, at most `limit` (GetEventsInRange).
@@ -634,6 +588,7 @@ impl ClusterSync {
         if let Some(t) = task {
             t.abort();
         }
+        self.latest.close();
         self.shard.release_all().await;
     }
 

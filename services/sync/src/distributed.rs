@@ -26,7 +26,7 @@ use crate::peer::{
     catch_up, CatchupRules, Listed, Page, PeerBook, PeerSource, PeerStatus, STATUS_ACTIVE,
     STATUS_ERROR, STATUS_SELF,
 };
-use crate::serve::{self, FetchedEvents, Identity, MAX_RESPONSE};
+use crate::serve::{self, FetchedEvents, Identity, SerialWatch, MAX_RESPONSE};
 use crate::shard::{Shard, ShardOwner};
 
 /// Most serials one `/api/sync/event-ids` call may span.
@@ -35,8 +35,9 @@ pub const PATH_CURRENT: &str = "/api/sync/current";
 pub const PATH_EVENT_IDS: &str = "/api/sync/event-ids";
 /// Store marker holding the peer list set by `UpdatePeers` (the relay group), JSON.
 const DYNAMIC_PEERS: &str = "distributed:peers";
-/// Wake-ups by `NotifyNewEvent` are at most this frequent.
-const NOTIFY_DEBOUNCE: Duration = Duration::from_secs(1);
+/// Longest a `/api/sync/current` long poll is held (below the relay's gRPC deadline plus
+/// this, and common proxy idle timeouts).
+pub const MAX_LONG_POLL: Duration = Duration::from_secs(25);
 
 /// Settings of the distributed sync.
 #[derive(Debug, Clone)]
@@ -48,6 +49,9 @@ pub struct DistributedSettings {
     /// Configured peers (http(s) base URLs); the relay group's list is added to them.
     pub peers: Vec<String>,
     pub interval: Duration,
+    /// How long a pull waits at the peer for a new serial (ours: peers that cannot wait answer
+    /// at once and are pulled every interval). 0: plain polling every interval.
+    pub long_poll: Duration,
     pub nip11_ttl: Duration,
     /// Deadline of one request to a peer.
     pub timeout: Duration,
@@ -62,6 +66,7 @@ impl Default for DistributedSettings {
             node_id: None,
             peers: Vec::new(),
             interval: Duration::from_secs(30),
+            long_poll: MAX_LONG_POLL,
             nip11_ttl: Duration::from_secs(30 * 60),
             timeout: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(15),
@@ -76,6 +81,12 @@ pub struct CurrentRequest {
     pub node_id: String,
     #[serde(default)]
     pub relay_url: String,
+    /// Ours: hold the answer until our serial exceeds `after`, up to `wait_ms` (at most
+    /// [`MAX_LONG_POLL`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,8 +130,8 @@ pub struct DistributedSync {
     http: PeerHttp,
     book: PeerBook,
     shard: Arc<Shard>,
+    latest: SerialWatch,
     wake: Notify,
-    last_wake: Mutex<Option<Instant>>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -145,10 +156,12 @@ impl DistributedSync {
         if settings.interval.is_zero() || settings.lease_ttl < Duration::from_millis(300) {
             return Err("interval must be > 0 and the lease ttl at least 300ms".into());
         }
+        settings.long_poll = settings.long_poll.min(MAX_LONG_POLL);
         Ok(Arc::new(Self {
             identity: Identity::new(store.clone()),
             nip11: Arc::new(Nip11Cache::new(settings.nip11_ttl, settings.timeout)),
-            http: PeerHttp::new(settings.timeout, MAX_RESPONSE),
+            http: PeerHttp::new(settings.timeout + settings.long_poll, MAX_RESPONSE),
+            latest: SerialWatch::new(store.clone()),
             book: PeerBook::new(store.clone(), "distributed"),
             shard: Arc::new(Shard::new(
                 store.clone(),
@@ -159,7 +172,6 @@ impl DistributedSync {
             store,
             settings,
             wake: Notify::new(),
-            last_wake: Mutex::new(None),
             task: Mutex::new(None),
         }))
     }
@@ -270,14 +282,10 @@ impl DistributedSync {
             .collect())
     }
 
-    /// The relay stored an event: wake the pull loop early (debounced).
+    /// The relay stored an event (`NotifyNewEvent`): peers long-polling us for a newer serial
+    /// are answered now.
     pub fn notify_new_event(&self, serial: u64) {
-        metrics::gauge!("orly_sync_notified_serial").set(serial as f64);
-        let mut last = self.last_wake.lock();
-        if last.is_none_or(|t| t.elapsed() >= NOTIFY_DEBOUNCE) {
-            *last = Some(Instant::now());
-            self.wake.notify_waiters();
-        }
+        self.latest.notify(serial);
     }
 
     /// Wakes every peer's pull now (`TriggerSync`).
@@ -311,6 +319,7 @@ impl DistributedSync {
         if let Some(t) = task {
             t.abort();
         }
+        self.latest.close();
         self.shard.release_all().await;
     }
 
@@ -326,7 +335,11 @@ impl DistributedSync {
         if let Some(resp) = self.refuse_self(&body.node_id).await {
             return resp;
         }
-        let (node_id, serial) = match (self.node_id().await, self.current_serial().await) {
+        let wait = Duration::from_millis(body.wait_ms.unwrap_or(0)).min(MAX_LONG_POLL);
+        let (node_id, serial) = match (
+            self.node_id().await,
+            self.latest.latest(body.after, wait).await,
+        ) {
             (Ok(n), Ok(s)) => (n, s),
             (Err(e), _) | (_, Err(e)) => return HttpResponse::text(500, e.to_string()),
         };
@@ -464,6 +477,7 @@ impl DistributedSync {
             node_id: self.node_id().await?,
             relay_url: self.relay_url(),
             timeout: self.settings.timeout,
+            long_poll: self.settings.long_poll,
         })
     }
 }
@@ -476,9 +490,22 @@ impl ShardOwner for DistributedSync {
 
     fn start_worker(self: Arc<Self>, peer: String) -> JoinHandle<()> {
         tokio::spawn(async move {
+            let long_poll = self.settings.long_poll;
             loop {
                 let woken = self.wake.notified();
-                let _ = self.poll_peer(&peer).await;
+                let before = self.book.last_serial(&peer).await.ok().flatten();
+                let started = Instant::now();
+                let progressed = match self.poll_peer(&peer).await {
+                    Ok(status) => Some(status.last_serial) != before,
+                    Err(_) => false,
+                };
+                // A long poll that waited is followed by the next at once; a peer that answered
+                // at once without news (it cannot wait) or failed is asked again after the
+                // interval, or when woken.
+                let waited = !long_poll.is_zero() && started.elapsed() >= long_poll / 2;
+                if progressed || waited {
+                    continue;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(self.settings.interval) => {}
                     _ = woken => {}
@@ -507,6 +534,7 @@ pub struct DistributedSource {
     node_id: String,
     relay_url: String,
     timeout: Duration,
+    long_poll: Duration,
 }
 
 impl DistributedSource {
@@ -539,10 +567,13 @@ impl DistributedSource {
 
 #[async_trait]
 impl PeerSource for DistributedSource {
-    async fn latest(&self, peer: &str, _after: u64) -> Result<u64, SyncError> {
+    async fn latest(&self, peer: &str, after: u64) -> Result<u64, SyncError> {
+        let waits = !self.long_poll.is_zero();
         let body = serde_json::to_vec(&CurrentRequest {
             node_id: self.node_id.clone(),
             relay_url: self.relay_url.clone(),
+            after: waits.then_some(after),
+            wait_ms: waits.then_some(self.long_poll.as_millis() as u64),
         })
         .map_err(|e| SyncError::Invalid(e.to_string()))?;
         let resp: CurrentResponse = self
@@ -552,7 +583,7 @@ impl PeerSource for DistributedSource {
                 &format!("{peer}{PATH_CURRENT}"),
                 Some(body),
                 &self.keys,
-                self.timeout,
+                self.timeout + self.long_poll,
             )
             .await?;
         Ok(resp.serial)

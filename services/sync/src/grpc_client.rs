@@ -106,9 +106,9 @@ impl DistributedApi for GrpcDistributed {
     async fn handle_current(&self, req: HttpRequest) -> Result<HttpResponse, SyncError> {
         let mut c = self.client.clone();
         let pb: common::HttpRequest = req.into();
-        Ok(call(self.timeout, c.handle_current_request(pb))
-            .await?
-            .into())
+        // A long poll is held at the service for up to MAX_LONG_POLL.
+        let deadline = self.timeout + crate::distributed::MAX_LONG_POLL;
+        Ok(call(deadline, c.handle_current_request(pb)).await?.into())
     }
 
     async fn handle_event_ids(&self, req: HttpRequest) -> Result<HttpResponse, SyncError> {

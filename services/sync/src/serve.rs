@@ -186,3 +186,105 @@ pub fn clamp_wait(ms: Option<&str>, max: Duration) -> Duration {
         .unwrap_or(Duration::ZERO)
         .min(max)
 }
+
+/// How often the store is asked for new serials while long polls wait.
+const WATCH_PERIOD: Duration = Duration::from_millis(10);
+
+/// Our latest serial for long polls (`after` + `wait`): answered at once when it exceeds
+/// `after`, else as soon as a newer one is stored — noticed by asking the store every 10 ms
+/// while anyone waits, or at once when the relay says so ([`SerialWatch::notify`]).
+pub struct SerialWatch {
+    store: SharedStore,
+    latest: tokio::sync::watch::Sender<u64>,
+    watcher: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set at shutdown: waiting polls are answered at once (a server stops only when its
+    /// requests are done).
+    closed: std::sync::atomic::AtomicBool,
+    closing: tokio::sync::Notify,
+}
+
+impl SerialWatch {
+    pub fn new(store: SharedStore) -> Self {
+        Self {
+            store,
+            latest: tokio::sync::watch::channel(0).0,
+            watcher: parking_lot::Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            closing: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Answers every waiting poll now, and every later one at once.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closing.notify_waiters();
+    }
+
+    /// A new event was stored under `serial`: wake the polls waiting for it.
+    pub fn notify(&self, serial: u64) {
+        self.latest.send_if_modified(|v| {
+            let newer = serial > *v;
+            if newer {
+                *v = serial;
+            }
+            newer
+        });
+    }
+
+    /// Our latest serial; with `after`, held up to `wait` until it exceeds `after`.
+    pub async fn latest(&self, after: Option<u64>, wait: Duration) -> Result<u64, SyncError> {
+        let now = self.store.latest_serial().await?;
+        let Some(after) = after else { return Ok(now) };
+        let closing = self.closing.notified();
+        if now > after || wait.is_zero() || self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(now);
+        }
+        let mut rx = self.latest.subscribe();
+        self.ensure_watcher();
+        tokio::select! {
+            _ = tokio::time::timeout(wait, rx.wait_for(|s| *s > after)) => {}
+            _ = closing => {}
+        }
+        drop(rx);
+        Ok(self.store.latest_serial().await?)
+    }
+
+    fn ensure_watcher(&self) {
+        let mut watcher = self.watcher.lock();
+        if watcher.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let store = self.store.clone();
+        let tx = self.latest.clone();
+        *watcher = Some(tokio::spawn(async move {
+            let mut idle = 0u32;
+            loop {
+                if tx.receiver_count() == 0 {
+                    idle += 1;
+                    // Lingers a moment: long polls come back to back.
+                    if idle > 100 {
+                        break;
+                    }
+                } else {
+                    idle = 0;
+                    if let Ok(s) = store.latest_serial().await {
+                        tx.send_if_modified(|v| {
+                            let changed = *v != s;
+                            *v = s;
+                            changed
+                        });
+                    }
+                }
+                tokio::time::sleep(WATCH_PERIOD).await;
+            }
+        }));
+    }
+}
+
+impl Drop for SerialWatch {
+    fn drop(&mut self) {
+        if let Some(t) = self.watcher.lock().take() {
+            t.abort();
+        }
+    }
+}

@@ -26,9 +26,14 @@ orly_sync::service_args! {
     /// node_id sent to peers (default: the relay identity pubkey, hex).
     #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_NODE_ID")]
     node_id: Option<String>,
-    /// Time between pulls from each peer (NotifyNewEvent and TriggerSync wake them earlier).
+    /// Time between pulls from a peer that cannot long-poll, and after a failure (TriggerSync
+    /// wakes them earlier).
     #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_INTERVAL", default_value = "30s", value_parser = orly_common::parse_duration)]
     interval: Duration,
+    /// How long a pull waits at the peer for a new event before asking again (at most 25s);
+    /// 0: poll every interval.
+    #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_LONG_POLL", default_value = "25s", value_parser = orly_common::parse_duration)]
+    long_poll: Duration,
     /// How long a peer's NIP-11 identity is cached.
     #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_NIP11_TTL", default_value = "30m", value_parser = orly_common::parse_duration)]
     nip11_ttl: Duration,
@@ -57,6 +62,7 @@ async fn run() -> anyhow::Result<()> {
         node_id: args.node_id.clone(),
         peers: parse_url_list(&peers).map_err(|e| anyhow!("ORLY_SYNC_DISTRIBUTED_PEERS: {e}"))?,
         interval: args.interval,
+        long_poll: args.long_poll,
         nip11_ttl: args.nip11_ttl,
         timeout: args.timeout,
         lease_ttl: args.lease_ttl,
