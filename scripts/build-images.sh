@@ -27,11 +27,16 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/orly-target}
 repository=${IMAGE_REPOSITORY:-localhost/orly-relay}
 
 # The images, in build order, each with the Cargo package that builds its binary.
-all_images=(orly orly-db orly-acl orly-sync-negentropy orly-launcher orly-operator)
+all_images=(orly orly-db orly-acl orly-sync-negentropy orly-sync-distributed orly-sync-cluster
+  orly-sync-relaygroup orly-launcher orly-operator)
 declare -A package=(
   [orly]=orly [orly-db]=orly-db [orly-acl]=orly-acl [orly-sync-negentropy]=orly-sync-negentropy
+  [orly-sync-distributed]=orly-sync [orly-sync-cluster]=orly-sync [orly-sync-relaygroup]=orly-sync
   [orly-launcher]=orly-launcher [orly-operator]=orly-operator
 )
+# The service binaries the launcher may start (its image carries them all).
+launcher_services=(orly orly-db orly-acl orly-sync-negentropy orly-sync-distributed orly-sync-cluster
+  orly-sync-relaygroup)
 
 say() { printf '==> %s\n' "$*"; }
 results=()
@@ -63,10 +68,13 @@ say "base image: $base ($(podman image inspect --format '{{.Size}}' "$base" | aw
 # --- 2. release binaries on the host -----------------------------------------------------------
 if [[ ${SKIP_CARGO:-0} != 1 ]]; then
   pkgs=()
-  for image in "${images[@]}"; do pkgs+=(-p "${package[$image]}"); done
+  for image in "${images[@]}"; do
+    # Several images share one package (orly-sync): name each package once.
+    [[ " ${pkgs[*]} " == *" ${package[$image]} "* ]] || pkgs+=(-p "${package[$image]}")
+  done
   # The launcher image carries every service binary the launcher may start.
   if [[ " ${images[*]} " == *" orly-launcher "* ]]; then
-    for image in orly orly-db orly-acl orly-sync-negentropy; do
+    for image in "${launcher_services[@]}"; do
       if [[ " $members " == *" ${package[$image]} "* && " ${pkgs[*]} " != *" ${package[$image]} "* ]]; then
         pkgs+=(-p "${package[$image]}")
       fi
@@ -89,7 +97,7 @@ trap cleanup EXIT
 
 # The build context: services/<binary> (what the launcher image carries) and operator/.
 mkdir -p "$ctx/services" "$ctx/operator"
-for b in orly orly-db orly-acl orly-sync-negentropy orly-launcher orly-operator; do
+for b in "${launcher_services[@]}" orly-launcher orly-operator; do
   if [[ -x $CARGO_TARGET_DIR/release/$b ]]; then
     dir=services
     [[ $b != orly-operator ]] || dir=operator
@@ -242,6 +250,21 @@ smoke() {
       run_service orly-sync-negentropy 50064 ORLY_SYNC_NEGENTROPY_DB_TYPE=sqlite &&
         health=$(grpc_health "$hostport" orlysync.negentropy.v1.NegentropyService) && alive "$cid" &&
         detail="gRPC health orlysync.negentropy.v1.NegentropyService: $health"
+      ;;
+    orly-sync-distributed)
+      run_service orly-sync-distributed 50061 ORLY_SYNC_DISTRIBUTED_DB_TYPE=sqlite &&
+        health=$(grpc_health "$hostport" orlysync.distributed.v1.DistributedSyncService) && alive "$cid" &&
+        detail="gRPC health orlysync.distributed.v1.DistributedSyncService: $health"
+      ;;
+    orly-sync-cluster)
+      run_service orly-sync-cluster 50062 ORLY_SYNC_CLUSTER_DB_TYPE=sqlite &&
+        health=$(grpc_health "$hostport" orlysync.cluster.v1.ClusterSyncService) && alive "$cid" &&
+        detail="gRPC health orlysync.cluster.v1.ClusterSyncService: $health"
+      ;;
+    orly-sync-relaygroup)
+      run_service orly-sync-relaygroup 50063 ORLY_SYNC_RELAYGROUP_DB_TYPE=sqlite &&
+        health=$(grpc_health "$hostport" orlysync.relaygroup.v1.RelayGroupService) && alive "$cid" &&
+        detail="gRPC health orlysync.relaygroup.v1.RelayGroupService: $health"
       ;;
     orly-launcher)
       # --help, then the launcher running db and the relay in one container: NIP-11 answers.
