@@ -138,17 +138,25 @@ impl RelayGroup {
 
     /// GetRelays: the authoritative config's relays (empty without one).
     pub async fn relays(&self) -> Result<Vec<String>, SyncError> {
-        Ok(self
+        let relays = self
             .find_authoritative()
             .await?
             .map(|c| c.relays)
-            .unwrap_or_default())
+            .unwrap_or_default();
+        metrics::gauge!("orly_sync_relaygroup_relays").set(relays.len() as f64);
+        Ok(relays)
     }
 
     /// HandleRelayGroupEvent: a stored config; `Err(Invalid)` if it does not validate.
     pub async fn handle_event(&self, event: &Event) -> Result<(), SyncError> {
-        self.validate(event).map_err(SyncError::Invalid)?;
+        if let Err(reason) = self.validate(event) {
+            metrics::counter!("orly_sync_relaygroup_configs_total", "result" => "invalid")
+                .increment(1);
+            return Err(SyncError::Invalid(reason));
+        }
         if is_relay_group_kind(event.kind) && self.is_authorized(&event.pubkey) {
+            metrics::counter!("orly_sync_relaygroup_configs_total", "result" => "valid")
+                .increment(1);
             tracing::info!(event_id = %event.id, "relay group config received");
         }
         Ok(())
