@@ -141,7 +141,7 @@ impl SyncHooks {
     }
 
     /// After a client's event was stored: wake the distributed sync, apply group configs.
-    pub async fn after_store(self: &Arc<Self>, relay: &Relay, event: &Event, serial: u64) {
+    pub async fn after_store(self: &Arc<Self>, relay: &Arc<Relay>, event: &Event, serial: u64) {
         if let Some(d) = &self.distributed {
             if let Err(e) = d.notify_new_event(event.id, serial).await {
                 tracing::debug!(error = %e, "NotifyNewEvent failed");
@@ -151,13 +151,16 @@ impl SyncHooks {
     }
 
     /// For every stored event, whoever stored it.
-    async fn after_any_store(self: &Arc<Self>, relay: &Relay, event: &Event) {
+    async fn after_any_store(self: &Arc<Self>, relay: &Arc<Relay>, event: &Event) {
         if is_relay_group_kind(event.kind) {
             if let Some(group) = &self.relaygroup {
                 if let Err(e) = group.handle_event(event).await {
                     tracing::warn!(error = %e, "HandleRelayGroupEvent failed");
                 }
-                self.feed_peers(relay).await;
+                // In the background: it may ask peers for their NIP-11 documents, and the
+                // follower that calls this must keep delivering.
+                let (hooks, relay) = (self.clone(), relay.clone());
+                tokio::spawn(async move { hooks.feed_peers(&relay).await });
             }
         } else if event.kind.as_u16() == KIND_MEMBERSHIP {
             if let Some(cluster) = &self.cluster {

@@ -38,8 +38,9 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // `--workspace`: the binary may belong to another package (orly-sync, orly-launcher).
         let status = Command::new(cargo)
-            .args(["build", "--bin", name])
+            .args(["build", "--workspace", "--bin", name])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build --bin {name} failed");
