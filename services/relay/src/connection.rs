@@ -480,7 +480,7 @@ async fn ingest(conn: &Conn, raw: &str) -> String {
     match relay.store.save_event(&event).await {
         Ok(SaveOutcome::Stored { serial }) => {
             metrics::counter!("orly_events_total", "result" => "stored").increment(1);
-            if relay.claims.claim(event.id) {
+            if relay.delivery.stored_here(serial) {
                 relay.registry.broadcast(&event);
             }
             if let Some(hooks) = hooks {

@@ -23,7 +23,7 @@ use crate::acl::Acl;
 use crate::config::RelayConfig;
 use crate::nip11;
 use crate::subscriptions::Registry;
-use crate::sync::{Claims, SyncHooks};
+use crate::sync::{Delivery, SyncHooks};
 
 /// Hard cap on a WebSocket message: beyond the configured limit we still read the message
 /// (to answer it with a clear refusal); beyond this the socket is closed by the protocol layer.
@@ -50,7 +50,7 @@ pub struct Relay {
     /// The peer sync services (`None`: their endpoints answer 404).
     sync: std::sync::OnceLock<Arc<SyncHooks>>,
     /// Exactly-once live delivery between ingest and the store follower.
-    pub claims: Claims,
+    pub delivery: Delivery,
     identity: OnceCell<PublicKey>,
     shutdown: watch::Sender<bool>,
 }
@@ -76,7 +76,7 @@ impl Relay {
             negentropy: std::sync::OnceLock::new(),
             instance: hex::encode(rand::random::<[u8; 6]>()),
             sync: std::sync::OnceLock::new(),
-            claims: Claims::default(),
+            delivery: Delivery::default(),
             identity: OnceCell::new(),
             shutdown: watch::channel(false).0,
         })

@@ -5,12 +5,12 @@
 //! services, other relay replicas) to live subscriptions ([`spawn_follower`]). Every call is
 //! best-effort: a sync service that is down never stops the relay serving clients.
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use nostr::{Event, EventId, PublicKey};
+use nostr::{Event, PublicKey};
 use orly_db::SharedStore;
 use orly_sync::cluster::KIND_MEMBERSHIP;
 use orly_sync::http::to_ws_url;
@@ -235,46 +235,59 @@ impl SyncHooks {
     }
 }
 
-/// Exactly-once delivery between the relay's own ingest and the follower: whichever sees a
-/// stored event first claims it and delivers it; the other finds the claim and drops it. A
-/// claim nobody takes back (an event another process stored: the ingest never sees it) lapses
-/// after [`CLAIM_TTL`]; the relay's own claims are taken back within a follower period.
+/// Exactly-once live delivery between the relay's own ingest and the store follower, by
+/// serial: the ingest records the serials it stored (and delivers those events itself) unless
+/// the follower has already gone past them; the follower moves its cursor to the store's latest
+/// serial, takes the recorded serials out of that range and delivers only the rest — stored by
+/// other processes. One lock orders the two, so every event is delivered once; and while only
+/// this relay writes, the follower never reads the store beyond its latest serial.
 #[derive(Default)]
-pub struct Claims {
-    map: Mutex<HashMap<EventId, Instant>>,
-    /// Off (every claim succeeds, nothing kept) until a follower runs.
+pub struct Delivery {
+    state: Mutex<DeliveryState>,
+    /// Off (the ingest delivers everything, nothing recorded) until a follower runs.
     active: std::sync::atomic::AtomicBool,
 }
 
-/// How long an untaken claim is kept: far longer than the moment between a store and the
-/// ingest's claim.
-const CLAIM_TTL: Duration = Duration::from_secs(30);
+#[derive(Default)]
+struct DeliveryState {
+    /// Every serial up to here is delivered or the follower's to deliver.
+    cursor: Option<u64>,
+    /// Serials above the cursor stored (and delivered) by this relay's ingest.
+    own: BTreeSet<u64>,
+}
 
-impl Claims {
-    /// True for the first of the two sides.
-    pub fn claim(&self, id: EventId) -> bool {
+impl Delivery {
+    /// The ingest stored an event under `serial`: true if the ingest delivers it.
+    pub fn stored_here(&self, serial: u64) -> bool {
         if !self.active.load(std::sync::atomic::Ordering::Relaxed) {
             return true;
         }
-        let mut map = self.map.lock();
-        if map.remove(&id).is_some() {
+        let mut st = self.state.lock();
+        if st.cursor.is_some_and(|c| serial <= c) {
+            // The follower went past it (and delivers it as not ours).
             return false;
         }
-        map.insert(id, Instant::now());
+        st.own.insert(serial);
         true
     }
 
-    /// Takes back claims this side made but could not deliver.
-    pub fn unclaim(&self, ids: impl IntoIterator<Item = EventId>) {
-        let mut map = self.map.lock();
-        for id in ids {
-            map.remove(&id);
-        }
+    /// Moves the cursor to `latest`: the previous cursor (`None` the first time) and how many
+    /// serials in between were this relay's own.
+    fn advance(&self, latest: u64) -> (Option<u64>, BTreeSet<u64>) {
+        let mut st = self.state.lock();
+        let prev = st.cursor;
+        let rest = st.own.split_off(&(latest + 1));
+        let own = std::mem::replace(&mut st.own, rest);
+        // (Below the cursor only if the store was replaced: its serials start over.)
+        st.cursor = Some(latest);
+        (prev, own)
     }
 
-    /// Forgets claims older than `ttl`.
-    fn prune(&self, ttl: Duration) {
-        self.map.lock().retain(|_, at| at.elapsed() < ttl);
+    /// Undoes an [`Self::advance`] whose events could not be read, so the next look retries.
+    fn retreat(&self, to: u64, own: BTreeSet<u64>) {
+        let mut st = self.state.lock();
+        st.cursor = Some(to);
+        st.own.extend(own);
     }
 }
 
@@ -282,21 +295,15 @@ impl Claims {
 /// memberships and group configs), looking every `period`.
 pub fn spawn_follower(relay: Arc<Relay>, period: Duration) -> tokio::task::JoinHandle<()> {
     relay
-        .claims
+        .delivery
         .active
         .store(true, std::sync::atomic::Ordering::Relaxed);
     tokio::spawn(async move {
-        let mut cursor: Option<u64> = None;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut pruned = Instant::now();
         loop {
             tick.tick().await;
-            if pruned.elapsed() >= Duration::from_secs(1) {
-                relay.claims.prune(CLAIM_TTL);
-                pruned = Instant::now();
-            }
-            match follow_once(&relay, &mut cursor).await {
+            match follow_once(&relay).await {
                 Ok(()) => {}
                 Err(e) => tracing::debug!(error = %e, "store follower: store unavailable"),
             }
@@ -304,24 +311,18 @@ pub fn spawn_follower(relay: Arc<Relay>, period: Duration) -> tokio::task::JoinH
     })
 }
 
-async fn follow_once(
-    relay: &Arc<Relay>,
-    cursor: &mut Option<u64>,
-) -> Result<(), orly_db::StoreError> {
+async fn follow_once(relay: &Arc<Relay>) -> Result<(), orly_db::StoreError> {
     let store: &SharedStore = &relay.store;
     let latest = store.latest_serial().await?;
-    let mut from = match *cursor {
-        // Start from now: history is for REQs, not live delivery.
-        None => {
-            *cursor = Some(latest);
-            return Ok(());
-        }
-        Some(c) if latest < c => {
-            *cursor = Some(latest);
-            return Ok(());
-        }
-        Some(c) => c,
+    let (prev, own) = relay.delivery.advance(latest);
+    // The first look starts from now: history is for REQs, not live delivery.
+    let Some(prev) = prev.filter(|p| *p < latest) else {
+        return Ok(());
     };
+    if latest - prev == own.len() as u64 {
+        return Ok(());
+    }
+    let mut from = prev;
     if latest - from > FOLLOW_MAX_LAG {
         tracing::debug!(
             skipped = latest - from - u64::from(FOLLOW_PAGE),
@@ -329,50 +330,53 @@ async fn follow_once(
         );
         from = latest - u64::from(FOLLOW_PAGE);
     }
+    let mut foreign: Vec<u64> = Vec::new();
     while from < latest {
-        let entries = store
+        let entries = match store
             .ids_by_serial_range(from + 1, latest, FOLLOW_PAGE)
-            .await?;
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                relay.delivery.retreat(prev, own);
+                return Err(e);
+            }
+        };
         let Some(last) = entries.last().map(|e| e.serial) else {
             break;
         };
-        // Claimed before fetching: the relay's own events (claimed by its ingest) are never
-        // read back.
-        let claimed: Vec<&orly_db::SerialEntry> = entries
-            .iter()
-            .filter(|e| relay.claims.claim(e.id))
-            .collect();
-        let serials: Vec<u64> = claimed.iter().map(|e| e.serial).collect();
-        let mut events = if serials.is_empty() {
-            Vec::new()
-        } else {
-            match store.fetch_by_serials(&serials).await {
-                Ok(events) => events,
-                Err(e) => {
-                    // Given back, so that the next attempt delivers them.
-                    relay.claims.unclaim(claimed.iter().map(|e| e.id));
-                    return Err(e);
-                }
-            }
-        };
-        events.sort_by_key(|(s, _)| *s);
-        for (_, event) in events {
-            relay.registry.broadcast(&event);
-            if let Some(hooks) = relay.sync_hooks() {
-                let is_special =
-                    event.kind.as_u16() == KIND_MEMBERSHIP || is_relay_group_kind(event.kind);
-                if is_special {
-                    hooks.after_any_store(relay, &event).await;
-                }
-            }
-        }
+        foreign.extend(
+            entries
+                .iter()
+                .map(|e| e.serial)
+                .filter(|s| !own.contains(s)),
+        );
         from = last;
-        *cursor = Some(from);
         if (entries.len() as u32) < FOLLOW_PAGE {
             break;
         }
     }
-    *cursor = Some(latest.max(from));
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let mut events = match store.fetch_by_serials(&foreign).await {
+        Ok(events) => events,
+        Err(e) => {
+            relay.delivery.retreat(prev, own);
+            return Err(e);
+        }
+    };
+    events.sort_by_key(|(s, _)| *s);
+    for (_, event) in events {
+        relay.registry.broadcast(&event);
+        if let Some(hooks) = relay.sync_hooks() {
+            let is_special =
+                event.kind.as_u16() == KIND_MEMBERSHIP || is_relay_group_kind(event.kind);
+            if is_special {
+                hooks.after_any_store(relay, &event).await;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -386,26 +390,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stored_event_is_claimed_once_by_whichever_side_comes_first() {
-        let claims = Claims::default();
-        let id = EventId::all_zeros();
-        // Without a follower every claim succeeds and nothing is kept.
-        assert!(claims.claim(id));
-        assert!(claims.claim(id));
-        claims
-            .active
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(claims.claim(id), "first side delivers");
-        assert!(!claims.claim(id), "second side drops");
-        assert!(claims.map.lock().is_empty(), "nothing left behind");
-        assert!(
-            claims.claim(id),
-            "a later store of the same id is new again"
-        );
-        // An event stored elsewhere is claimed by the follower alone; the claim lapses.
-        claims.prune(Duration::from_secs(3600));
-        assert_eq!(claims.map.lock().len(), 1);
-        claims.prune(Duration::ZERO);
-        assert!(claims.map.lock().is_empty());
+    fn every_stored_event_is_delivered_once_by_the_ingest_or_the_follower() {
+        let d = Delivery::default();
+        // Without a follower the ingest delivers everything and records nothing.
+        assert!(d.stored_here(1));
+        assert!(d.state.lock().own.is_empty());
+        d.active.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The follower's first look starts at the latest serial.
+        assert_eq!(d.advance(1), (None, BTreeSet::new()));
+        // Ours: 2 and 4; 3 was stored elsewhere.
+        assert!(d.stored_here(2));
+        assert!(d.stored_here(4));
+        let (prev, own) = d.advance(4);
+        assert_eq!(prev, Some(1));
+        assert_eq!(own, BTreeSet::from([2, 4]));
+        // The ingest of 5 finishes after the follower went past it: the follower delivers it.
+        let (prev, own) = d.advance(5);
+        assert_eq!((prev, own.len()), (Some(4), 0));
+        assert!(!d.stored_here(5));
+        // An ingest ahead of the follower keeps its serial until the follower passes it.
+        assert!(d.stored_here(7));
+        let (_, own) = d.advance(6);
+        assert!(own.is_empty());
+        assert_eq!(d.state.lock().own, BTreeSet::from([7]));
+        // A failed read puts everything back for the next look.
+        let (prev, own) = d.advance(7);
+        d.retreat(prev.unwrap(), own);
+        assert_eq!(d.advance(7), (Some(6), BTreeSet::from([7])));
     }
 }

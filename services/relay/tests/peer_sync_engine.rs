@@ -662,3 +662,50 @@ async fn a_removed_member_stays_removed_when_a_late_poll_writes_its_serial() {
     let m = sync.member(PEERS[3]).await.unwrap().unwrap();
     assert_eq!(m.last_serial, 0);
 }
+
+/// With the store follower running, a live subscriber gets every event exactly once: those
+/// published to this relay (delivered by its ingest) and those another process stored in the
+/// same store (delivered by the follower), interleaved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_follower_and_the_ingest_deliver_each_event_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir.path().join("t.db")).await;
+    let relay = Relay::new(RelayConfig::default(), store.clone(), Arc::new(OpenAcl));
+    let follower = orly::sync::spawn_follower(relay.clone(), Duration::from_millis(5));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = orly::spawn(listener, relay).unwrap();
+    // Let the follower take its starting point.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let keys = Keys::generate();
+    let mut sub = common::RawClient::connect(&running.url()).await;
+    sub.send_json(json!(["REQ", "live", {"authors": [keys.public_key().to_hex()]}]))
+        .await;
+    sub.recv_type("EOSE").await;
+    let mut publisher = common::RawClient::connect(&running.url()).await;
+    let t = common::now();
+    let mut expected = BTreeSet::new();
+    for i in 0..40 {
+        let e = note(&keys, &format!("interleaved {i}"), t - i);
+        expected.insert(e.id.to_hex());
+        if i % 2 == 0 {
+            assert_eq!(publisher.publish(&e).await[2], true);
+        } else {
+            // Another process (a sync service) writing into the same store.
+            store.save_event(&e).await.unwrap();
+        }
+    }
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < expected.len() && Instant::now() < deadline {
+        let v = sub.recv_type("EVENT").await;
+        seen.push(v[2]["id"].as_str().unwrap().to_string());
+    }
+    // Anything delivered twice would arrive within a few follower periods.
+    let extra = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await;
+    assert!(extra.is_err(), "an event was delivered twice: {extra:?}");
+    let unique: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(seen.len(), unique.len(), "duplicates delivered");
+    assert_eq!(unique, expected);
+    follower.abort();
+}
