@@ -20,26 +20,22 @@
 //! the other members within one round trip (p50 a few ms on loopback) and a member that was away
 //! catches up from its persisted serial.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use nostr::{Event, EventId, Filter, Kind, PublicKey};
 use orly_db::SharedStore;
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+use crate::engine::{EngineSettings, PeerEngine};
 use crate::error::SyncError;
 use crate::http::{normalize_http_url, to_ws_url, HttpRequest, HttpResponse, PeerHttp};
 use crate::nip11::Nip11Cache;
-use crate::peer::{
-    catch_up, CatchupRules, Listed, Page, PeerBook, PeerSource, PeerStatus, STATUS_ACTIVE,
-    STATUS_ERROR, STATUS_SELF,
-};
-use crate::serve::{self, FetchedEvents, Identity, SerialWatch, MAX_RESPONSE};
-use crate::shard::{Shard, ShardOwner};
+use crate::peer::{CatchupRules, Listed, Page, PeerSource, PeerStatus, STATUS_ACTIVE};
+use crate::serve::{self, FetchedEvents};
+use crate::shard::ShardOwner;
 
 pub const KIND_MEMBERSHIP: u16 = 39108;
 pub const PATH_LATEST: &str = "/cluster/latest";
@@ -206,16 +202,8 @@ fn newer(a: (u64, &str), b: (u64, &str)) -> bool {
 
 /// The cluster sync of one relay (one replica of the service).
 pub struct ClusterSync {
-    store: SharedStore,
+    engine: PeerEngine,
     settings: ClusterSettings,
-    identity: Identity,
-    nip11: Arc<Nip11Cache>,
-    http: PeerHttp,
-    book: PeerBook,
-    shard: Arc<Shard>,
-    latest: SerialWatch,
-    task: Mutex<Option<JoinHandle<()>>>,
-    last_status_save: AtomicI64,
 }
 
 impl std::fmt::Debug for ClusterSync {
@@ -235,23 +223,19 @@ impl ClusterSync {
             return Err("poll interval must be > 0 and the lease ttl at least 300ms".into());
         }
         settings.long_poll = settings.long_poll.min(MAX_WAIT);
-        Ok(Arc::new(Self {
-            identity: Identity::new(store.clone()),
-            nip11: Arc::new(Nip11Cache::new(settings.nip11_ttl, settings.timeout)),
-            http: PeerHttp::new(settings.timeout + settings.long_poll, MAX_RESPONSE),
-            book: PeerBook::new(store.clone(), "cluster"),
-            shard: Arc::new(Shard::new(
-                store.clone(),
-                "cluster",
-                settings.holder.clone(),
-                settings.lease_ttl,
-            )),
-            latest: SerialWatch::new(store.clone()),
+        let engine = PeerEngine::new(
             store,
-            settings,
-            task: Mutex::new(None),
-            last_status_save: AtomicI64::new(0),
-        }))
+            EngineSettings {
+                ns: "cluster",
+                nip11_ttl: settings.nip11_ttl,
+                timeout: settings.timeout,
+                long_poll: settings.long_poll,
+                interval: settings.poll_interval,
+                lease_ttl: settings.lease_ttl,
+                holder: settings.holder.clone(),
+            },
+        );
+        Ok(Arc::new(Self { engine, settings }))
     }
 
     pub fn settings(&self) -> &ClusterSettings {
@@ -259,16 +243,16 @@ impl ClusterSync {
     }
 
     pub fn store(&self) -> &SharedStore {
-        &self.store
+        &self.engine.store
     }
 
     pub fn nip11(&self) -> &Arc<Nip11Cache> {
-        &self.nip11
+        &self.engine.nip11
     }
 
     /// The members this replica is replicating now.
     pub fn owned_members(&self) -> Vec<String> {
-        self.shard.owned()
+        self.engine.shard.owned()
     }
 
     pub fn is_admin(&self, pk: &PublicKey) -> bool {
@@ -284,7 +268,7 @@ impl ClusterSync {
     }
 
     async fn stored_members(&self) -> Result<Vec<String>, SyncError> {
-        Ok(match self.store.get_marker(MEMBERS).await? {
+        Ok(match self.engine.store.get_marker(MEMBERS).await? {
             Some(raw) => serde_json::from_slice(&raw).map_err(|e| {
                 SyncError::Store(orly_db::StoreError::Corrupt(format!("member list: {e}")))
             })?,
@@ -295,7 +279,7 @@ impl ClusterSync {
     pub async fn members(&self) -> Result<Vec<ClusterMember>, SyncError> {
         let mut out = Vec::new();
         for url in self.member_urls().await? {
-            out.push(self.book.status(&url).await?.into());
+            out.push(self.engine.book.status(&url).await?.into());
         }
         Ok(out)
     }
@@ -305,13 +289,13 @@ impl ClusterSync {
         if !self.member_urls().await?.contains(&url) {
             return Ok(None);
         }
-        Ok(Some(self.book.status(&url).await?.into()))
+        Ok(Some(self.engine.book.status(&url).await?.into()))
     }
 
     pub async fn status(&self) -> Result<ClusterStatus, SyncError> {
         let members = self.members().await?;
         Ok(ClusterStatus {
-            latest_serial: self.store.latest_serial().await?,
+            latest_serial: self.engine.store.latest_serial().await?,
             active_members: members.iter().filter(|m| m.status == STATUS_ACTIVE).count() as i32,
             total_members: members.len() as i32,
             propagate_privileged_events: self.settings.propagate_privileged,
@@ -332,16 +316,17 @@ impl ClusterSync {
         wanted.sort();
         let current = self.stored_members().await?;
         for new in wanted.iter().filter(|u| !current.contains(u)) {
-            self.book.set_last_serial(new, 0).await?;
+            self.engine.book.set_last_serial(new, 0).await?;
             tracing::info!(member = %new, "cluster member added");
         }
         let list = serde_json::to_vec(&wanted).map_err(|e| SyncError::Invalid(e.to_string()))?;
-        self.store.set_marker(MEMBERS, &list).await?;
+        self.engine.store.set_marker(MEMBERS, &list).await?;
         for gone in current.iter().filter(|u| !wanted.contains(u)) {
-            self.book.remove(gone).await?;
+            self.engine.book.remove(gone).await?;
             tracing::info!(member = %gone, "cluster member removed");
         }
-        self.shard.kick();
+        self.engine.shard.kick();
+        self.engine.wake.notify_waiters();
         Ok(())
     }
 
@@ -365,7 +350,7 @@ impl ClusterSync {
             ));
         }
         let id = event.id.to_hex();
-        if let Some(raw) = self.store.get_marker(APPLIED).await? {
+        if let Some(raw) = self.engine.store.get_marker(APPLIED).await? {
             if let Ok(applied) = serde_json::from_slice::<Applied>(&raw) {
                 if !newer(
                     (event.created_at.as_secs(), &id),
@@ -382,7 +367,7 @@ impl ClusterSync {
             created_at: event.created_at.as_secs(),
         })
         .map_err(|e| SyncError::Invalid(e.to_string()))?;
-        self.store.set_marker(APPLIED, &applied).await?;
+        self.engine.store.set_marker(APPLIED, &applied).await?;
         tracing::info!(members = urls.len(), event_id = %event.id, "cluster membership applied");
         Ok(true)
     }
@@ -397,7 +382,7 @@ impl ClusterSync {
             .kind(Kind::from(KIND_MEMBERSHIP))
             .authors(self.settings.admins.clone())
             .limit(20);
-        let mut events = self.store.query(&[filter]).await?;
+        let mut events = self.engine.store.query(&[filter]).await?;
         events.retain(|e| parse_membership(e).is_ok());
         if let Some(newest) = events.iter().min_by(|a, b| {
             b.created_at
@@ -415,7 +400,7 @@ impl ClusterSync {
         after: Option<u64>,
         wait: Duration,
     ) -> Result<u64, SyncError> {
-        self.latest.latest(after, wait).await
+        self.engine.latest.latest(after, wait).await
     }
 
     /// Entries with serial in `from..=to`, at most `limit` (GetEventsInRange).
@@ -435,6 +420,7 @@ impl ClusterSync {
             l => l.min(MAX_LIMIT),
         };
         let entries = self
+            .engine
             .store
             .ids_by_serial_range(from.max(1), to, limit)
             .await?;
@@ -505,7 +491,7 @@ impl ClusterSync {
                 Err(resp) => return resp,
             };
             let privileged = self.settings.propagate_privileged;
-            return match serve::fetch_events(&self.store, &ids, |e| {
+            return match serve::fetch_events(&self.engine.store, &ids, |e| {
                 privileged || !orly_acl::privileged::is_privileged(e.kind)
             })
             .await
@@ -529,7 +515,7 @@ impl ClusterSync {
         };
         let to = match to {
             Some(t) => t,
-            None => match self.store.latest_serial().await {
+            None => match self.engine.store.latest_serial().await {
                 Ok(s) => s,
                 Err(e) => return HttpResponse::text(500, e.to_string()),
             },
@@ -562,98 +548,41 @@ impl ClusterSync {
             Ok(m) => m,
             Err(e) => return Some(HttpResponse::text(500, e.to_string())),
         };
-        serve::authorize_peer(req, &members, &self.nip11)
+        serve::authorize_peer(req, &members, &self.engine.nip11)
             .await
             .err()
     }
 
     /// Starts replicating the members whose lease this replica takes. False if running.
     pub fn start(self: &Arc<Self>) -> bool {
-        let mut task = self.task.lock();
-        if task.as_ref().is_some_and(|t| !t.is_finished()) {
-            return false;
-        }
-        *task = Some(self.shard.spawn(self.clone()));
-        tracing::info!(holder = %self.shard.holder(), "cluster sync started");
-        true
+        self.engine.start(self.clone())
     }
 
     pub fn is_running(&self) -> bool {
-        self.task.lock().as_ref().is_some_and(|t| !t.is_finished())
+        self.engine.is_running()
     }
 
-    /// Stops replicating and gives this replica's members back.
+    /// Stops replicating, answers held long polls and gives this replica's members back.
     pub async fn stop(&self) {
-        let task = self.task.lock().take();
-        if let Some(t) = task {
-            t.abort();
-        }
-        self.latest.close();
-        self.shard.release_all().await;
+        self.engine.stop().await;
     }
 
     /// One poll of a member: wait for a new serial, then catch up. True if anything was new.
     pub async fn poll_member(&self, member: &str) -> Result<bool, SyncError> {
-        let mut status = self.book.status(member).await?;
-        let ours = self.identity.pubkey().await?;
-        if self.nip11.pubkey(member).await.ok() == Some(ours) {
-            if status.status != STATUS_SELF {
-                status.status = STATUS_SELF.into();
-                self.book.save_status(&status).await?;
-            }
-            tokio::time::sleep(self.settings.poll_interval).await;
-            return Ok(false);
-        }
         let source = ClusterSource {
-            http: self.http.clone(),
-            keys: self.identity.keys().await?.clone(),
+            http: self.engine.http.clone(),
+            keys: self.engine.identity.keys().await?.clone(),
             long_poll: self.settings.long_poll,
             timeout: self.settings.timeout,
         };
-        let result = async {
-            let mut last = status.last_serial;
-            let latest = source.latest(member, last).await?;
-            if latest < last {
-                tracing::warn!(%member, latest, last, "member serial went backwards; replicating it again from the start");
-                last = 0;
-                self.book.set_last_serial(member, 0).await?;
-            }
-            let rules = CatchupRules {
-                keep_privileged: self.settings.propagate_privileged,
-                ..CatchupRules::default()
-            };
-            catch_up(&self.store, &source, &self.book, member, last, latest, rules).await
-        }
-        .await;
-        let now = nostr::Timestamp::now().as_secs() as i64;
-        let (changed, progressed) = match &result {
-            Ok(r) => {
-                metrics::counter!("orly_sync_events_stored_total", "service" => "cluster")
-                    .increment(r.stored);
-                let changed = status.status != STATUS_ACTIVE || status.error_count != 0;
-                status.status = STATUS_ACTIVE.into();
-                status.error_count = 0;
-                status.last_error.clear();
-                status.last_poll = now;
-                status.last_serial = r.last_serial;
-                status.events_stored += r.stored;
-                status.events_fetched += r.fetched;
-                (changed || r.stored > 0, r.pages > 0)
-            }
-            Err(e) => {
-                tracing::warn!(%member, error = %e, "cluster poll failed");
-                status.status = STATUS_ERROR.into();
-                status.error_count = status.error_count.saturating_add(1);
-                status.last_error = e.to_string();
-                (true, false)
-            }
+        let rules = CatchupRules {
+            keep_privileged: self.settings.propagate_privileged,
+            ..CatchupRules::default()
         };
-        // State is written on changes and every few seconds, not on every long poll.
-        if changed || now - self.last_status_save.load(Ordering::Relaxed) >= 5 {
-            self.last_status_save.store(now, Ordering::Relaxed);
-            self.book.save_status(&status).await?;
-        }
-        result.map(|_| progressed)
+        self.engine
+            .poll(member, &source, rules)
+            .await
+            .map(|(_, progressed)| progressed)
     }
 }
 
@@ -668,21 +597,13 @@ impl ShardOwner for ClusterSync {
 
     fn start_worker(self: Arc<Self>, member: String) -> JoinHandle<()> {
         tokio::spawn(async move {
-            loop {
-                let started = Instant::now();
-                match self.poll_member(&member).await {
-                    // A member that answered at once without news cannot long-poll (ORLY):
-                    // fall back to polling it every interval.
-                    Ok(false)
-                        if self.settings.long_poll.is_zero()
-                            || started.elapsed() < self.settings.long_poll / 2 =>
-                    {
-                        tokio::time::sleep(self.settings.poll_interval).await;
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(self.settings.poll_interval).await,
-                }
-            }
+            let sync = self.clone();
+            self.engine
+                .run_worker(|| {
+                    let (sync, member) = (sync.clone(), member.clone());
+                    async move { sync.poll_member(&member).await }
+                })
+                .await
         })
     }
 }

@@ -9,25 +9,21 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use nostr::{Event, EventId, PublicKey};
 use orly_db::SharedStore;
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::engine::{EngineSettings, PeerEngine};
 use crate::error::SyncError;
 use crate::http::{normalize_http_url, HttpRequest, HttpResponse, PeerHttp};
 use crate::nip11::Nip11Cache;
-use crate::peer::{
-    catch_up, CatchupRules, Listed, Page, PeerBook, PeerSource, PeerStatus, STATUS_ACTIVE,
-    STATUS_ERROR, STATUS_SELF,
-};
-use crate::serve::{self, FetchedEvents, Identity, SerialWatch, MAX_RESPONSE};
-use crate::shard::{Shard, ShardOwner};
+use crate::peer::{CatchupRules, Listed, Page, PeerSource, PeerStatus};
+use crate::serve::{self, FetchedEvents};
+use crate::shard::ShardOwner;
 
 /// Most serials one `/api/sync/event-ids` call may span.
 pub const MAX_RANGE: u64 = 10_000;
@@ -123,16 +119,8 @@ pub struct EventIdsResponse {
 
 /// The distributed sync of one relay (one replica of the service).
 pub struct DistributedSync {
-    store: SharedStore,
+    engine: PeerEngine,
     settings: DistributedSettings,
-    identity: Identity,
-    nip11: Arc<Nip11Cache>,
-    http: PeerHttp,
-    book: PeerBook,
-    shard: Arc<Shard>,
-    latest: SerialWatch,
-    wake: Notify,
-    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for DistributedSync {
@@ -157,23 +145,19 @@ impl DistributedSync {
             return Err("interval must be > 0 and the lease ttl at least 300ms".into());
         }
         settings.long_poll = settings.long_poll.min(MAX_LONG_POLL);
-        Ok(Arc::new(Self {
-            identity: Identity::new(store.clone()),
-            nip11: Arc::new(Nip11Cache::new(settings.nip11_ttl, settings.timeout)),
-            http: PeerHttp::new(settings.timeout + settings.long_poll, MAX_RESPONSE),
-            latest: SerialWatch::new(store.clone()),
-            book: PeerBook::new(store.clone(), "distributed"),
-            shard: Arc::new(Shard::new(
-                store.clone(),
-                "distributed",
-                settings.holder.clone(),
-                settings.lease_ttl,
-            )),
+        let engine = PeerEngine::new(
             store,
-            settings,
-            wake: Notify::new(),
-            task: Mutex::new(None),
-        }))
+            EngineSettings {
+                ns: "distributed",
+                nip11_ttl: settings.nip11_ttl,
+                timeout: settings.timeout,
+                long_poll: settings.long_poll,
+                interval: settings.interval,
+                lease_ttl: settings.lease_ttl,
+                holder: settings.holder.clone(),
+            },
+        );
+        Ok(Arc::new(Self { engine, settings }))
     }
 
     pub fn settings(&self) -> &DistributedSettings {
@@ -181,23 +165,23 @@ impl DistributedSync {
     }
 
     pub fn nip11(&self) -> &Arc<Nip11Cache> {
-        &self.nip11
+        &self.engine.nip11
     }
 
     pub fn store(&self) -> &SharedStore {
-        &self.store
+        &self.engine.store
     }
 
     /// The peers this replica is pulling from now.
     pub fn owned_peers(&self) -> Vec<String> {
-        self.shard.owned()
+        self.engine.shard.owned()
     }
 
     /// Our `node_id`: the configured one, else the identity pubkey.
     pub async fn node_id(&self) -> Result<String, SyncError> {
         match &self.settings.node_id {
             Some(n) if !n.is_empty() => Ok(n.clone()),
-            _ => Ok(self.identity.pubkey().await?.to_hex()),
+            _ => Ok(self.engine.identity.pubkey().await?.to_hex()),
         }
     }
 
@@ -208,7 +192,7 @@ impl DistributedSync {
     /// Configured peers plus the relay group's, without our own URL.
     pub async fn peers(&self) -> Result<Vec<String>, SyncError> {
         let mut peers = self.settings.peers.clone();
-        if let Some(raw) = self.store.get_marker(DYNAMIC_PEERS).await? {
+        if let Some(raw) = self.engine.store.get_marker(DYNAMIC_PEERS).await? {
             let dynamic: Vec<String> = serde_json::from_slice(&raw).unwrap_or_default();
             for p in dynamic {
                 if !peers.contains(&p) {
@@ -233,10 +217,10 @@ impl DistributedSync {
         }
         list.sort();
         let raw = serde_json::to_vec(&list).map_err(|e| SyncError::Invalid(e.to_string()))?;
-        self.store.set_marker(DYNAMIC_PEERS, &raw).await?;
+        self.engine.store.set_marker(DYNAMIC_PEERS, &raw).await?;
         tracing::info!(peers = list.len(), "distributed peer list updated");
-        self.shard.kick();
-        self.wake.notify_waiters();
+        self.engine.shard.kick();
+        self.engine.wake.notify_waiters();
         Ok(())
     }
 
@@ -245,7 +229,7 @@ impl DistributedSync {
         let Ok(url) = normalize_http_url(peer_url) else {
             return false;
         };
-        match self.nip11.pubkey(&url).await {
+        match self.engine.nip11.pubkey(&url).await {
             Ok(pk) => pk.to_hex().eq_ignore_ascii_case(expected.trim()),
             Err(_) => false,
         }
@@ -256,7 +240,8 @@ impl DistributedSync {
         let Ok(url) = normalize_http_url(peer_url) else {
             return String::new();
         };
-        self.nip11
+        self.engine
+            .nip11
             .pubkey(&url)
             .await
             .map(|p| p.to_hex())
@@ -266,13 +251,14 @@ impl DistributedSync {
     /// Our highest serial, always read from the store (a notification never moves it: a wrong
     /// one would send peers paging through serials that do not exist).
     pub async fn current_serial(&self) -> Result<u64, SyncError> {
-        Ok(self.store.latest_serial().await?)
+        Ok(self.engine.store.latest_serial().await?)
     }
 
     /// `{hex id: serial}` of the events in `from..=to`.
     pub async fn event_ids(&self, from: u64, to: u64) -> Result<BTreeMap<String, u64>, SyncError> {
         check_range(from, to).map_err(SyncError::Invalid)?;
         let entries = self
+            .engine
             .store
             .ids_by_serial_range(from.max(1), to, MAX_RANGE as u32)
             .await?;
@@ -285,42 +271,31 @@ impl DistributedSync {
     /// The relay stored an event (`NotifyNewEvent`): peers long-polling us for a newer serial
     /// are answered now.
     pub fn notify_new_event(&self, serial: u64) {
-        self.latest.notify(serial);
+        self.engine.latest.notify(serial);
     }
 
     /// Wakes every peer's pull now (`TriggerSync`).
     pub fn trigger(&self) {
-        self.wake.notify_waiters();
+        self.engine.wake.notify_waiters();
     }
 
     /// Peer states for `GetSyncStatus`.
     pub async fn peer_statuses(&self) -> Result<Vec<PeerStatus>, SyncError> {
         let mut out = Vec::new();
         for p in self.peers().await? {
-            out.push(self.book.status(&p).await?);
+            out.push(self.engine.book.status(&p).await?);
         }
         Ok(out)
     }
 
     /// Starts sharing the peers with the other replicas and pulling from ours. False if running.
     pub fn start(self: &Arc<Self>) -> bool {
-        let mut task = self.task.lock();
-        if task.as_ref().is_some_and(|t| !t.is_finished()) {
-            return false;
-        }
-        *task = Some(self.shard.spawn(self.clone()));
-        tracing::info!(interval = ?self.settings.interval, holder = %self.shard.holder(), "distributed sync started");
-        true
+        self.engine.start(self.clone())
     }
 
-    /// Stops pulling and gives this replica's peers back to the others.
+    /// Stops pulling, answers held long polls and gives this replica's peers to the others.
     pub async fn stop(&self) {
-        let task = self.task.lock().take();
-        if let Some(t) = task {
-            t.abort();
-        }
-        self.latest.close();
-        self.shard.release_all().await;
+        self.engine.stop().await;
     }
 
     /// `POST /api/sync/current` (HandleCurrentRequest).
@@ -338,7 +313,7 @@ impl DistributedSync {
         let wait = Duration::from_millis(body.wait_ms.unwrap_or(0)).min(MAX_LONG_POLL);
         let (node_id, serial) = match (
             self.node_id().await,
-            self.latest.latest(body.after, wait).await,
+            self.engine.latest.latest(body.after, wait).await,
         ) {
             (Ok(n), Ok(s)) => (n, s),
             (Err(e), _) | (_, Err(e)) => return HttpResponse::text(500, e.to_string()),
@@ -370,7 +345,7 @@ impl DistributedSync {
         }
         let result = match &body.ids {
             Some(ids) => match serve::parse_ids(ids) {
-                Ok(ids) => serve::fetch_events(&self.store, &ids, |_| true)
+                Ok(ids) => serve::fetch_events(&self.engine.store, &ids, |_| true)
                     .await
                     .map(|fetched| EventIdsResponse {
                         event_map: BTreeMap::new(),
@@ -401,7 +376,7 @@ impl DistributedSync {
             .peers()
             .await
             .map_err(|e| HttpResponse::text(500, e.to_string()))?;
-        serve::authorize_peer(req, &peers, &self.nip11).await
+        serve::authorize_peer(req, &peers, &self.engine.nip11).await
     }
 
     async fn refuse_self(&self, node_id: &str) -> Option<HttpResponse> {
@@ -410,75 +385,24 @@ impl DistributedSync {
             .then(|| HttpResponse::text(400, "Cannot sync with self"))
     }
 
-    /// One pull from `peer`: its serial, then everything since the last one we stored.
+    /// One pull from `peer`: its serial (a long poll), then everything since the last one we
+    /// stored.
     pub async fn poll_peer(&self, peer: &str) -> Result<PeerStatus, SyncError> {
-        let mut status = self.book.status(peer).await?;
-        status.holder = self.shard.holder().to_string();
-        let ours = self.identity.pubkey().await?;
-        if self.nip11.pubkey(peer).await.ok() == Some(ours) {
-            status.status = STATUS_SELF.into();
-            self.book.save_status(&status).await?;
-            return Ok(status);
-        }
-        let result = self.pull(peer, status.last_serial).await;
-        match &result {
-            Ok(report) => {
-                status.last_serial = report.last_serial;
-                status.status = STATUS_ACTIVE.into();
-                status.error_count = 0;
-                status.last_error.clear();
-                status.last_poll = nostr::Timestamp::now().as_secs() as i64;
-                status.events_stored += report.stored;
-                status.events_fetched += report.fetched;
-                if report.stored > 0 {
-                    tracing::info!(%peer, stored = report.stored, last_serial = report.last_serial, "pulled from peer");
-                }
-                metrics::counter!("orly_sync_events_stored_total", "service" => "distributed")
-                    .increment(report.stored);
-            }
-            Err(e) => {
-                status.last_serial = self.book.last_serial(peer).await?.unwrap_or(0);
-                status.status = STATUS_ERROR.into();
-                status.error_count = status.error_count.saturating_add(1);
-                status.last_error = e.to_string();
-                tracing::warn!(%peer, error = %e, "distributed pull failed");
-            }
-        }
-        self.book.save_status(&status).await?;
-        result.map(|_| status)
+        self.poll(peer).await.map(|(status, _)| status)
     }
 
-    async fn pull(&self, peer: &str, last: u64) -> Result<crate::peer::CatchupReport, SyncError> {
-        let source = self.source().await?;
-        let latest = source.latest(peer, last).await?;
-        let mut last = last;
-        if latest < last {
-            // The peer's store was replaced: its serials start over.
-            tracing::warn!(%peer, latest, last, "peer serial went backwards; pulling it again from the start");
-            last = 0;
-            self.book.set_last_serial(peer, 0).await?;
-        }
-        catch_up(
-            &self.store,
-            &source,
-            &self.book,
-            peer,
-            last,
-            latest,
-            CatchupRules::default(),
-        )
-        .await
-    }
-
-    async fn source(&self) -> Result<DistributedSource, SyncError> {
-        Ok(DistributedSource {
-            http: self.http.clone(),
-            keys: self.identity.keys().await?.clone(),
+    async fn poll(&self, peer: &str) -> Result<(PeerStatus, bool), SyncError> {
+        let source = DistributedSource {
+            http: self.engine.http.clone(),
+            keys: self.engine.identity.keys().await?.clone(),
             node_id: self.node_id().await?,
             relay_url: self.relay_url(),
             timeout: self.settings.timeout,
             long_poll: self.settings.long_poll,
-        })
+        };
+        self.engine
+            .poll(peer, &source, CatchupRules::default())
+            .await
     }
 }
 
@@ -490,27 +414,13 @@ impl ShardOwner for DistributedSync {
 
     fn start_worker(self: Arc<Self>, peer: String) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let long_poll = self.settings.long_poll;
-            loop {
-                let woken = self.wake.notified();
-                let before = self.book.last_serial(&peer).await.ok().flatten();
-                let started = Instant::now();
-                let progressed = match self.poll_peer(&peer).await {
-                    Ok(status) => Some(status.last_serial) != before,
-                    Err(_) => false,
-                };
-                // A long poll that waited is followed by the next at once; a peer that answered
-                // at once without news (it cannot wait) or failed is asked again after the
-                // interval, or when woken.
-                let waited = !long_poll.is_zero() && started.elapsed() >= long_poll / 2;
-                if progressed || waited {
-                    continue;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(self.settings.interval) => {}
-                    _ = woken => {}
-                }
-            }
+            let sync = self.clone();
+            self.engine
+                .run_worker(|| {
+                    let (sync, peer) = (sync.clone(), peer.clone());
+                    async move { sync.poll(&peer).await.map(|(_, progressed)| progressed) }
+                })
+                .await
         })
     }
 }

@@ -1,9 +1,12 @@
 //! orly-sync: the distributed, cluster and relay-group sync services of orly, on one shared
 //! peer-sync engine.
 //!
-//! - [`peer`]: per-peer state in the store and [`peer::catch_up`], which both pull protocols
-//!   use to page through a peer's serials, fetch what is missing, check it and store it in
-//!   order, resuming where a cut-off sync stopped;
+//! - [`engine`]: the [`engine::PeerEngine`] both pull protocols are built on — identities, the
+//!   HTTP client, per-peer state, the shard, the long-poll watch, one pull of a peer and the
+//!   worker loop around it;
+//! - [`peer`]: per-peer state in the store and [`peer::catch_up`], which pages through a peer's
+//!   serials, fetches what is missing, checks it and stores it in order, resuming where a
+//!   cut-off sync stopped;
 //! - [`shard`]: several replicas of a service split the peers by store leases;
 //! - [`serve`], [`http`], [`nip11`]: NIP-98 on both sides, the relay identity, peer identities;
 //! - [`distributed`], [`cluster`], [`relaygroup`]: the three services' logic;
@@ -14,6 +17,7 @@ pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod distributed;
+pub mod engine;
 pub mod error;
 pub mod grpc_client;
 pub mod grpc_server;
