@@ -23,6 +23,8 @@ mod postgres;
 mod process;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "shared/table.rs"]
+mod table;
 
 use std::sync::Arc;
 use std::time::Duration;

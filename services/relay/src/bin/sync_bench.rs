@@ -27,6 +27,8 @@ mod node;
 mod propagation;
 #[path = "sync_bench/report.rs"]
 mod report;
+#[path = "shared/table.rs"]
+mod table;
 
 use std::path::PathBuf;
 use std::sync::Arc;

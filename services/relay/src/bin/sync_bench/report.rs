@@ -2,6 +2,7 @@
 
 use crate::catchup::CatchUp;
 use crate::propagation::Measured as Propagation;
+use crate::table::render;
 use crate::{CATCHUP_GOAL_EPS, PROPAGATION_P99_GOAL_MS};
 
 /// What the header says about the run.
@@ -192,36 +193,4 @@ fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     Some(sorted[rank - 1])
-}
-
-/// Aligned plain text: first column left-aligned, the rest right-aligned.
-fn render(table: &[Vec<String>]) -> String {
-    let cols = table.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            table
-                .iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in table {
-        let line: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(c, cell)| {
-                if c == 0 {
-                    format!("{cell:<w$}", w = widths[c])
-                } else {
-                    format!("{cell:>w$}", w = widths[c])
-                }
-            })
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }
