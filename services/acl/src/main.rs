@@ -2,7 +2,6 @@
 //! SQLite/PostgreSQL directly), loads the mode's lists and follow sets, and serves
 //! `orlyacl.v1.ACLService` with `grpc.health.v1` until SIGTERM/SIGINT.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -78,13 +77,6 @@ async fn run() -> anyhow::Result<()> {
     let admins = parse_pubkey_list(&args.admins)
         .map_err(anyhow::Error::msg)
         .context("ORLY_ADMINS")?;
-    let metrics_addr = match args.metrics_listen.trim() {
-        "" => None,
-        s => Some(
-            s.parse::<SocketAddr>()
-                .with_context(|| format!("invalid ORLY_METRICS_LISTEN {s:?}"))?,
-        ),
-    };
     let store_cfg = StoreConfig {
         kind: args.db_type,
         data_dir: args.data_dir.clone(),
@@ -112,39 +104,14 @@ async fn run() -> anyhow::Result<()> {
     // Loads now if the store answers, else retries; readiness follows.
     let refresher = engine.spawn_refresher();
 
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(
-        addr = %listener.local_addr()?,
-        mode = %args.mode,
-        db_type = %store_cfg.kind,
-        "orly-acl listening"
-    );
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    tokio::spawn(async move {
-        orly_common::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    if let Some(addr) = metrics_addr {
-        let shutdown = stopped();
-        tokio::spawn(async move {
-            if let Err(e) = orly_common::metrics::serve(addr, shutdown).await {
-                tracing::error!(%addr, error = %e, "metrics server failed");
-            }
-        });
-    }
-
-    let result = grpc_server::serve(listener, engine, stopped()).await;
-    refresher.abort();
-    result.context("gRPC server failed")?;
-    tracing::info!("orly-acl stopped");
+    tracing::info!(mode = %args.mode, db_type = %store_cfg.kind, "orly-acl starting");
+    orly_common::service::serve_until_signal(
+        "orly-acl",
+        &args.listen,
+        &args.metrics_listen,
+        |listener, shutdown| grpc_server::serve(listener, engine, shutdown),
+        || async move { refresher.abort() },
+    )
+    .await?;
     Ok(())
 }

@@ -41,3 +41,87 @@ pub fn log_level(matches: &ArgMatches, given: &str, fallback_env: &str) -> Strin
         _ => given.to_string(),
     }
 }
+
+/// Why a service could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid ORLY_METRICS_LISTEN {0:?}")]
+    MetricsAddr(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// The shutdown future a server is handed: resolves once SIGTERM/SIGINT arrived and the
+/// service's own `stop` ran.
+pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The run loop every gRPC service binary shares: binds `listen`, serves Prometheus metrics on
+/// `metrics_listen` (empty: none), runs `serve` until SIGTERM/SIGINT. At the signal `stop` runs
+/// first (background work ends, leases are handed back, held long polls are answered), then the
+/// server drains its requests and returns.
+pub async fn serve_until_signal<S, SF, T, TF>(
+    name: &str,
+    listen: &str,
+    metrics_listen: &str,
+    serve: S,
+    stop: T,
+) -> Result<(), ServiceError>
+where
+    S: FnOnce(tokio::net::TcpListener, Shutdown) -> SF,
+    SF: Future<Output = Result<(), tonic::transport::Error>>,
+    T: FnOnce() -> TF,
+    TF: Future<Output = ()>,
+{
+    let metrics_addr = match metrics_listen.trim() {
+        "" => None,
+        s => Some(
+            s.parse::<std::net::SocketAddr>()
+                .map_err(|_| ServiceError::MetricsAddr(s.to_string()))?,
+        ),
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServiceError::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "{name} listening");
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || -> Shutdown {
+        let mut rx = stop_rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+    };
+    if let Some(addr) = metrics_addr {
+        let shutdown = stopped();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, shutdown).await {
+                tracing::error!(%addr, error = %e, "metrics server failed");
+            }
+        });
+    }
+    let serving = serve(listener, stopped());
+    tokio::pin!(serving);
+    let result = tokio::select! {
+        result = &mut serving => {
+            stop().await;
+            result
+        }
+        _ = crate::shutdown_signal() => {
+            stop().await;
+            let _ = stop_tx.send(true);
+            serving.await
+        }
+    };
+    result?;
+    tracing::info!("{name} stopped");
+    Ok(())
+}

@@ -1,7 +1,6 @@
 //! orly-db: the storage service. Opens (and migrates) a SQLite or PostgreSQL store and serves
 //! it as `orlydb.v1.DatabaseService` with `grpc.health.v1`, until SIGTERM/SIGINT.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -61,14 +60,6 @@ async fn run() -> anyhow::Result<()> {
              use sqlite or postgres"
         );
     }
-    let metrics_addr = match args.metrics_listen.trim() {
-        "" => None,
-        s => Some(
-            s.parse::<SocketAddr>()
-                .with_context(|| format!("invalid ORLY_METRICS_LISTEN {s:?}"))?,
-        ),
-    };
-
     let cfg = StoreConfig {
         kind: args.db_type,
         data_dir: args.data_dir.clone(),
@@ -79,32 +70,7 @@ async fn run() -> anyhow::Result<()> {
     let store = open_store(&cfg)
         .await
         .with_context(|| format!("cannot open the {} store", cfg.kind))?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, db_type = %cfg.kind, "orly-db listening");
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    tokio::spawn(async move {
-        orly_common::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-
-    if let Some(addr) = metrics_addr {
-        let shutdown = stopped();
-        tokio::spawn(async move {
-            if let Err(e) = orly_common::metrics::serve(addr, shutdown).await {
-                tracing::error!(%addr, error = %e, "metrics server failed");
-            }
-        });
-    }
-
+    tracing::info!(db_type = %cfg.kind, "orly-db store open");
     let expiry_store = store.clone();
     let expiry = tokio::spawn(async move {
         let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
@@ -119,9 +85,13 @@ async fn run() -> anyhow::Result<()> {
         }
     });
 
-    let result = grpc_server::serve(listener, store, stopped()).await;
-    expiry.abort();
-    result.context("gRPC server failed")?;
-    tracing::info!("orly-db stopped");
+    orly_common::service::serve_until_signal(
+        "orly-db",
+        &args.listen,
+        &args.metrics_listen,
+        |listener, shutdown| grpc_server::serve(listener, store, shutdown),
+        || async move { expiry.abort() },
+    )
+    .await?;
     Ok(())
 }

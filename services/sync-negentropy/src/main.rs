@@ -2,7 +2,6 @@
 //! negentropy, as `orlysync.negentropy.v1.NegentropyService` with `grpc.health.v1`, until
 //! SIGTERM/SIGINT.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -120,13 +119,6 @@ async fn run() -> anyhow::Result<()> {
     };
     let peers =
         parse_peer_list(&args.peers).map_err(|e| anyhow!("ORLY_SYNC_NEGENTROPY_PEERS: {e}"))?;
-    let metrics_addr = match args.metrics_listen.trim() {
-        "" => None,
-        s => Some(
-            s.parse::<SocketAddr>()
-                .with_context(|| format!("invalid ORLY_METRICS_LISTEN {s:?}"))?,
-        ),
-    };
 
     let cfg = StoreConfig {
         kind: args.db_type,
@@ -142,30 +134,7 @@ async fn run() -> anyhow::Result<()> {
     let engine = NegentropyEngine::new(store.clone(), engine_settings).map_err(|e| anyhow!(e))?;
     let manager = SyncManager::new(store, sync_settings).map_err(|e| anyhow!(e))?;
 
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, db_type = %cfg.kind, "orly-sync-negentropy listening");
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    tokio::spawn(async move {
-        orly_common::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    if let Some(addr) = metrics_addr {
-        let shutdown = stopped();
-        tokio::spawn(async move {
-            if let Err(e) = orly_common::metrics::serve(addr, shutdown).await {
-                tracing::error!(%addr, error = %e, "metrics server failed");
-            }
-        });
-    }
+    tracing::info!(db_type = %cfg.kind, "orly-sync-negentropy store open");
 
     let reaper = engine.spawn_reaper();
     // Peers from the environment are stored once orly-db answers (it may start after us).
@@ -190,11 +159,18 @@ async fn run() -> anyhow::Result<()> {
         })
     };
 
-    let result = grpc_server::serve(listener, engine, manager.clone(), stopped()).await;
-    startup.abort();
-    manager.stop();
-    reaper.abort();
-    result.context("gRPC server failed")?;
-    tracing::info!("orly-sync-negentropy stopped");
+    let stopper = manager.clone();
+    orly_common::service::serve_until_signal(
+        "orly-sync-negentropy",
+        &args.listen,
+        &args.metrics_listen,
+        |listener, shutdown| grpc_server::serve(listener, engine, manager, shutdown),
+        || async move {
+            startup.abort();
+            stopper.stop();
+            reaper.abort();
+        },
+    )
+    .await?;
     Ok(())
 }

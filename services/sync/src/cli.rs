@@ -1,8 +1,6 @@
-//! What the three service binaries share: storage options, ORLY's variable fallbacks, and the
-//! run loop (listen, metrics, SIGTERM).
+//! What the three service binaries share: storage options and ORLY's variable fallbacks (their
+//! run loop is `orly_common::service::serve_until_signal`).
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -48,66 +46,6 @@ pub async fn store(
     open_store(&cfg)
         .await
         .with_context(|| format!("cannot open the {} store", cfg.kind))
-}
-
-/// Binds `listen`, serves metrics on `metrics_listen` (if any), runs `serve` until
-/// SIGTERM/SIGINT. At the signal `stop` runs first (it ends pulling, hands leases over and
-/// answers waiting long polls), then the server drains its requests and exits.
-pub async fn run<S, SF, T, TF>(
-    name: &str,
-    listen: &str,
-    metrics_listen: &str,
-    serve: S,
-    stop: T,
-) -> anyhow::Result<()>
-where
-    S: FnOnce(tokio::net::TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> SF,
-    SF: Future<Output = Result<(), tonic::transport::Error>>,
-    T: FnOnce() -> TF,
-    TF: Future<Output = ()>,
-{
-    let metrics_addr = match metrics_listen.trim() {
-        "" => None,
-        s => Some(
-            s.parse::<SocketAddr>()
-                .with_context(|| format!("invalid ORLY_METRICS_LISTEN {s:?}"))?,
-        ),
-    };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "{name} listening");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        Box::pin(async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
-    };
-    if let Some(addr) = metrics_addr {
-        let shutdown = stopped();
-        tokio::spawn(async move {
-            if let Err(e) = orly_common::metrics::serve(addr, shutdown).await {
-                tracing::error!(%addr, error = %e, "metrics server failed");
-            }
-        });
-    }
-    let serving = serve(listener, stopped());
-    tokio::pin!(serving);
-    let result = tokio::select! {
-        result = &mut serving => {
-            stop().await;
-            result
-        }
-        _ = orly_common::shutdown_signal() => {
-            stop().await;
-            let _ = stop_tx.send(true);
-            serving.await
-        }
-    };
-    result.context("gRPC server failed")?;
-    tracing::info!("{name} stopped");
-    Ok(())
 }
 
 /// Declares a service binary's `Args`: the options every sync service has — listen address,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use clap::builder::BoolishValueParser;
 use clap::ArgAction;
-use orly_sync::cli::{self, env_bool, fallback};
+use orly_sync::cli::{env_bool, fallback};
 use orly_sync::{grpc_server, parse_pubkeys, ClusterSettings, ClusterSync};
 
 orly_sync::service_args! {
@@ -84,12 +84,13 @@ async fn run() -> anyhow::Result<()> {
         sync.start();
     }
     let stopper = sync.clone();
-    cli::run(
+    orly_common::service::serve_until_signal(
         "orly-sync-cluster",
         &args.listen,
         &args.metrics_listen,
         |listener, shutdown| grpc_server::serve_cluster(listener, sync, shutdown),
         || async move { stopper.stop().await },
     )
-    .await
+    .await?;
+    Ok(())
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use clap::builder::BoolishValueParser;
 use clap::ArgAction;
-use orly_sync::cli::{self, fallback};
+use orly_sync::cli::fallback;
 use orly_sync::http::parse_url_list;
 use orly_sync::{grpc_server, DistributedSettings, DistributedSync};
 
@@ -74,12 +74,13 @@ async fn run() -> anyhow::Result<()> {
         sync.start();
     }
     let stopper = sync.clone();
-    cli::run(
+    orly_common::service::serve_until_signal(
         "orly-sync-distributed",
         &args.listen,
         &args.metrics_listen,
         |listener, shutdown| grpc_server::serve_distributed(listener, sync, shutdown),
         || async move { stopper.stop().await },
     )
-    .await
+    .await?;
+    Ok(())
 }

@@ -3,7 +3,7 @@
 //! `grpc.health.v1`, until SIGTERM/SIGINT.
 
 use anyhow::anyhow;
-use orly_sync::cli::{self, fallback};
+use orly_sync::cli::fallback;
 use orly_sync::{grpc_server, parse_pubkeys, RelayGroup};
 
 orly_sync::service_args! {
@@ -33,12 +33,13 @@ async fn run() -> anyhow::Result<()> {
     }
     let store = args.open_store().await?;
     let group = RelayGroup::new(store, admins);
-    cli::run(
+    orly_common::service::serve_until_signal(
         "orly-sync-relaygroup",
         &args.listen,
         &args.metrics_listen,
         |listener, shutdown| grpc_server::serve_relaygroup(listener, group, shutdown),
         || async {},
     )
-    .await
+    .await?;
+    Ok(())
 }
