@@ -207,7 +207,7 @@ fn enable_sync(
             },
         )
     } else {
-        let group_admins = orly::sync::pubkeys(&cli.relay_group_admins)
+        let group_admins = orly_common::parse_pubkey_list(&cli.relay_group_admins)
             .map_err(|e| anyhow::anyhow!("ORLY_RELAY_GROUP_ADMINS: {e}"))?;
         let relaygroup = (!group_admins.is_empty()).then(|| {
             Arc::new(RelayGroup::new(store.clone(), group_admins)) as Arc<dyn RelayGroupApi>
@@ -237,7 +237,7 @@ fn enable_sync(
             .clone()
             .filter(|a| !a.trim().is_empty())
             .unwrap_or_else(|| cli.admins.clone());
-        let admins = orly::sync::pubkeys(&admins)
+        let admins = orly_common::parse_pubkey_list(&admins)
             .map_err(|e| anyhow::anyhow!("ORLY_CLUSTER_ADMINS: {e}"))?;
         let cluster = if admins.is_empty() {
             None

@@ -35,12 +35,3 @@ pub use error::SyncError;
 pub use grpc_client::{GrpcCluster, GrpcDistributed, GrpcRelayGroup};
 pub use http::{HttpRequest, HttpResponse};
 pub use relaygroup::RelayGroup;
-
-/// Parses a comma-separated list of pubkeys (npub or hex); empty entries are skipped.
-pub fn parse_pubkeys(s: &str) -> Result<Vec<nostr::PublicKey>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| nostr::PublicKey::parse(p).map_err(|e| format!("invalid pubkey {p:?}: {e}")))
-        .collect()
-}

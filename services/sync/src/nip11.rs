@@ -65,11 +65,6 @@ impl Nip11Cache {
         self.entries.lock().get(url).and_then(|(_, p)| *p)
     }
 
-    /// Forgets every entry (a test or an operator wants fresh lookups).
-    pub fn clear(&self) {
-        self.entries.lock().clear();
-    }
-
     /// Standard NIP-11 first (the base URL), then ORLY's `/.well-known/nostr.json`.
     async fn fetch(&self, url: &str) -> Result<PublicKey, SyncError> {
         let mut last = SyncError::peer(url, "no NIP-11 document");

@@ -70,18 +70,6 @@ impl PeerBook {
         format!("{}:state:{url}", self.ns)
     }
 
-    /// Every peer with a serial marker, sorted.
-    pub async fn urls(&self) -> Result<Vec<String>, SyncError> {
-        let prefix = format!("{}:peer:", self.ns);
-        Ok(self
-            .store
-            .list_markers(&prefix)
-            .await?
-            .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
-            .collect())
-    }
-
     /// The last serial stored from `url` (`None`: never recorded).
     pub async fn last_serial(&self, url: &str) -> Result<Option<u64>, SyncError> {
         Ok(self

@@ -7,7 +7,7 @@ use anyhow::anyhow;
 use clap::builder::BoolishValueParser;
 use clap::ArgAction;
 use orly_sync::cli::{env_bool, fallback};
-use orly_sync::{grpc_server, parse_pubkeys, ClusterSettings, ClusterSync};
+use orly_sync::{grpc_server, ClusterSettings, ClusterSync};
 
 orly_sync::service_args! {
     name: "orly-sync-cluster",
@@ -59,7 +59,8 @@ async fn run() -> anyhow::Result<()> {
     orly_common::init_tracing(&log_level);
     let admins =
         fallback(args.admins.clone(), &["ORLY_CLUSTER_ADMINS", "ORLY_ADMINS"]).unwrap_or_default();
-    let admins = parse_pubkeys(&admins).map_err(|e| anyhow!("ORLY_SYNC_CLUSTER_ADMINS: {e}"))?;
+    let admins = orly_common::parse_pubkey_list(&admins)
+        .map_err(|e| anyhow!("ORLY_SYNC_CLUSTER_ADMINS: {e}"))?;
     if admins.is_empty() {
         tracing::warn!("no cluster admins: membership comes only from the UpdateMembership RPC");
     }

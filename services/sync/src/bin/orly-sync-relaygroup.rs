@@ -4,7 +4,7 @@
 
 use anyhow::anyhow;
 use orly_sync::cli::fallback;
-use orly_sync::{grpc_server, parse_pubkeys, RelayGroup};
+use orly_sync::{grpc_server, RelayGroup};
 
 orly_sync::service_args! {
     name: "orly-sync-relaygroup",
@@ -27,7 +27,8 @@ async fn run() -> anyhow::Result<()> {
     let (args, log_level) = Args::parse_all();
     orly_common::init_tracing(&log_level);
     let admins = fallback(args.admins.clone(), &["ORLY_RELAY_GROUP_ADMINS"]).unwrap_or_default();
-    let admins = parse_pubkeys(&admins).map_err(|e| anyhow!("ORLY_SYNC_RELAYGROUP_ADMINS: {e}"))?;
+    let admins = orly_common::parse_pubkey_list(&admins)
+        .map_err(|e| anyhow!("ORLY_SYNC_RELAYGROUP_ADMINS: {e}"))?;
     if admins.is_empty() {
         tracing::warn!("no relay group admins: no config will be authoritative");
     }
