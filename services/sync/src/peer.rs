@@ -231,7 +231,7 @@ pub async fn catch_up(
             report.fetched += got.len() as u64;
             events.extend(got);
         }
-        verify_all(peer, &events, rules.future_limit).await?;
+        let mut events = verify_all(peer, events, rules.future_limit).await?;
         if !rules.keep_privileged {
             let before = events.len();
             events.retain(|e| !orly_acl::privileged::is_privileged(e.kind));
@@ -290,10 +290,15 @@ fn check_page(peer: &str, page: &Page, from: u64, to: u64) -> Result<(), SyncErr
     Ok(())
 }
 
-/// Checks ids and signatures on the blocking pool, split over the cores.
-async fn verify_all(peer: &str, events: &[Event], future_limit: u64) -> Result<(), SyncError> {
+/// Checks ids and signatures on the blocking pool, split over the cores; hands the events
+/// back (moved in and out rather than copied for the worker threads).
+async fn verify_all(
+    peer: &str,
+    events: Vec<Event>,
+    future_limit: u64,
+) -> Result<Vec<Event>, SyncError> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(events);
     }
     let now = Timestamp::now().as_secs();
     if let Some(e) = events
@@ -309,7 +314,7 @@ async fn verify_all(peer: &str, events: &[Event], future_limit: u64) -> Result<(
         .map(|n| n.get())
         .unwrap_or(1)
         .min(events.len().div_ceil(64));
-    let shared: Arc<Vec<Event>> = Arc::new(events.to_vec());
+    let shared: Arc<Vec<Event>> = Arc::new(events);
     let size = shared.len().div_ceil(parts);
     let mut tasks = Vec::with_capacity(parts);
     for i in 0..parts {
@@ -334,5 +339,6 @@ async fn verify_all(peer: &str, events: &[Event], future_limit: u64) -> Result<(
             ));
         }
     }
-    Ok(())
+    // Every task has finished, so this is the only reference left.
+    Ok(Arc::try_unwrap(shared).unwrap_or_else(|shared| shared.as_ref().clone()))
 }
