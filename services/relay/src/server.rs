@@ -15,7 +15,7 @@ use nostr::PublicKey;
 use orly_db::SharedStore;
 use orly_sync_negentropy::NegentropyHandler;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, OnceCell};
+use tokio::sync::watch;
 
 use orly_acl::AclAdmin;
 
@@ -51,7 +51,7 @@ pub struct Relay {
     sync: std::sync::OnceLock<Arc<SyncHooks>>,
     /// Exactly-once live delivery between ingest and the store follower.
     pub delivery: Delivery,
-    identity: OnceCell<PublicKey>,
+    identity: orly_sync::serve::Identity,
     shutdown: watch::Sender<bool>,
 }
 
@@ -68,6 +68,7 @@ impl Relay {
         acl_admin: Option<Arc<dyn AclAdmin>>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            identity: orly_sync::serve::Identity::new(store.clone()),
             config,
             store,
             acl,
@@ -77,7 +78,6 @@ impl Relay {
             instance: hex::encode(rand::random::<[u8; 6]>()),
             sync: std::sync::OnceLock::new(),
             delivery: Delivery::default(),
-            identity: OnceCell::new(),
             shutdown: watch::channel(false).0,
         })
     }
@@ -101,24 +101,18 @@ impl Relay {
         self.negentropy.get()
     }
 
-    /// The relay's identity pubkey (NIP-11 `pubkey`), from the key kept in the store.
-    /// `None` while the store cannot be reached; asked again next time.
+    /// The relay's identity pubkey (NIP-11 `pubkey`), from the key kept in the store (the same
+    /// key the peer sync signs with). `None` while the store cannot be reached; asked again
+    /// next time.
     pub async fn identity(&self) -> Option<PublicKey> {
-        self.identity
-            .get_or_try_init(|| async {
-                let secret = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    self.store.relay_identity_secret(),
-                )
-                .await
-                .map_err(|_| ())?
-                .map_err(|e| tracing::warn!(error = %e, "relay identity unavailable"))?;
-                let sk = nostr::SecretKey::from_slice(&secret).map_err(|_| ())?;
-                Ok::<_, ()>(nostr::Keys::new(sk).public_key())
-            })
-            .await
-            .ok()
-            .copied()
+        match tokio::time::timeout(Duration::from_secs(2), self.identity.pubkey()).await {
+            Ok(Ok(pk)) => Some(pk),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "relay identity unavailable");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// A receiver that flips to `true` when the relay shuts down.
