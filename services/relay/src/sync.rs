@@ -379,3 +379,38 @@ async fn follow_once(relay: &Arc<Relay>) -> Result<(), orly_db::StoreError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stored_event_is_delivered_once_by_the_ingest_or_the_follower() {
+        let d = Delivery::default();
+        // Without a follower the ingest delivers everything and records nothing.
+        assert!(d.stored_here(1));
+        assert!(d.state.lock().own.is_empty());
+        d.active.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The follower's first look starts at the latest serial.
+        assert_eq!(d.advance(1), (None, BTreeSet::new()));
+        // Ours: 2 and 4; 3 was stored elsewhere.
+        assert!(d.stored_here(2));
+        assert!(d.stored_here(4));
+        let (prev, own) = d.advance(4);
+        assert_eq!(prev, Some(1));
+        assert_eq!(own, BTreeSet::from([2, 4]));
+        // The ingest of 5 finishes after the follower went past it: the follower delivers it.
+        let (prev, own) = d.advance(5);
+        assert_eq!((prev, own.len()), (Some(4), 0));
+        assert!(!d.stored_here(5));
+        // An ingest ahead of the follower keeps its serial until the follower passes it.
+        assert!(d.stored_here(7));
+        let (_, own) = d.advance(6);
+        assert!(own.is_empty());
+        assert_eq!(d.state.lock().own, BTreeSet::from([7]));
+        // A failed read puts everything back for the next look.
+        let (prev, own) = d.advance(7);
+        d.retreat(prev.unwrap(), own);
+        assert_eq!(d.advance(7), (Some(6), BTreeSet::from([7])));
+    }
+}
