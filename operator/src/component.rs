@@ -34,128 +34,38 @@ impl fmt::Display for Tier {
     }
 }
 
-/// One deployable orly binary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Component {
-    Db,
-    Acl,
-    SyncDistributed,
-    SyncCluster,
-    SyncRelayGroup,
-    SyncNegentropy,
-    Relay,
-}
+/// One deployable orly binary: the shared [`orly_consts::Service`] (names, binaries, ports,
+/// health service names, env names), with what only the operator adds in [`ComponentExt`].
+pub use orly_consts::Service as Component;
 
 /// Port on which every gRPC service serves Prometheus metrics (ORLY_METRICS_LISTEN).
-pub const METRICS_PORT: i32 = 9100;
+pub const METRICS_PORT: i32 = orly_consts::METRICS_PORT as i32;
 
-impl Component {
-    /// Every component, in rollout order.
-    pub const ALL: [Component; 7] = [
-        Component::Db,
-        Component::Acl,
-        Component::SyncDistributed,
-        Component::SyncCluster,
-        Component::SyncRelayGroup,
-        Component::SyncNegentropy,
-        Component::Relay,
-    ];
-
-    /// The four sync services.
-    pub const SYNC: [Component; 4] = [
-        Component::SyncDistributed,
-        Component::SyncCluster,
-        Component::SyncRelayGroup,
-        Component::SyncNegentropy,
-    ];
-
-    /// Name used for the children (`<relay>-<name>`) and the `component` label.
-    pub fn name(self) -> &'static str {
-        match self {
-            Component::Db => "db",
-            Component::Acl => "acl",
-            Component::SyncDistributed => "sync-distributed",
-            Component::SyncCluster => "sync-cluster",
-            Component::SyncRelayGroup => "sync-relaygroup",
-            Component::SyncNegentropy => "sync-negentropy",
-            Component::Relay => "relay",
-        }
-    }
-
-    /// Binary and image name.
-    pub fn binary(self) -> &'static str {
-        match self {
-            Component::Db => "orly-db",
-            Component::Acl => "orly-acl",
-            Component::SyncDistributed => "orly-sync-distributed",
-            Component::SyncCluster => "orly-sync-cluster",
-            Component::SyncRelayGroup => "orly-sync-relaygroup",
-            Component::SyncNegentropy => "orly-sync-negentropy",
-            Component::Relay => "orly",
-        }
-    }
-
+/// What the operator adds to a [`Component`].
+pub trait ComponentExt {
     /// The main container port: gRPC for services, WebSocket/HTTP default for the relay.
-    pub fn default_port(self) -> i32 {
-        match self {
-            Component::Db => 50051,
-            Component::Acl => 50052,
-            Component::SyncDistributed => 50061,
-            Component::SyncCluster => 50062,
-            Component::SyncRelayGroup => 50063,
-            Component::SyncNegentropy => 50064,
-            Component::Relay => 3334,
-        }
-    }
-
-    /// The `grpc.health.v1` service name probes ask for; the relay speaks HTTP instead.
-    pub fn grpc_health_service(self) -> Option<&'static str> {
-        match self {
-            Component::Db => Some("orlydb.v1.DatabaseService"),
-            Component::Acl => Some("orlyacl.v1.ACLService"),
-            Component::SyncDistributed => Some("orlysync.distributed.v1.DistributedSyncService"),
-            Component::SyncCluster => Some("orlysync.cluster.v1.ClusterSyncService"),
-            Component::SyncRelayGroup => Some("orlysync.relaygroup.v1.RelayGroupService"),
-            Component::SyncNegentropy => Some("orlysync.negentropy.v1.NegentropyService"),
-            Component::Relay => None,
-        }
-    }
-
-    /// Env prefix of a sync service (`ORLY_SYNC_<X>`).
-    pub fn sync_env_prefix(self) -> Option<&'static str> {
-        match self {
-            Component::SyncDistributed => Some("ORLY_SYNC_DISTRIBUTED"),
-            Component::SyncCluster => Some("ORLY_SYNC_CLUSTER"),
-            Component::SyncRelayGroup => Some("ORLY_SYNC_RELAYGROUP"),
-            Component::SyncNegentropy => Some("ORLY_SYNC_NEGENTROPY"),
-            _ => None,
-        }
-    }
-
-    /// The relay's env var naming this service's address (`ORLY_GRPC_SYNC_<X>`).
-    pub fn relay_sync_env(self) -> Option<&'static str> {
-        match self {
-            Component::SyncDistributed => Some("ORLY_GRPC_SYNC_DISTRIBUTED"),
-            Component::SyncCluster => Some("ORLY_GRPC_SYNC_CLUSTER"),
-            Component::SyncRelayGroup => Some("ORLY_GRPC_SYNC_RELAYGROUP"),
-            Component::SyncNegentropy => Some("ORLY_GRPC_SYNC_NEGENTROPY"),
-            _ => None,
-        }
-    }
-
+    fn port(self) -> i32;
+    /// The relay's env var naming this sync service's address (`ORLY_GRPC_SYNC_<X>`).
+    fn relay_sync_env(self) -> Option<&'static str>;
     /// The tier this component belongs to.
-    pub fn tier(self) -> Tier {
+    fn tier(self) -> Tier;
+}
+
+impl ComponentExt for Component {
+    fn port(self) -> i32 {
+        i32::from(self.default_port())
+    }
+
+    fn relay_sync_env(self) -> Option<&'static str> {
+        self.sync_env_prefix().and(self.relay_client_env())
+    }
+
+    fn tier(self) -> Tier {
         match self {
             Component::Db => Tier::Db,
             Component::Relay => Tier::Relay,
             _ => Tier::Services,
         }
-    }
-}
-
-impl fmt::Display for Component {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -182,7 +92,7 @@ mod tests {
 
     #[test]
     fn every_grpc_service_has_its_contract_port() {
-        let ports: Vec<i32> = Component::ALL.iter().map(|c| c.default_port()).collect();
+        let ports: Vec<i32> = Component::ALL.iter().map(|c| c.port()).collect();
         assert_eq!(ports, [50051, 50052, 50061, 50062, 50063, 50064, 3334]);
         assert_eq!(
             child_name("main", Component::SyncRelayGroup),

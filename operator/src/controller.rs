@@ -27,7 +27,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::builders::{build_children, Workload, FIELD_MANAGER};
-use crate::component::{child_name, Component, Tier};
+use crate::component::{child_name, Component, ComponentExt, Tier};
 use crate::crd::{OrlyRelay, OrlyRelayStatus, Phase};
 use crate::error::{Error, Result};
 use crate::metrics;

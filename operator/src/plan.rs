@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
 
-use crate::component::{child_name, Component, METRICS_PORT};
+use crate::component::{child_name, Component, ComponentExt, METRICS_PORT};
 use crate::crd::{
     AutoscalingSpec, DatabaseType, OrlyRelay, OrlyRelaySpec, PodOverrides, ServiceType, SqliteSpec,
     SyncCommon, DEFAULT_REPOSITORY,
@@ -195,11 +195,7 @@ fn sync_common(spec: &OrlyRelaySpec, component: Component) -> Option<&SyncCommon
 
 /// `host:port` of a component's Service, as the other components dial it.
 pub fn service_address(relay: &str, component: Component) -> String {
-    format!(
-        "{}:{}",
-        child_name(relay, component),
-        component.default_port()
-    )
+    format!("{}:{}", child_name(relay, component), component.port())
 }
 
 fn component_plan(
@@ -216,7 +212,7 @@ fn component_plan(
     let mut headless = false;
     let mut autoscaling = None;
     let mut service_type = ServiceType::ClusterIP;
-    let mut port = component.default_port();
+    let mut port = component.port();
     let listen = format!("0.0.0.0:{port}");
     let metrics_listen = format!("0.0.0.0:{METRICS_PORT}");
 

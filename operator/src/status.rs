@@ -5,7 +5,7 @@
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::component::{Component, Tier};
+use crate::component::{Component, ComponentExt, Tier};
 use crate::crd::{ComponentStatus, OrlyRelayStatus, Phase};
 
 /// Condition types the operator maintains.
