@@ -35,14 +35,30 @@ pub fn router() -> Router {
     )
 }
 
-/// Serves `/metrics` on `addr` until `shutdown` resolves.
+/// [`router`] plus `/healthz` (the process answers) and `/readyz` (every gRPC service it
+/// serves is ready): the probes of a service whose gRPC port speaks TLS, which kubelet's gRPC
+/// probe cannot.
+pub fn service_router() -> Router {
+    router().route("/healthz", get(|| async { "ok" })).route(
+        "/readyz",
+        get(|| async {
+            if crate::grpc::process_ready() {
+                (axum::http::StatusCode::OK, "ready")
+            } else {
+                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready")
+            }
+        }),
+    )
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` resolves.
 pub async fn serve(
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics listening");
-    axum::serve(listener, router())
+    axum::serve(listener, service_router())
         .with_graceful_shutdown(shutdown)
         .await
 }

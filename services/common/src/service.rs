@@ -54,6 +54,8 @@ pub enum ServiceError {
     },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("gRPC security settings: {0}")]
+    Security(&'static crate::security::SecurityError),
 }
 
 /// The shutdown future a server is handed: resolves once SIGTERM/SIGINT arrived and the
@@ -77,6 +79,7 @@ where
     T: FnOnce() -> TF,
     TF: Future<Output = ()>,
 {
+    crate::security::process().map_err(ServiceError::Security)?;
     let metrics_addr = match metrics_listen.trim() {
         "" => None,
         s => Some(
