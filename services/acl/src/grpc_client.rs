@@ -4,6 +4,8 @@
 //! connection's identities and address plus the author and kind (writes), so a busy author
 //! costs one call per TTL. Every call has a deadline; when the service is down, writes and
 //! reads are refused with `error:` (fail closed) and the lazy channel reconnects by itself.
+//! Several orly-acl replicas behind one name are all used: calls are balanced over them and a
+//! replica found unreachable is passed over, so losing one refuses nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,18 +16,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nostr::{Event, Filter, Kind, PublicKey};
 use orly_common::acl::{AccessContext, Acl, Decision};
+use orly_common::{CallError, ClientOptions, GrpcChannel};
 use orly_proto::orlyacl::v1 as pb;
 use parking_lot::{Mutex, RwLock};
 use pb::acl_service_client::AclServiceClient;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use crate::{AclAdmin, AclError, Level, ListEntry, ListKind, Mode};
 
 /// Longest wait for a TCP connection (capped further by the call timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a pubkey's level is reused when deciding whether a follow list matters.
 const LEVEL_TTL: Duration = Duration::from_secs(30);
 /// How often the service's mode is asked again (for NIP-11 and logs).
@@ -80,9 +80,8 @@ impl<K: std::hash::Hash + Eq> Cache<K> {
 
 /// The orly-acl service over gRPC. Cheap to share.
 pub struct GrpcAcl {
-    client: AclServiceClient<Channel>,
-    addr: String,
-    timeout: Duration,
+    client: AclServiceClient<GrpcChannel>,
+    channel: GrpcChannel,
     mode: RwLock<Mode>,
     writes: Cache<WriteKey>,
     reads: Cache<ReadKey>,
@@ -92,16 +91,8 @@ pub struct GrpcAcl {
 impl std::fmt::Debug for GrpcAcl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GrpcAcl")
-            .field("addr", &self.addr)
-            .field("timeout", &self.timeout)
+            .field("channel", &self.channel)
             .finish()
-    }
-}
-
-fn status_error(addr: &str, s: Status) -> AclError {
-    match s.code() {
-        Code::InvalidArgument => AclError::InvalidArgument(s.message().to_string()),
-        code => AclError::Unavailable(format!("orly-acl at {addr}: {code:?}: {}", s.message())),
     }
 }
 
@@ -114,33 +105,14 @@ impl GrpcAcl {
         timeout: Duration,
         mode_hint: Mode,
     ) -> Result<Arc<Self>, AclError> {
-        let addr = addr.trim();
-        if addr.is_empty() {
-            return Err(AclError::Config("empty orly-acl address".into()));
-        }
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let timeout = if timeout.is_zero() {
-            Duration::from_secs(10)
-        } else {
-            timeout
-        };
-        let channel = Endpoint::from_shared(uri.clone())
-            .map_err(|e| AclError::Config(format!("invalid orly-acl address {addr:?}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
-            .tcp_nodelay(true)
-            .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let mut opts = ClientOptions::from_env("orly-acl", timeout)
+            .map_err(|e| AclError::Config(e.to_string()))?;
+        opts.connect_timeout = CONNECT_TIMEOUT.min(opts.timeout);
+        let channel =
+            GrpcChannel::connect_lazy(addr, opts).map_err(|e| AclError::Config(e.to_string()))?;
         let acl = Arc::new(Self {
-            client: AclServiceClient::new(channel),
-            addr: uri,
-            timeout,
+            client: AclServiceClient::new(channel.clone()),
+            channel,
             mode: RwLock::new(mode_hint),
             writes: Cache::new(),
             reads: Cache::new(),
@@ -162,7 +134,12 @@ impl GrpcAcl {
     }
 
     pub fn addr(&self) -> &str {
-        &self.addr
+        self.channel.address()
+    }
+
+    /// The channel (replicas).
+    pub fn channel(&self) -> &GrpcChannel {
+        &self.channel
     }
 
     /// Forgets every cached decision (after a list changed).
@@ -172,21 +149,24 @@ impl GrpcAcl {
         self.levels.lock().clear();
     }
 
+    /// One call under the deadline; a replica found unreachable is passed over for another.
     async fn unary<Q, R, F, Fut>(&self, msg: Q, call: F) -> Result<R, AclError>
     where
-        F: FnOnce(AclServiceClient<Channel>, Request<Q>) -> Fut,
+        Q: Clone,
+        F: Fn(AclServiceClient<GrpcChannel>, Request<Q>) -> Fut,
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
-        let mut request = Request::new(msg);
-        request.set_timeout(self.timeout);
-        match tokio::time::timeout(self.timeout, call(self.client.clone(), request)).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(status_error(&self.addr, status)),
-            Err(_) => Err(AclError::Unavailable(format!(
-                "orly-acl at {}: timed out after {:?}",
-                self.addr, self.timeout
-            ))),
-        }
+        self.channel
+            .call("orly-acl call", || {
+                call(self.client.clone(), self.channel.request(msg.clone()))
+            })
+            .await
+            .map_err(|e| match e {
+                CallError::Status(s) if s.code() == Code::InvalidArgument => {
+                    AclError::InvalidArgument(s.message().to_string())
+                }
+                e => AclError::Unavailable(self.channel.describe(&e)),
+            })
     }
 
     async fn fetch_mode(&self) -> Result<Mode, AclError> {
@@ -222,7 +202,7 @@ impl GrpcAcl {
 
     fn unavailable(&self, what: &'static str, e: &AclError) -> Decision {
         metrics::counter!("orly_acl_unavailable_total", "op" => what).increment(1);
-        tracing::warn!(error = %e, addr = %self.addr, "{what} check failed; refusing");
+        tracing::warn!(error = %e, addr = %self.addr(), "{what} check failed; refusing");
         Decision::Deny(UNAVAILABLE_REASON.into())
     }
 }

@@ -1,147 +1,132 @@
-//! [`GrpcStore`]: an [`EventStore`] that lives in an orly-db process, reached over gRPC.
+//! [`GrpcStore`]: an [`EventStore`] that lives in orly-db, reached over gRPC.
 //!
-//! The channel is lazy: creating the client never fails because orly-db is down, calls made
-//! while it is down fail with [`StoreError::Unavailable`] within the call timeout, and the
-//! channel reconnects by itself when orly-db comes back.
+//! The channel is lazy and discovers replicas ([`orly_common::GrpcChannel`]): creating the
+//! client never fails because orly-db is down, calls made while it is down fail with
+//! [`StoreError::Unavailable`] within the call timeout, a call that finds a replica
+//! unreachable is retried on another one, and the channel reconnects by itself.
 
 use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use nostr::{Event, EventId, Filter, PublicKey, Timestamp};
+use orly_common::{CallError, ClientOptions, GrpcChannel};
 use orly_proto::orlydb::v1 as pb;
 use pb::database_service_client::DatabaseServiceClient;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::grpc_server::{MAX_IDS_PER_REQUEST, MAX_MESSAGE_SIZE, MAX_SERIAL_PAGE};
 use crate::{EventStore, LeaseState, Result, SaveOutcome, SerialEntry, StoreError};
 
-/// Longest wait for a TCP connection to orly-db (capped further by the call timeout).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// TCP and HTTP/2 keepalive: find dead connections (a killed orly-db, a dropped NAT entry).
-/// A killed container or pod sends no RST, so calls hang on the old connection until the
-/// keepalive gives up; these values bound that to about 15 s before the channel reconnects.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+type Client = DatabaseServiceClient<GrpcChannel>;
 
-/// The orly-db service as an [`EventStore`]. Cheap to clone (one shared HTTP/2 channel).
+/// The orly-db service as an [`EventStore`]. Cheap to clone (one shared channel).
 #[derive(Clone)]
 pub struct GrpcStore {
-    client: DatabaseServiceClient<Channel>,
-    addr: String,
-    timeout: Duration,
+    client: Client,
+    channel: GrpcChannel,
 }
 
 impl std::fmt::Debug for GrpcStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GrpcStore")
-            .field("addr", &self.addr)
-            .field("timeout", &self.timeout)
+            .field("channel", &self.channel)
             .finish()
     }
 }
 
 impl GrpcStore {
-    /// A client for orly-db at `addr` (`host:port` or `http://host:port`) whose every call
-    /// (for streams: every message) must finish within `timeout`. Does not connect yet; must
-    /// be called inside a tokio runtime.
+    /// A client for orly-db at `addr` (`host:port`, `http://host:port`, or several of them
+    /// comma-separated; a host name stands for every address it resolves to) whose every call
+    /// (for streams: every message) must finish within `timeout`. Token, TLS and resolver
+    /// settings come from the environment. Does not connect yet; call inside a tokio runtime.
     pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<Self> {
-        let addr = addr.trim();
-        if addr.is_empty() {
-            return Err(StoreError::Config("empty orly-db address".into()));
-        }
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let timeout = if timeout.is_zero() {
-            Duration::from_secs(10)
-        } else {
-            timeout
-        };
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| StoreError::Config(format!("invalid orly-db address {addr:?}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
-            .tcp_nodelay(true)
-            .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
-        let client = DatabaseServiceClient::new(channel)
+        let opts = ClientOptions::from_env("orly-db", timeout)
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        Self::with_options(addr, opts)
+    }
+
+    /// [`Self::connect_lazy`] with explicit options.
+    pub fn with_options(addr: &str, opts: ClientOptions) -> Result<Self> {
+        let channel =
+            GrpcChannel::connect_lazy(addr, opts).map_err(|e| StoreError::Config(e.to_string()))?;
+        let client = DatabaseServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        Ok(Self {
-            client,
-            addr: uri,
-            timeout,
-        })
+        Ok(Self { client, channel })
     }
 
     /// The address this client talks to.
     pub fn addr(&self) -> &str {
-        &self.addr
+        self.channel.address()
+    }
+
+    /// The channel (replicas, pinning).
+    pub fn channel(&self) -> &GrpcChannel {
+        &self.channel
+    }
+
+    fn call_error(&self, e: CallError) -> StoreError {
+        match e {
+            CallError::Status(s) if s.code() == Code::InvalidArgument => {
+                StoreError::InvalidRequest(s.message().to_string())
+            }
+            e => StoreError::Unavailable(self.channel.describe(&e)),
+        }
     }
 
     fn status_error(&self, s: Status) -> StoreError {
-        match s.code() {
-            Code::InvalidArgument => StoreError::InvalidRequest(s.message().to_string()),
-            code => {
-                let mut msg = format!("orly-db at {}: {code:?}: {}", self.addr, s.message());
-                if let Some(src) = std::error::Error::source(&s) {
-                    msg.push_str(&format!(" ({src})"));
-                }
-                StoreError::Unavailable(msg)
-            }
-        }
+        self.call_error(CallError::Status(s))
     }
 
-    fn deadline_error(&self, what: &str) -> StoreError {
-        StoreError::Unavailable(format!(
-            "orly-db at {}: {what} timed out after {:?}",
-            self.addr, self.timeout
-        ))
+    fn deadline_error(&self, what: &'static str) -> StoreError {
+        self.call_error(CallError::Timeout {
+            what,
+            after: self.channel.timeout(),
+        })
     }
 
     /// One unary call under the call timeout (sent as the gRPC deadline too, so the server
-    /// gives up when the client has).
-    async fn unary<Q, R, F, Fut>(&self, what: &str, msg: Q, call: F) -> Result<R>
+    /// gives up when the client has); retried on another replica when one is unreachable.
+    async fn unary<Q, R, F, Fut>(&self, what: &'static str, msg: Q, call: F) -> Result<R>
     where
-        F: FnOnce(DatabaseServiceClient<Channel>, Request<Q>) -> Fut,
+        Q: Clone,
+        F: Fn(Client, Request<Q>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<R>, Status>>,
     {
-        let mut request = Request::new(msg);
-        request.set_timeout(self.timeout);
-        match tokio::time::timeout(self.timeout, call(self.client.clone(), request)).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(self.status_error(status)),
-            Err(_) => Err(self.deadline_error(what)),
-        }
+        self.channel
+            .call(what, || {
+                call(self.client.clone(), self.channel.request(msg.clone()))
+            })
+            .await
+            .map_err(|e| self.call_error(e))
     }
 
     /// Opens a server stream; the timeout bounds the opening and then each message.
     async fn open_stream<R, F, Fut>(
         &self,
-        what: &str,
+        what: &'static str,
         msg: pb::QueryEventsRequest,
         call: F,
     ) -> Result<Streaming<R>>
     where
-        F: FnOnce(DatabaseServiceClient<Channel>, Request<pb::QueryEventsRequest>) -> Fut,
+        F: Fn(Client, Request<pb::QueryEventsRequest>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<Streaming<R>>, Status>>,
     {
-        match tokio::time::timeout(self.timeout, call(self.client.clone(), Request::new(msg))).await
-        {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(self.status_error(status)),
-            Err(_) => Err(self.deadline_error(what)),
-        }
+        self.channel
+            .call(what, || {
+                call(self.client.clone(), Request::new(msg.clone()))
+            })
+            .await
+            .map_err(|e| self.call_error(e))
     }
 
-    async fn next_message<R>(&self, what: &str, stream: &mut Streaming<R>) -> Result<Option<R>> {
-        match tokio::time::timeout(self.timeout, stream.message()).await {
+    async fn next_message<R>(
+        &self,
+        what: &'static str,
+        stream: &mut Streaming<R>,
+    ) -> Result<Option<R>> {
+        match tokio::time::timeout(self.channel.timeout(), stream.message()).await {
             Ok(Ok(m)) => Ok(m),
             Ok(Err(status)) => Err(self.status_error(status)),
             Err(_) => Err(self.deadline_error(what)),
@@ -195,7 +180,7 @@ impl EventStore for GrpcStore {
         } else {
             Err(StoreError::Unavailable(format!(
                 "orly-db at {} is up but its database is not ready",
-                self.addr
+                self.addr()
             )))
         }
     }

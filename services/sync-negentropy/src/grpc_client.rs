@@ -3,110 +3,89 @@
 //!
 //! The channel is lazy: creating the client never fails because the service is down; calls made
 //! while it is down fail within the call timeout with `error: …` (a NEG-ERR for that
-//! subscription only), and the channel reconnects by itself.
+//! subscription only), and the channel reconnects by itself. One client talks to one replica
+//! ([`GrpcNegentropy::on`] a pinned channel); [`crate::ReplicatedNegentropy`] spreads sessions
+//! over all of them.
 
 use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use nostr::Filter;
+use orly_common::{CallError, ClientOptions, GrpcChannel};
 use orly_proto::orlysync::common::v1 as common;
 use orly_proto::orlysync::negentropy::v1 as pb;
 use pb::negentropy_service_client::NegentropyServiceClient;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::grpc_server::MAX_MESSAGE_SIZE;
 use crate::handler::{NegError, NegReply, NegentropyHandler};
 
-/// Longest wait for a TCP connection (capped further by the call timeout).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The negentropy service over gRPC. Cheap to clone (one shared HTTP/2 channel).
+/// The negentropy service over gRPC. Cheap to clone (one shared channel).
 #[derive(Clone)]
 pub struct GrpcNegentropy {
-    client: NegentropyServiceClient<Channel>,
-    addr: String,
-    timeout: Duration,
+    client: NegentropyServiceClient<GrpcChannel>,
+    channel: GrpcChannel,
 }
 
 impl std::fmt::Debug for GrpcNegentropy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GrpcNegentropy")
-            .field("addr", &self.addr)
-            .field("timeout", &self.timeout)
+            .field("channel", &self.channel)
             .finish()
     }
 }
 
 impl GrpcNegentropy {
-    /// A client for the service at `addr` (`host:port` or `http://host:port`) whose every call
-    /// must finish within `timeout` (0: 10s). Does not connect yet; call inside a tokio runtime.
+    /// A client for the service at `addr` (`host:port` or `http://host:port`; a name stands for
+    /// all its replicas) whose every call must finish within `timeout` (0: 10s). Does not
+    /// connect yet; call inside a tokio runtime.
     pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<Self, String> {
-        let addr = addr.trim();
-        if addr.is_empty() {
-            return Err("empty orly-sync-negentropy address".into());
-        }
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let timeout = if timeout.is_zero() {
-            Duration::from_secs(10)
-        } else {
-            timeout
-        };
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| format!("invalid orly-sync-negentropy address {addr:?}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
-            .tcp_nodelay(true)
-            .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        let client = NegentropyServiceClient::new(endpoint.connect_lazy())
+        let opts =
+            ClientOptions::from_env("orly-sync-negentropy", timeout).map_err(|e| e.to_string())?;
+        let channel = GrpcChannel::connect_lazy(addr, opts).map_err(|e| e.to_string())?;
+        Ok(Self::on(channel))
+    }
+
+    /// A client over an existing channel (pinned to one replica for sessions).
+    pub fn on(channel: GrpcChannel) -> Self {
+        let client = NegentropyServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        Ok(Self {
-            client,
-            addr: uri,
-            timeout,
-        })
+        Self { client, channel }
     }
 
     pub fn addr(&self) -> &str {
-        &self.addr
+        self.channel.address()
+    }
+
+    pub fn channel(&self) -> &GrpcChannel {
+        &self.channel
     }
 
     /// The generated client, for the RPCs the handler trait does not cover (peers, status).
-    pub fn raw(&self) -> NegentropyServiceClient<Channel> {
+    pub fn raw(&self) -> NegentropyServiceClient<GrpcChannel> {
         self.client.clone()
     }
 
-    /// One unary call under the call timeout (also sent as the gRPC deadline).
-    async fn unary<Q, R, F, Fut>(&self, what: &str, msg: Q, call: F) -> Result<R, NegError>
+    /// One call under the call timeout (also sent as the gRPC deadline), never repeated: a
+    /// session lives in one replica. A replica that is gone or unreachable ends the session
+    /// with `closed:` (the client may open it again, on another replica).
+    async fn unary<Q, R, F, Fut>(&self, what: &'static str, msg: Q, call: F) -> Result<R, NegError>
     where
-        F: FnOnce(NegentropyServiceClient<Channel>, Request<Q>) -> Fut,
+        F: FnOnce(NegentropyServiceClient<GrpcChannel>, Request<Q>) -> Fut,
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
-        let mut request = Request::new(msg);
-        request.set_timeout(self.timeout);
-        match tokio::time::timeout(self.timeout, call(self.client.clone(), request)).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(NegError::Internal(format!(
-                "negentropy service at {}: {what}: {:?}: {}",
-                self.addr,
-                status.code(),
-                status.message()
-            ))),
-            Err(_) => Err(NegError::Internal(format!(
-                "negentropy service at {}: {what} timed out after {:?}",
-                self.addr, self.timeout
-            ))),
-        }
+        let fut = call(self.client.clone(), self.channel.request(msg));
+        self.channel.once(what, fut).await.map_err(|e| {
+            let text = self.channel.describe(&e);
+            match (&e, self.channel.pinned_to()) {
+                (CallError::Status(s), Some(_)) if s.code() == Code::Unavailable => {
+                    NegError::Closed(format!("the negentropy replica holding this session is unreachable; open it again ({text})"))
+                }
+                _ => NegError::Internal(text),
+            }
+        })
     }
 
     /// The service's `Ready` answer (false when unreachable).

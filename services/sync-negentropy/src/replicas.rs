@@ -1,16 +1,18 @@
 //! Several negentropy replicas behind one [`NegentropyHandler`]: [`ReplicatedNegentropy`]
-//! spreads new sessions over the replicas (round robin, skipping replicas that fail to answer)
-//! and pins each session to the replica that holds it, so every later NEG-MSG / NEG-CLOSE of a
-//! (connection, subscription) goes there. For `ORLY_GRPC_SYNC_NEGENTROPY` with several
-//! addresses, or the endpoints behind a headless Kubernetes Service.
+//! spreads new sessions over the replicas of `ORLY_GRPC_SYNC_NEGENTROPY` — several
+//! comma-separated addresses, or a name resolving to every pod of a headless Kubernetes Service,
+//! re-resolved as pods come and go ([`orly_common::GrpcChannel`]) — and pins each session to the
+//! replica that holds it, so every later NEG-MSG / NEG-CLOSE of a (connection, subscription)
+//! goes there. A session whose replica vanished gets `NEG-ERR "closed: …"`; the client opens it
+//! again and lands on a live replica.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use nostr::Filter;
+use orly_common::{ClientOptions, GrpcChannel};
 use parking_lot::Mutex;
 
 use crate::grpc_client::GrpcNegentropy;
@@ -18,59 +20,63 @@ use crate::handler::{NegError, NegReply, NegentropyHandler};
 
 /// Sessions spread over replicas and pinned to the one that holds them.
 pub struct ReplicatedNegentropy {
-    replicas: Vec<Arc<dyn NegentropyHandler>>,
-    next: AtomicUsize,
-    /// (connection, subscription) → replica index.
-    pins: Mutex<HashMap<(String, String), usize>>,
+    channel: GrpcChannel,
+    /// (connection, subscription) → replica.
+    pins: Mutex<HashMap<(String, String), SocketAddr>>,
 }
 
 impl std::fmt::Debug for ReplicatedNegentropy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicatedNegentropy")
-            .field("replicas", &self.replicas.len())
+            .field("channel", &self.channel)
             .field("sessions", &self.pins.lock().len())
             .finish()
     }
 }
 
 impl ReplicatedNegentropy {
-    /// Over the given replicas (at least one).
-    pub fn new(replicas: Vec<Arc<dyn NegentropyHandler>>) -> Result<Self, String> {
-        if replicas.is_empty() {
-            return Err("at least one negentropy replica is needed".into());
-        }
-        Ok(Self {
-            replicas,
-            next: AtomicUsize::new(0),
+    /// Over the replicas behind `channel`.
+    pub fn new(channel: GrpcChannel) -> Self {
+        Self {
+            channel,
             pins: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
-    /// gRPC clients for a comma-separated list of addresses (`host:port` or `http://…`).
+    /// A discovering client for a comma-separated list of addresses (`host:port` or
+    /// `http://…`); settings (token, TLS, resolver) from the environment.
     pub fn connect_lazy(addrs: &str, timeout: Duration) -> Result<Self, String> {
-        let replicas = addrs
-            .split(',')
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-            .map(|a| {
-                GrpcNegentropy::connect_lazy(a, timeout)
-                    .map(|c| Arc::new(c) as Arc<dyn NegentropyHandler>)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Self::new(replicas)
+        let opts =
+            ClientOptions::from_env("orly-sync-negentropy", timeout).map_err(|e| e.to_string())?;
+        let channel = GrpcChannel::connect_lazy(addrs, opts).map_err(|e| e.to_string())?;
+        Ok(Self::new(channel))
     }
 
-    /// How many sessions each replica holds (as far as this relay knows).
-    pub fn sessions_per_replica(&self) -> Vec<usize> {
-        let mut counts = vec![0; self.replicas.len()];
-        for i in self.pins.lock().values() {
-            counts[*i] += 1;
+    /// The channel over every replica (its replica set, for status and tests).
+    pub fn channel(&self) -> &GrpcChannel {
+        &self.channel
+    }
+
+    /// How many sessions each replica holds (as far as this relay knows), by replica.
+    pub fn sessions_per_replica(&self) -> HashMap<SocketAddr, usize> {
+        let mut counts: HashMap<SocketAddr, usize> = self
+            .channel
+            .replicas()
+            .into_iter()
+            .map(|r| (r, 0))
+            .collect();
+        for addr in self.pins.lock().values() {
+            *counts.entry(*addr).or_default() += 1;
         }
         counts
     }
 
     fn key(connection_id: &str, subscription_id: &str) -> (String, String) {
         (connection_id.to_string(), subscription_id.to_string())
+    }
+
+    fn replica(&self, addr: SocketAddr) -> GrpcNegentropy {
+        GrpcNegentropy::on(self.channel.pinned(addr))
     }
 }
 
@@ -86,30 +92,60 @@ impl NegentropyHandler for ReplicatedNegentropy {
         let key = Self::key(connection_id, subscription_id);
         // A re-open replaces the session: drop it where it lives first.
         let previous = self.pins.lock().remove(&key);
-        if let Some(i) = previous {
-            self.replicas[i].close(connection_id, subscription_id).await;
+        if let Some(addr) = previous {
+            self.replica(addr)
+                .close(connection_id, subscription_id)
+                .await;
         }
-        let n = self.replicas.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        // Try each replica at most once, starting where the balancer points.
+        let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last = None;
-        for i in (0..n).map(|k| (start + k) % n) {
-            match self.replicas[i]
+        loop {
+            let picked = match self.channel.pick().await {
+                Ok(a) => a,
+                Err(s) => {
+                    last.get_or_insert_with(|| {
+                        NegError::Internal(format!("no negentropy replica: {}", s.message()))
+                    });
+                    break;
+                }
+            };
+            let addr = if tried.contains(&picked) {
+                match self
+                    .channel
+                    .replicas()
+                    .into_iter()
+                    .find(|r| !tried.contains(r))
+                {
+                    Some(other) => other,
+                    None => break,
+                }
+            } else {
+                picked
+            };
+            tried.push(addr);
+            match self
+                .replica(addr)
                 .open(connection_id, subscription_id, filter, initial_message)
                 .await
             {
                 Ok(reply) => {
-                    self.pins.lock().insert(key, i);
+                    self.pins.lock().insert(key, addr);
                     return Ok(reply);
                 }
                 // Unreachable replica (or its store): try the next one.
-                Err(e @ NegError::Internal(_)) => {
-                    tracing::debug!(replica = i, error = %e, "negentropy replica failed; trying the next");
+                Err(e @ (NegError::Internal(_) | NegError::Closed(_))) => {
+                    tracing::debug!(replica = %addr, error = %e, "negentropy replica failed; trying the next");
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(last.unwrap_or_else(|| NegError::Internal("no negentropy replica answered".into())))
+        Err(match last {
+            Some(NegError::Closed(m)) => NegError::Internal(m),
+            Some(e) => e,
+            None => NegError::Internal("no negentropy replica answered".into()),
+        })
     }
 
     async fn message(
@@ -119,12 +155,13 @@ impl NegentropyHandler for ReplicatedNegentropy {
         message: &[u8],
     ) -> Result<NegReply, NegError> {
         let key = Self::key(connection_id, subscription_id);
-        let Some(i) = self.pins.lock().get(&key).copied() else {
+        let Some(addr) = self.pins.lock().get(&key).copied() else {
             return Err(NegError::Closed(
                 "unknown negentropy session: send NEG-OPEN first".into(),
             ));
         };
-        let result = self.replicas[i]
+        let result = self
+            .replica(addr)
             .message(connection_id, subscription_id, message)
             .await;
         if result.is_err() {
@@ -139,25 +176,27 @@ impl NegentropyHandler for ReplicatedNegentropy {
             .pins
             .lock()
             .remove(&Self::key(connection_id, subscription_id));
-        if let Some(i) = pinned {
-            self.replicas[i].close(connection_id, subscription_id).await;
+        if let Some(addr) = pinned {
+            self.replica(addr)
+                .close(connection_id, subscription_id)
+                .await;
         }
     }
 
     async fn close_connection(&self, connection_id: &str) {
-        let mut used = vec![false; self.replicas.len()];
-        self.pins.lock().retain(|(conn, _), i| {
+        let mut used: Vec<SocketAddr> = Vec::new();
+        self.pins.lock().retain(|(conn, _), addr| {
             if conn == connection_id {
-                used[*i] = true;
+                if !used.contains(addr) {
+                    used.push(*addr);
+                }
                 false
             } else {
                 true
             }
         });
-        for (i, replica) in self.replicas.iter().enumerate() {
-            if used[i] {
-                replica.close_connection(connection_id).await;
-            }
+        for addr in used {
+            self.replica(addr).close_connection(connection_id).await;
         }
     }
 }

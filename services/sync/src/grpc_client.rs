@@ -1,16 +1,16 @@
-//! gRPC clients of the three services (`ORLY_SYNC_TYPE=grpc`): lazy channels that reconnect by
-//! themselves, every call bounded by the sync timeout (`ORLY_GRPC_SYNC_TIMEOUT`).
+//! gRPC clients of the three services (`ORLY_SYNC_TYPE=grpc`): lazy channels over every replica
+//! of a service ([`orly_common::GrpcChannel`]) that reconnect by themselves, every call bounded by the sync timeout (`ORLY_GRPC_SYNC_TIMEOUT`).
 
 use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use nostr::{Event, EventId};
+use orly_common::{ClientOptions, GrpcChannel};
 use orly_proto::orlysync::cluster::v1 as cpb;
 use orly_proto::orlysync::common::v1 as common;
 use orly_proto::orlysync::distributed::v1 as dpb;
 use orly_proto::orlysync::relaygroup::v1 as rpb;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::api::{ClusterApi, DistributedApi, RelayGroupApi};
 use crate::cluster::MAX_WAIT;
@@ -18,28 +18,10 @@ use crate::error::SyncError;
 use crate::grpc_server::MAX_MESSAGE_SIZE;
 use crate::http::{HttpRequest, HttpResponse};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const KEEPALIVE: Duration = Duration::from_secs(30);
-
-fn channel(what: &str, addr: &str, timeout: Duration) -> Result<Channel, String> {
-    let addr = addr.trim();
-    if addr.is_empty() {
-        return Err(format!("empty {what} address"));
-    }
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| format!("invalid {what} address {addr:?}: {e}"))?
-        .connect_timeout(CONNECT_TIMEOUT.min(timeout))
-        .tcp_nodelay(true)
-        .tcp_keepalive(Some(KEEPALIVE))
-        .http2_keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+/// A discovering, balanced channel to one sync service (every replica behind its name).
+fn channel(what: &'static str, addr: &str, timeout: Duration) -> Result<GrpcChannel, String> {
+    let opts = ClientOptions::from_env(what, timeout).map_err(|e| e.to_string())?;
+    GrpcChannel::connect_lazy(addr, opts).map_err(|e| e.to_string())
 }
 
 fn nonzero(timeout: Duration) -> Duration {
@@ -66,7 +48,7 @@ async fn call<T>(
 /// orly-sync-distributed over gRPC.
 #[derive(Clone, Debug)]
 pub struct GrpcDistributed {
-    client: dpb::distributed_sync_service_client::DistributedSyncServiceClient<Channel>,
+    client: dpb::distributed_sync_service_client::DistributedSyncServiceClient<GrpcChannel>,
     timeout: Duration,
 }
 
@@ -144,7 +126,7 @@ impl DistributedApi for GrpcDistributed {
 /// orly-sync-cluster over gRPC.
 #[derive(Clone, Debug)]
 pub struct GrpcCluster {
-    client: cpb::cluster_sync_service_client::ClusterSyncServiceClient<Channel>,
+    client: cpb::cluster_sync_service_client::ClusterSyncServiceClient<GrpcChannel>,
     timeout: Duration,
 }
 
@@ -205,7 +187,7 @@ impl ClusterApi for GrpcCluster {
 /// orly-sync-relaygroup over gRPC.
 #[derive(Clone, Debug)]
 pub struct GrpcRelayGroup {
-    client: rpb::relay_group_service_client::RelayGroupServiceClient<Channel>,
+    client: rpb::relay_group_service_client::RelayGroupServiceClient<GrpcChannel>,
     timeout: Duration,
 }
 
