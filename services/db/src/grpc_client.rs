@@ -460,6 +460,7 @@ impl EventStore for GrpcStore {
             acquired: resp.acquired,
             holder: resp.holder,
             expires_at_ms: resp.expires_at_ms,
+            remaining_ms: resp.remaining_ms,
         })
     }
 
@@ -473,5 +474,35 @@ impl EventStore for GrpcStore {
         })
         .await?;
         Ok(())
+    }
+
+    async fn set_marker_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: &str,
+        holder: &str,
+    ) -> Result<bool> {
+        let msg = pb::SetMarkerFencedRequest {
+            key: key.to_string(),
+            value: value.to_vec(),
+            lease: lease.to_string(),
+            holder: holder.to_string(),
+        };
+        let resp = self
+            .unary("SetMarkerFenced", msg, |mut c, r| async move {
+                c.set_marker_fenced(r).await
+            })
+            .await?;
+        Ok(resp.written)
+    }
+
+    async fn clock_ms(&self) -> Result<i64> {
+        let resp = self
+            .unary("GetClock", pb::Empty {}, |mut c, r| async move {
+                c.get_clock(r).await
+            })
+            .await?;
+        Ok(resp.now_ms)
     }
 }

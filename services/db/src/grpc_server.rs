@@ -509,6 +509,7 @@ impl DatabaseService for DbService {
             acquired: state.acquired,
             holder: state.holder,
             expires_at_ms: state.expires_at_ms,
+            remaining_ms: state.remaining_ms,
         }))
     }
 
@@ -523,5 +524,25 @@ impl DatabaseService for DbService {
             .await
             .map_err(store_status)?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn set_marker_fenced(
+        &self,
+        request: Request<pb::SetMarkerFencedRequest>,
+    ) -> GrpcResult<pb::SetMarkerFencedResponse> {
+        let req = request.into_inner();
+        marker_key(&req.key)?;
+        lease_names(&req.lease, &req.holder)?;
+        let written = self
+            .store
+            .set_marker_fenced(&req.key, &req.value, &req.lease, &req.holder)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::SetMarkerFencedResponse { written }))
+    }
+
+    async fn get_clock(&self, _: Request<pb::Empty>) -> GrpcResult<pb::ClockResponse> {
+        let now_ms = self.store.clock_ms().await.map_err(store_status)?;
+        Ok(Response::new(pb::ClockResponse { now_ms }))
     }
 }

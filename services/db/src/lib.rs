@@ -58,13 +58,19 @@ pub struct SerialEntry {
     pub kind: u16,
 }
 
-/// The state of a named lease after an acquire attempt.
+/// The state of a named lease after an acquire attempt. Lease times are the database's
+/// clock, never the caller's: replicas whose clocks disagree still agree on who holds a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseState {
     /// True when the caller holds the lease now.
     pub acquired: bool,
     pub holder: String,
+    /// When the lease lapses, in the database's clock (Unix ms).
     pub expires_at_ms: i64,
+    /// How long the lease has left, measured by the database when it answered. A holder must
+    /// stop its work before this much time has passed on its own monotonic clock (counted
+    /// from before it asked) unless a renewal succeeded meanwhile.
+    pub remaining_ms: i64,
 }
 
 /// Event storage. Every method is safe to call concurrently.
@@ -126,10 +132,22 @@ pub trait EventStore: Send + Sync + 'static {
     async fn list_markers(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
 
     /// Takes or renews the named lease for `holder` when it is free, expired, or already
-    /// held by `holder`; otherwise reports the current holder.
+    /// held by `holder`; otherwise reports the current holder. Times are the database's clock.
     async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<LeaseState>;
     /// Gives the lease up if `holder` holds it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
+    /// Writes a marker only while `holder` holds the unexpired lease `lease` (checked in the
+    /// same statement, by the database's clock): a deposed holder cannot overwrite what the
+    /// new one wrote. True when written.
+    async fn set_marker_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: &str,
+        holder: &str,
+    ) -> Result<bool>;
+    /// The database's clock (Unix ms): one time base for every replica.
+    async fn clock_ms(&self) -> Result<i64>;
 }
 
 /// A store shared between tasks.

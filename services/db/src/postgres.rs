@@ -28,6 +28,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Advisory lock key serializing event writers ("orly" in ASCII).
 const WRITER_LOCK: i64 = 0x6f72_6c79;
+/// The server's clock in Unix milliseconds (lease times are the database's).
+const PG_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+/// The same at the start of the statement (constant within it).
+const PG_STMT_MS: &str = "(extract(epoch from now()) * 1000)::bigint";
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -607,33 +611,58 @@ impl EventStore for PostgresStore {
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<LeaseState> {
-        let now = rules::now_ms();
-        let expires = now.saturating_add(ttl_ms);
-        let won = sqlx::query_as::<_, (String, i64)>(
-            "INSERT INTO leases (name, holder, expires_at_ms) VALUES ($1, $2, $3) \
+        // now() is the statement's (autocommit) start on the server: one instant throughout.
+        let row = sqlx::query_as::<_, (String, i64, i64)>(&format!(
+            "INSERT INTO leases (name, holder, expires_at_ms) VALUES ($1, $2, {PG_STMT_MS} + $3) \
              ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, \
                  expires_at_ms = EXCLUDED.expires_at_ms \
-             WHERE leases.expires_at_ms <= $4 OR leases.holder = EXCLUDED.holder \
-             RETURNING holder, expires_at_ms",
-        )
+             WHERE leases.expires_at_ms <= {PG_STMT_MS} OR leases.holder = EXCLUDED.holder \
+             RETURNING holder, expires_at_ms, {PG_STMT_MS}"
+        ))
         .bind(name)
         .bind(holder)
-        .bind(expires)
-        .bind(now)
+        .bind(ttl_ms)
         .fetch_optional(&self.pool)
         .await?;
-        let current = match won {
-            Some(_) => None,
-            None => {
-                sqlx::query_as::<_, (String, i64)>(
-                    "SELECT holder, expires_at_ms FROM leases WHERE name = $1",
-                )
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await?
-            }
-        };
-        Ok(rules::lease_state(holder, won, current))
+        if let Some((h, expires, now)) = row {
+            return Ok(rules::lease_state(holder, now, Some((h, expires)), None));
+        }
+        let row = sqlx::query_as::<_, (i64, Option<String>, Option<i64>)>(&format!(
+            "SELECT {PG_NOW_MS}, (SELECT holder FROM leases WHERE name = $1), \
+                    (SELECT expires_at_ms FROM leases WHERE name = $1)"
+        ))
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(rules::lease_state(holder, row.0, None, row.1.zip(row.2)))
+    }
+
+    async fn set_marker_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: &str,
+        holder: &str,
+    ) -> Result<bool> {
+        let r = sqlx::query(&format!(
+            "INSERT INTO markers (key, value) SELECT $1, $2 \
+             WHERE EXISTS (SELECT 1 FROM leases WHERE name = $3 AND holder = $4 \
+                           AND expires_at_ms > {PG_NOW_MS}) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+        ))
+        .bind(key)
+        .bind(value)
+        .bind(lease)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn clock_ms(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(&format!("SELECT {PG_NOW_MS}"))
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {

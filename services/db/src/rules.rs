@@ -440,29 +440,27 @@ pub async fn save_via(tx: &mpsc::Sender<SaveRequest>, event: &Event) -> Result<S
         .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
 }
 
-/// The outcome of a lease upsert: `won` is the row the conditional upsert wrote (the caller
-/// holds the lease), else `current` is the lease as another holder keeps it.
+/// The outcome of a lease upsert at database time `now`: `won` is the row the conditional
+/// upsert wrote (the caller holds the lease), else `current` is the lease as another holder
+/// keeps it.
 pub fn lease_state(
     holder: &str,
+    now: i64,
     won: Option<(String, i64)>,
     current: Option<(String, i64)>,
 ) -> crate::LeaseState {
+    let state = |acquired: bool, holder: String, expires_at_ms: i64| crate::LeaseState {
+        acquired,
+        holder,
+        expires_at_ms,
+        remaining_ms: expires_at_ms.saturating_sub(now).max(0),
+    };
     match (won, current) {
-        (Some((holder, expires_at_ms)), _) => crate::LeaseState {
-            acquired: true,
-            holder,
-            expires_at_ms,
-        },
-        (None, Some((current, expires_at_ms))) => crate::LeaseState {
-            acquired: current == holder,
-            holder: current,
-            expires_at_ms,
-        },
-        (None, None) => crate::LeaseState {
-            acquired: false,
-            holder: String::new(),
-            expires_at_ms: 0,
-        },
+        (Some((holder, expires)), _) => state(true, holder, expires),
+        (None, Some((current, expires))) => {
+            state(current == holder && expires > now, current, expires)
+        }
+        (None, None) => state(false, String::new(), now),
     }
 }
 

@@ -41,6 +41,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 pub const DEFAULT_WAL_LIMIT_BYTES: u64 = 64 << 20;
 /// Serials / ids fetched per statement.
 const FETCH_CHUNK: usize = 256;
+/// SQLite's clock in Unix milliseconds (lease times are the database's, not the callers').
+const SQLITE_NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -856,33 +858,62 @@ impl EventStore for SqliteStore {
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<LeaseState> {
-        let now = rules::now_ms();
-        let expires = now.saturating_add(ttl_ms);
-        let won = sqlx::query_as::<_, (String, i64)>(
-            "INSERT INTO leases (name, holder, expires_at_ms) VALUES (?1, ?2, ?3) \
+        // SQLite's clock, not ours: upsert where free, lapsed or ours.
+        // 'now' is fixed for the whole statement, so every use below is the same instant.
+        let row = sqlx::query_as::<_, (String, i64, i64)>(&format!(
+            "INSERT INTO leases (name, holder, expires_at_ms) VALUES (?1, ?2, {SQLITE_NOW_MS} + ?3) \
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
                  expires_at_ms = excluded.expires_at_ms \
-             WHERE leases.expires_at_ms <= ?4 OR leases.holder = excluded.holder \
-             RETURNING holder, expires_at_ms",
-        )
+             WHERE leases.expires_at_ms <= {SQLITE_NOW_MS} OR leases.holder = excluded.holder \
+             RETURNING holder, expires_at_ms, {SQLITE_NOW_MS}"
+        ))
         .bind(name)
         .bind(holder)
-        .bind(expires)
-        .bind(now)
+        .bind(ttl_ms)
         .fetch_optional(&self.pool)
         .await?;
-        let current = match won {
-            Some(_) => None,
-            None => {
-                sqlx::query_as::<_, (String, i64)>(
-                    "SELECT holder, expires_at_ms FROM leases WHERE name = ?1",
-                )
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await?
-            }
+        if let Some((h, expires, now)) = row {
+            return Ok(rules::lease_state(holder, now, Some((h, expires)), None));
+        }
+        let (now, current) = {
+            let row = sqlx::query_as::<_, (i64, Option<String>, Option<i64>)>(&format!(
+                "SELECT {SQLITE_NOW_MS}, (SELECT holder FROM leases WHERE name = ?1), \
+                        (SELECT expires_at_ms FROM leases WHERE name = ?1)"
+            ))
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+            (row.0, row.1.zip(row.2))
         };
-        Ok(rules::lease_state(holder, won, current))
+        Ok(rules::lease_state(holder, now, None, current))
+    }
+
+    async fn set_marker_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: &str,
+        holder: &str,
+    ) -> Result<bool> {
+        let r = sqlx::query(&format!(
+            "INSERT INTO markers (key, value) SELECT ?1, ?2 \
+             WHERE EXISTS (SELECT 1 FROM leases WHERE name = ?3 AND holder = ?4 \
+                           AND expires_at_ms > {SQLITE_NOW_MS}) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        ))
+        .bind(key)
+        .bind(value)
+        .bind(lease)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn clock_ms(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(&format!("SELECT {SQLITE_NOW_MS}"))
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {

@@ -264,6 +264,21 @@ async fn every_method_round_trips_like_the_store() {
         .unwrap();
     assert!(b.acquired);
     assert_eq!(b.holder, "node-b");
+    assert!(b.remaining_ms > 0);
+    // fenced writes and the database clock travel too
+    assert!(client
+        .set_marker_fenced("peer/x", b"1", "sync", "node-b")
+        .await
+        .unwrap());
+    assert!(!client
+        .set_marker_fenced("peer/x", b"2", "sync", "node-a")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.get_marker("peer/x").await.unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    assert!(client.clock_ms().await.unwrap() > 1_700_000_000_000);
 
     // deletes
     assert!(client.delete_event(&n1.id).await.unwrap());

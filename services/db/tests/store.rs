@@ -49,6 +49,11 @@ impl Fx {
 
     async fn postgres() -> Option<Fx> {
         let Ok(admin_url) = std::env::var("ORLY_TEST_PG_URL") else {
+            // CI sets ORLY_TEST_REQUIRE_PG so that a missing server fails instead of passing.
+            assert!(
+                std::env::var_os("ORLY_TEST_REQUIRE_PG").is_none(),
+                "ORLY_TEST_REQUIRE_PG is set but ORLY_TEST_PG_URL is not: start PostgreSQL with scripts/test-postgres.sh"
+            );
             println!("skipping PostgreSQL store tests: ORLY_TEST_PG_URL is not set");
             return None;
         };
@@ -154,6 +159,7 @@ store_tests!(
     negentropy_items,
     markers,
     leases,
+    fenced_markers_and_the_database_clock,
     identity_secret_persists,
     count,
     concurrent_saves,
@@ -848,6 +854,7 @@ async fn leases(fx: &Fx) {
     let a = s.acquire_lease("leader", "A", 60_000).await.unwrap();
     assert!(a.acquired);
     assert_eq!(a.holder, "A");
+    assert!(a.remaining_ms > 59_000 && a.remaining_ms <= 60_000, "{a:?}");
     let b = s.acquire_lease("leader", "B", 60_000).await.unwrap();
     assert!(!b.acquired);
     assert_eq!(b.holder, "A");
@@ -902,6 +909,53 @@ async fn leases(fx: &Fx) {
         winners += usize::from(t.await.unwrap());
     }
     assert_eq!(winners, 1);
+}
+
+async fn fenced_markers_and_the_database_clock(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let clock = s.clock_ms().await.unwrap();
+    let local = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // The database runs on this machine in tests: its clock agrees with ours.
+    assert!((clock - local).abs() < 5_000, "db {clock} vs local {local}");
+    let lease = "distributed:lease:peer";
+    // Nobody holds the lease: a fenced write is refused and changes nothing.
+    assert!(!s.set_marker_fenced("k", b"x", lease, "A").await.unwrap());
+    assert_eq!(s.get_marker("k").await.unwrap(), None);
+    assert!(s.acquire_lease(lease, "A", 60_000).await.unwrap().acquired);
+    assert!(s.set_marker_fenced("k", b"a1", lease, "A").await.unwrap());
+    assert!(!s.set_marker_fenced("k", b"b1", lease, "B").await.unwrap());
+    assert_eq!(
+        s.get_marker("k").await.unwrap().as_deref(),
+        Some(&b"a1"[..])
+    );
+    // A lapses; B takes over and writes; the deposed A can no longer move the value back.
+    assert!(s.acquire_lease("short", "A", 50).await.unwrap().acquired);
+    assert!(s.set_marker_fenced("k2", b"a", "short", "A").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(!s
+        .set_marker_fenced("k2", b"late", "short", "A")
+        .await
+        .unwrap());
+    let b = s.acquire_lease("short", "B", 60_000).await.unwrap();
+    assert!(b.acquired, "{b:?}");
+    assert!(s.set_marker_fenced("k2", b"b", "short", "B").await.unwrap());
+    assert!(!s
+        .set_marker_fenced("k2", b"a-again", "short", "A")
+        .await
+        .unwrap());
+    assert_eq!(
+        s.get_marker("k2").await.unwrap().as_deref(),
+        Some(&b"b"[..])
+    );
+    // A lease held by another reports the time it has left, not ours.
+    let seen = s.acquire_lease("short", "A", 60_000).await.unwrap();
+    assert!(
+        !seen.acquired && seen.holder == "B" && seen.remaining_ms > 50_000,
+        "{seen:?}"
+    );
 }
 
 async fn identity_secret_persists(fx: &Fx) {
