@@ -2,19 +2,18 @@
 //! from a watch event to one OrlyRelay's children applied (first tier, and all tiers when
 //! workloads become Available at once). Run with `cargo bench -p orly-operator --bench reconcile`.
 
-#[path = "../tests/common/fake_api.rs"]
-mod fake_api;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fake_api::FakeApi;
+use common::fake_api::FakeApi;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::core::error_boundary::DeserializeGuard;
-use orly_operator::controller::{self, reconcile, reporter, Context, ControllerConfig};
+use orly_operator::controller::{self, reconcile, ControllerConfig};
 use orly_operator::crd::{OrlyRelay, OrlyRelaySpec, Phase};
-use orly_operator::plan::OperatorDefaults;
 
 const NS: &str = "bench";
 const RELAYS: usize = 100;
@@ -77,21 +76,18 @@ async fn memory_with_100_relays() {
     // Fill the fake with 100 Ready OrlyRelays and all their children first, reconciling
     // directly, so that the controller started afterwards only adds its own memory.
     let fake = FakeApi::new().quiet().auto_available();
-    let ctx = Arc::new(Context::new(
-        fake.client(),
-        OperatorDefaults::default(),
-        reporter(None),
-    ));
+    let harness = common::context(&fake);
     for i in 0..RELAYS {
         let name = format!("relay-{i:03}");
         fake.insert(&relay(&name));
         for _ in 0..4 {
+            harness.sync(&fake);
             let stored: OrlyRelay = fake.get(NS, &name).expect("stored");
-            let _ = reconcile(Arc::new(DeserializeGuard(Ok(stored))), ctx.clone()).await;
+            let _ = reconcile(Arc::new(DeserializeGuard(Ok(stored))), harness.ctx.clone()).await;
         }
         assert!(is_ready(&fake, &name), "{name} Ready");
     }
-    drop(ctx);
+    drop(harness);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let objects = fake.len();
     let before = rss_kib();

@@ -1,6 +1,7 @@
 //! The build stage: pure functions that turn a validated `ComponentPlan` into whole Kubernetes
-//! objects (ConfigMap, Service, Deployment or StatefulSet, PodDisruptionBudget, HPA).
-//! Nothing here talks to the API server, so every object is unit-tested as a whole.
+//! objects (ConfigMap, Service, Deployment or StatefulSet, PodDisruptionBudget, HPA,
+//! NetworkPolicy) and the relay's gRPC token Secret. Nothing here talks to the API server, so
+//! every object is unit-tested as a whole.
 
 use std::collections::BTreeMap;
 
@@ -11,19 +12,27 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, GRPCAction, HTTPGetAction, LocalObjectReference, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    EnvFromSource, EnvVar, ExecAction, GRPCAction, HTTPGetAction, Lifecycle, LifecycleHandler,
+    LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
 use sha2::{Digest, Sha256};
 
 use crate::component::{Component, METRICS_PORT};
-use crate::plan::{ComponentPlan, RelayPlan};
+use crate::crd::DRAIN_MARGIN_SECONDS;
+use crate::plan::{ComponentPlan, RelayPlan, GRPC_TLS_DIR};
 
 /// The one field manager for every server-side apply the operator does.
 pub const FIELD_MANAGER: &str = "orly-operator";
@@ -49,16 +58,24 @@ pub struct ComponentChildren {
     pub pdb: Option<PodDisruptionBudget>,
     /// Present when autoscaling is set.
     pub hpa: Option<HorizontalPodAutoscaler>,
+    /// Present when NetworkPolicies are enabled.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
-/// Build all children of `component`.
-pub fn build_children(plan: &RelayPlan, component: &ComponentPlan) -> ComponentChildren {
+/// Build all children of `component`. `replicas` is the Deployment's `spec.replicas`: the
+/// plan's count, or while autoscaling what the replica handoff decided (`None`: the HPA owns
+/// it); a StatefulSet always gets the plan's.
+pub fn build_children(
+    plan: &RelayPlan,
+    component: &ComponentPlan,
+    replicas: Option<i32>,
+) -> ComponentChildren {
     let config_map = build_config_map(plan, component);
     let hash = config_hash(&config_map);
     let workload = if component.storage.is_some() {
         Workload::StatefulSet(Box::new(build_stateful_set(plan, component, &hash)))
     } else {
-        Workload::Deployment(Box::new(build_deployment(plan, component, &hash)))
+        Workload::Deployment(Box::new(build_deployment(plan, component, &hash, replicas)))
     };
     ComponentChildren {
         config_map,
@@ -66,7 +83,125 @@ pub fn build_children(plan: &RelayPlan, component: &ComponentPlan) -> ComponentC
         workload,
         pdb: build_pdb(plan, component),
         hpa: build_hpa(plan, component),
+        network_policy: build_network_policy(plan, component),
     }
+}
+
+/// Labels of the objects that belong to the whole OrlyRelay rather than one component.
+pub fn relay_labels(relay: &str) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "orly"),
+        ("app.kubernetes.io/instance", relay),
+        ("app.kubernetes.io/part-of", "orly"),
+        ("app.kubernetes.io/managed-by", "orly-operator"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// The Secret with the shared gRPC token, created once (never applied again, so the token
+/// never changes under running pods) and owned by the OrlyRelay.
+pub fn build_grpc_auth_secret(plan: &RelayPlan, token: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(plan.grpc_auth.secret_name.clone()),
+            namespace: Some(plan.namespace.clone()),
+            labels: Some(relay_labels(&plan.name)),
+            owner_references: Some(vec![plan.owner.clone()]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            plan.grpc_auth.key.clone(),
+            ByteString(token.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// Which components call `callee`'s gRPC port: everything calls db; acl and the sync services
+/// are called by the relay only; nobody calls the relay's gRPC (it has none).
+pub fn callers(plan: &RelayPlan, callee: Component) -> Vec<Component> {
+    match callee {
+        Component::Db => plan
+            .components
+            .iter()
+            .map(|c| c.component)
+            .filter(|c| *c != Component::Db)
+            .collect(),
+        Component::Relay => Vec::new(),
+        _ => vec![Component::Relay],
+    }
+}
+
+fn tcp_port(port: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    }
+}
+
+/// The component's NetworkPolicy: its gRPC port open to its callers of the same OrlyRelay
+/// only, the metrics port to `metricsFrom`, the relay's port to everyone. Egress is left open
+/// (peer relays on the internet, PostgreSQL).
+pub fn build_network_policy(plan: &RelayPlan, component: &ComponentPlan) -> Option<NetworkPolicy> {
+    let policy = plan.network_policy.as_ref()?;
+    let mut ingress = Vec::new();
+    if component.component == Component::Relay {
+        ingress.push(NetworkPolicyIngressRule {
+            from: None,
+            ports: Some(vec![tcp_port(component.port)]),
+        });
+    } else {
+        let callers: Vec<String> = callers(plan, component.component)
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect();
+        let mut same_relay = selector_labels(&plan.name, component.component);
+        same_relay.remove("app.kubernetes.io/component");
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(same_relay),
+                    match_expressions: Some(vec![LabelSelectorRequirement {
+                        key: "app.kubernetes.io/component".into(),
+                        operator: "In".into(),
+                        values: Some(callers),
+                    }]),
+                }),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(vec![tcp_port(component.port)]),
+        });
+        let metrics_from = match &policy.metrics_from {
+            None => Some(vec![NetworkPolicyPeer {
+                pod_selector: Some(LabelSelector::default()),
+                ..NetworkPolicyPeer::default()
+            }]),
+            Some(peers) if peers.is_empty() => None,
+            Some(peers) => Some(peers.clone()),
+        };
+        if let Some(from) = metrics_from {
+            ingress.push(NetworkPolicyIngressRule {
+                from: Some(from),
+                ports: Some(vec![tcp_port(METRICS_PORT)]),
+            });
+        }
+    }
+    Some(NetworkPolicy {
+        metadata: child_meta(plan, component),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&plan.name, component.component)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(ingress),
+            ..NetworkPolicySpec::default()
+        }),
+    })
 }
 
 /// Labels that select one component's pods; stable across versions because selectors are
@@ -170,9 +305,39 @@ fn main_port_name(component: Component) -> &'static str {
     }
 }
 
-/// Readiness and liveness probes: the named gRPC health service, or the relay's HTTP endpoints.
-fn probes(component: &ComponentPlan) -> (Probe, Probe) {
+/// Readiness and liveness probes: the named gRPC health service, or the relay's HTTP
+/// endpoints. With mTLS the kubelet cannot speak gRPC to the services, so they are probed on
+/// their metrics server's `/readyz` and `/healthz` instead.
+fn probes(plan: &RelayPlan, component: &ComponentPlan) -> (Probe, Probe) {
+    let tls = plan.grpc_tls_secret.is_some();
+    let http_probes = |port: &str, ready: &str, live: &str| {
+        let http = |path: &str| HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String(port.into()),
+            ..HTTPGetAction::default()
+        };
+        (
+            Probe {
+                http_get: Some(http(ready)),
+                period_seconds: Some(5),
+                failure_threshold: Some(3),
+                ..Probe::default()
+            },
+            Probe {
+                http_get: Some(http(live)),
+                initial_delay_seconds: Some(15),
+                period_seconds: Some(10),
+                failure_threshold: Some(6),
+                ..Probe::default()
+            },
+        )
+    };
     match component.component.grpc_health_service() {
+        Some(_) if tls => http_probes(
+            "metrics",
+            orly_consts::METRICS_READYZ_PATH,
+            orly_consts::METRICS_HEALTHZ_PATH,
+        ),
         Some(service) => {
             let grpc = || GRPCAction {
                 port: component.port,
@@ -194,29 +359,30 @@ fn probes(component: &ComponentPlan) -> (Probe, Probe) {
                 },
             )
         }
-        None => {
-            let http = |path: &str| HTTPGetAction {
-                path: Some(path.to_string()),
-                port: IntOrString::String("http".into()),
-                ..HTTPGetAction::default()
-            };
-            (
-                Probe {
-                    http_get: Some(http("/readyz")),
-                    period_seconds: Some(5),
-                    failure_threshold: Some(3),
-                    ..Probe::default()
-                },
-                Probe {
-                    http_get: Some(http("/healthz")),
-                    initial_delay_seconds: Some(15),
-                    period_seconds: Some(10),
-                    failure_threshold: Some(6),
-                    ..Probe::default()
-                },
-            )
-        }
+        None => http_probes("http", "/readyz", "/healthz"),
     }
+}
+
+/// The relay's preStop hook: `orly drain` stops accepting, closes every WebSocket with 1001
+/// and waits until they are gone, leaving a few seconds of the grace period for the exit.
+fn drain_hook(component: &ComponentPlan) -> Option<Lifecycle> {
+    let grace = component.grace_period_seconds?;
+    Some(Lifecycle {
+        pre_stop: Some(LifecycleHandler {
+            exec: Some(ExecAction {
+                command: Some(vec![
+                    Component::Relay.binary().into(),
+                    orly_consts::RELAY_DRAIN_SUBCOMMAND.into(),
+                    "--port".into(),
+                    component.port.to_string(),
+                    "--timeout".into(),
+                    format!("{}s", grace - DRAIN_MARGIN_SECONDS),
+                ]),
+            }),
+            ..LifecycleHandler::default()
+        }),
+        ..Lifecycle::default()
+    })
 }
 
 /// Container env: Secret-backed vars, then the user's extra env, which wins on a name clash
@@ -238,7 +404,7 @@ pub fn build_pod_template(
     component: &ComponentPlan,
     config_hash: &str,
 ) -> PodTemplateSpec {
-    let (readiness, liveness) = probes(component);
+    let (readiness, liveness) = probes(plan, component);
     let mut ports = vec![ContainerPort {
         name: Some(main_port_name(component.component).into()),
         container_port: component.port,
@@ -265,6 +431,27 @@ pub fn build_pod_template(
             ..VolumeMount::default()
         });
     }
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    if let Some(secret) = &plan.grpc_tls_secret {
+        mounts.push(VolumeMount {
+            name: "grpc-tls".into(),
+            mount_path: GRPC_TLS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "grpc-tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let container = Container {
         name: component.component.binary().into(),
         image: Some(component.image.clone()),
@@ -281,6 +468,7 @@ pub fn build_pod_template(
         resources: component.pod.resources.clone(),
         readiness_probe: Some(readiness),
         liveness_probe: Some(liveness),
+        lifecycle: drain_hook(component),
         volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -330,29 +518,24 @@ pub fn build_pod_template(
                 }),
                 ..PodSecurityContext::default()
             }),
-            volumes: Some(vec![Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            }]),
+            termination_grace_period_seconds: component.grace_period_seconds,
+            volumes: Some(volumes),
             ..PodSpec::default()
         }),
     }
 }
 
-/// A Deployment; `spec.replicas` is left out when an HPA owns the count.
+/// A Deployment; `spec.replicas` is `replicas`, left out once an HPA owns the count.
 pub fn build_deployment(
     plan: &RelayPlan,
     component: &ComponentPlan,
     config_hash: &str,
+    replicas: Option<i32>,
 ) -> Deployment {
     Deployment {
         metadata: child_meta(plan, component),
         spec: Some(DeploymentSpec {
-            replicas: component
-                .autoscaling
-                .is_none()
-                .then_some(component.replicas),
+            replicas,
             selector: LabelSelector {
                 match_labels: Some(selector_labels(&plan.name, component.component)),
                 ..LabelSelector::default()
@@ -469,9 +652,18 @@ mod tests {
         plan(&relay_from_yaml(yaml), &defaults).expect("valid spec")
     }
 
+    /// Children as applied once the replica handoff is done: an autoscaled Deployment
+    /// leaves its count to the HPA.
     fn children(yaml: &str, component: Component) -> ComponentChildren {
         let plan = plan_of(yaml);
-        build_children(&plan, plan.component(component).expect("enabled"))
+        let c = plan.component(component).expect("enabled");
+        build_children(&plan, c, c.autoscaling.is_none().then_some(c.replicas))
+    }
+
+    /// The token env every container carries.
+    fn token_env() -> Value {
+        json!({"name": "ORLY_GRPC_AUTH_TOKEN",
+               "valueFrom": {"secretKeyRef": {"name": "test-grpc-auth", "key": "token", "optional": false}}})
     }
 
     fn selector(component: &str) -> Value {
@@ -545,6 +737,7 @@ mod tests {
                         "containers": [{
                             "name": "orly-db",
                             "image": "r/orly-db:t",
+                            "env": [token_env()],
                             "envFrom": [{"configMapRef": {"name": "test-db", "optional": false}}],
                             "ports": [
                                 {"containerPort": 50051, "name": "grpc", "protocol": "TCP"},
@@ -599,6 +792,7 @@ mod tests {
                 "apiVersion": "v1", "kind": "Service", "metadata": meta("db"),
                 "spec": {
                     "type": "ClusterIP",
+                    "clusterIP": "None",
                     "selector": selector("db"),
                     "ports": [
                         {"name": "grpc", "port": 50051, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"},
@@ -624,7 +818,8 @@ mod tests {
         assert_eq!(
             d["spec"]["template"]["spec"]["containers"][0]["env"],
             json!([{"name": "ORLY_DB_URL",
-                    "valueFrom": {"secretKeyRef": {"name": "pg", "key": "dsn", "optional": false}}}])
+                    "valueFrom": {"secretKeyRef": {"name": "pg", "key": "dsn", "optional": false}}},
+                   token_env()])
         );
         assert_eq!(to_json(&c.service)["spec"]["clusterIP"], "None");
         assert_eq!(
@@ -739,7 +934,7 @@ relay:
                                 "name": "orly",
                                 "image": "r/orly:t",
                                 "imagePullPolicy": "Always",
-                                "env": [{"name": "RUST_LOG", "value": "debug"}],
+                                "env": [token_env(), {"name": "RUST_LOG", "value": "debug"}],
                                 "envFrom": [{"configMapRef": {"name": "test-relay", "optional": false}}],
                                 "ports": [{"containerPort": 7777, "name": "http", "protocol": "TCP"}],
                                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"},
@@ -747,9 +942,12 @@ relay:
                                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
                                                   "initialDelaySeconds": 15, "periodSeconds": 10, "failureThreshold": 6},
                                 "resources": {"requests": {"cpu": "500m"}},
+                                "lifecycle": {"preStop": {"exec": {"command":
+                                    ["orly", "drain", "--port", "7777", "--timeout", "25s"]}}},
                                 "securityContext": container_security,
                                 "volumeMounts": [{"mountPath": "/tmp", "name": "tmp"}],
                             }],
+                            "terminationGracePeriodSeconds": 30,
                             "imagePullSecrets": [{"name": "regcred"}],
                             "nodeSelector": {"disk": "ssd"},
                             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "orly", "effect": "NoSchedule"}],
@@ -785,8 +983,158 @@ relay:
         let env = to_json(d)["spec"]["template"]["spec"]["containers"][0]["env"].clone();
         assert_eq!(
             env,
-            json!([{"name": "ORLY_DB_URL", "value": "postgres://x"}])
+            json!([token_env(), {"name": "ORLY_DB_URL", "value": "postgres://x"}])
         );
+    }
+
+    #[test]
+    fn network_policies_open_each_grpc_port_to_its_callers_only() {
+        let yaml = "sync: {cluster: {enabled: true}, negentropy: {enabled: true}}";
+        let same_relay = |callers: &[&str]| {
+            json!({
+                "matchLabels": {"app.kubernetes.io/instance": "test", "app.kubernetes.io/name": "orly"},
+                "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
+                                      "values": callers}],
+            })
+        };
+        let policy = |component: &str, ingress: Value| {
+            json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": meta(component),
+                "spec": {
+                    "podSelector": {"matchLabels": selector(component)},
+                    "policyTypes": ["Ingress"],
+                    "ingress": ingress,
+                },
+            })
+        };
+        let namespace_scrapes = json!({"from": [{"podSelector": {}}],
+                                       "ports": [{"port": 9100, "protocol": "TCP"}]});
+        assert_eq!(
+            to_json(&children(yaml, Component::Db).network_policy),
+            policy(
+                "db",
+                json!([
+                    {"from": [{"podSelector": same_relay(&["acl", "sync-cluster", "sync-negentropy", "relay"])}],
+                     "ports": [{"port": 50051, "protocol": "TCP"}]},
+                    namespace_scrapes,
+                ])
+            )
+        );
+        for (component, port) in [("acl", 50052), ("sync-negentropy", 50064)] {
+            let c = Component::from_name(component).unwrap();
+            assert_eq!(
+                to_json(&children(yaml, c).network_policy),
+                policy(
+                    component,
+                    json!([
+                        {"from": [{"podSelector": same_relay(&["relay"])}],
+                         "ports": [{"port": port, "protocol": "TCP"}]},
+                        namespace_scrapes,
+                    ])
+                )
+            );
+        }
+        assert_eq!(
+            to_json(&children(yaml, Component::Relay).network_policy),
+            policy(
+                "relay",
+                json!([{"ports": [{"port": 3334, "protocol": "TCP"}]}])
+            )
+        );
+    }
+
+    #[test]
+    fn metrics_sources_follow_the_spec_and_policies_can_be_turned_off() {
+        let monitoring = "networkPolicy: {metricsFrom: [{namespaceSelector: {matchLabels: {team: monitoring}}}]}";
+        let c = children(monitoring, Component::Acl);
+        assert_eq!(
+            to_json(&c.network_policy)["spec"]["ingress"][1],
+            json!({"from": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}],
+                   "ports": [{"port": 9100, "protocol": "TCP"}]})
+        );
+        let closed = children("networkPolicy: {metricsFrom: []}", Component::Acl);
+        let ingress = to_json(&closed.network_policy)["spec"]["ingress"].clone();
+        assert_eq!(
+            ingress.as_array().unwrap().len(),
+            1,
+            "no metrics rule: {ingress}"
+        );
+        assert!(children("networkPolicy: {enabled: false}", Component::Db)
+            .network_policy
+            .is_none());
+    }
+
+    #[test]
+    fn the_token_secret_is_owned_by_the_relay_and_holds_the_token() {
+        let plan = plan_of("{}");
+        let secret = build_grpc_auth_secret(&plan, "00ff");
+        assert_eq!(
+            to_json(&secret),
+            json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {
+                    "name": "test-grpc-auth",
+                    "namespace": "ns",
+                    "labels": {
+                        "app.kubernetes.io/instance": "test",
+                        "app.kubernetes.io/managed-by": "orly-operator",
+                        "app.kubernetes.io/name": "orly",
+                        "app.kubernetes.io/part-of": "orly",
+                    },
+                    "ownerReferences": meta("db")["ownerReferences"],
+                },
+                "type": "Opaque",
+                // base64 of "00ff"
+                "data": {"token": "MDBmZg=="},
+            })
+        );
+    }
+
+    #[test]
+    fn with_mtls_every_component_mounts_the_certificates_and_grpc_probes_turn_http() {
+        let yaml = "grpcTls: {secretName: certs}\nsync: {negentropy: {enabled: true}}";
+        for component in [Component::Db, Component::SyncNegentropy, Component::Relay] {
+            let c = children(yaml, component);
+            let template = match &c.workload {
+                Workload::Deployment(d) => to_json(d)["spec"]["template"].clone(),
+                Workload::StatefulSet(s) => to_json(s)["spec"]["template"].clone(),
+            };
+            let spec = &template["spec"];
+            assert_eq!(
+                spec["volumes"].as_array().unwrap().last().unwrap(),
+                &json!({"name": "grpc-tls", "secret": {"secretName": "certs"}}),
+                "{component}"
+            );
+            let container = &spec["containers"][0];
+            assert_eq!(
+                container["volumeMounts"]
+                    .as_array()
+                    .unwrap()
+                    .last()
+                    .unwrap(),
+                &json!({"name": "grpc-tls", "mountPath": "/etc/orly/grpc-tls", "readOnly": true})
+            );
+            let data = to_json(&c.config_map)["data"].clone();
+            assert_eq!(data["ORLY_GRPC_TLS_CERT"], "/etc/orly/grpc-tls/tls.crt");
+            if component == Component::Relay {
+                assert_eq!(container["readinessProbe"]["httpGet"]["port"], "http");
+            } else {
+                assert_eq!(
+                    (
+                        container["readinessProbe"].clone(),
+                        container["livenessProbe"].clone()
+                    ),
+                    (
+                        json!({"httpGet": {"path": "/readyz", "port": "metrics"},
+                               "periodSeconds": 5, "failureThreshold": 3}),
+                        json!({"httpGet": {"path": "/healthz", "port": "metrics"},
+                               "initialDelaySeconds": 15, "periodSeconds": 10, "failureThreshold": 6}),
+                    ),
+                    "{component}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The reconciler: validate → read existing children → apply tier by tier (each only once the
-//! tier below is Available) → prune → status and Events; plus the error policy with backoff and
-//! the `Controller` wiring that watches OrlyRelays and the children they own.
+//! The reconciler: validate → read the children from the watch caches → create the gRPC
+//! token Secret → apply tier by tier (each only once the tier below is Available) → prune every
+//! child no longer wanted → status and Events; plus the pause annotation, the error policy with
+//! backoff and the `Controller` wiring whose child watches fill the caches.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
@@ -11,30 +12,37 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::error_boundary::{DeserializeGuard, InvalidObject};
+use kube::core::PartialObjectMeta;
 use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
+use rand::RngCore;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::builders::{build_children, Workload, FIELD_MANAGER};
-use crate::component::{child_name, Component, ComponentExt, Tier};
+use crate::builders::{build_children, build_grpc_auth_secret, Workload, FIELD_MANAGER};
+use crate::children::{
+    child_stores, deployment_replicas, orphans, service_must_be_recreated, wanted, ChildKind,
+    ChildRef, ChildStores, Existing, Owner,
+};
+use crate::component::{Component, ComponentExt, Tier};
 use crate::crd::{OrlyRelay, OrlyRelayStatus, Phase};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::plan::{plan, ComponentPlan, OperatorDefaults, RelayPlan};
 use crate::status::{
     compute_status, invalid_status, tier_available, ComponentState, StatusInput,
-    WorkloadObservation,
+    WorkloadObservation, PAUSED_MESSAGE,
 };
 
 /// Requeue interval once everything is Ready: a safety net, since child watches trigger us.
@@ -53,17 +61,25 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub defaults: OperatorDefaults,
+    /// The children as the controller's watches last saw them.
+    pub stores: ChildStores,
     /// Consecutive failures per OrlyRelay (`namespace/name`), for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    /// A context publishing Events as `reporter`.
-    pub fn new(client: Client, defaults: OperatorDefaults, reporter: Reporter) -> Self {
+    /// A context publishing Events as `reporter` and reading children from `stores`.
+    pub fn new(
+        client: Client,
+        defaults: OperatorDefaults,
+        reporter: Reporter,
+        stores: ChildStores,
+    ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             defaults,
+            stores,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -197,6 +213,10 @@ async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
     let reference = relay.object_ref(&());
     let previous = relay.status.as_ref();
 
+    if is_paused(&relay.metadata) {
+        return report_paused(relay, ctx).await;
+    }
+
     // validate
     let plan = match plan(relay, &ctx.defaults) {
         Ok(plan) => plan,
@@ -219,12 +239,21 @@ async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
         Err(other) => return Err(other),
     };
 
-    // read what exists
-    let existing = Existing::read(&ctx.client, &plan).await?;
+    // what exists, from the watch caches
+    let existing = existing_children(ctx, &plan).await?;
+    let mut errors: Vec<Error> = Vec::new();
+    let mut deleted: BTreeSet<ChildRef> = BTreeSet::new();
+
+    // the gRPC token every component reads must exist before any pod starts
+    if plan.grpc_auth.generated && !existing.has(ChildKind::Secret, &plan.grpc_auth.secret_name) {
+        if let Err(error) = create_grpc_auth_secret(&ctx.client, &plan).await {
+            warn!(relay = %name, error = %error, "creating the gRPC token Secret failed");
+            errors.push(error);
+        }
+    }
 
     // apply, tier by tier
     let mut states: Vec<(Component, ComponentState)> = Vec::new();
-    let mut errors: Vec<Error> = Vec::new();
     let mut gate_open = true;
     for tier in Tier::ALL {
         for component in plan
@@ -233,7 +262,8 @@ async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
             .filter(|c| c.component.tier() == tier)
         {
             let state = if gate_open {
-                match apply_component(&ctx.client, &plan, component, &existing).await {
+                match apply_component(&ctx.client, &plan, component, &existing, &mut deleted).await
+                {
                     Ok(observation) => ComponentState::Observed(observation),
                     Err(error) => {
                         warn!(relay = %name, component = %component.component, error = %error, "applying component failed");
@@ -256,14 +286,19 @@ async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
         }
     }
 
-    // prune disabled components
-    for component in &plan.disabled {
-        if existing.has_any(&child_name(&plan.name, *component)) {
-            if let Err(error) = delete_component(&ctx.client, &plan, *component).await {
-                warn!(relay = %name, component = %component, error = %error, "deleting disabled component failed");
+    // prune every child that is no longer wanted
+    let wanted = wanted(&plan);
+    for (kind, child) in orphans(&existing, &wanted) {
+        if deleted.contains(&(kind, child.clone())) {
+            continue;
+        }
+        match delete_child(&ctx.client, &plan, kind, &child).await {
+            Ok(()) => {
+                info!(relay = %name, kind = ?kind, child = %child, "deleted a child that is no longer wanted")
+            }
+            Err(error) => {
+                warn!(relay = %name, kind = ?kind, child = %child, error = %error, "deleting an orphaned child failed");
                 errors.push(error);
-            } else {
-                info!(relay = %name, component = %component, "deleted disabled component");
             }
         }
     }
@@ -276,6 +311,7 @@ async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
         errors: &messages,
         previous,
         now: now(),
+        paused: false,
     });
     if previous != Some(&status) {
         patch_status(&ctx.client, &namespace, &name, &status).await?;
@@ -290,6 +326,70 @@ async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
     }
 }
 
+/// Whether the `orly.dev/reconcile-paused` annotation stops every change.
+pub fn is_paused(meta: &ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(orly_consts::RECONCILE_PAUSED_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// A paused OrlyRelay: apply and delete nothing, only report what the caches show, with
+/// Progressing=False (reason Paused) and phase Paused.
+async fn report_paused(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
+    let name = relay.name_any();
+    let namespace = relay.namespace().unwrap_or_default();
+    let previous = relay.status.as_ref();
+    let mut states = Vec::new();
+    // An invalid spec has nothing to observe; the pause is still what the status says.
+    if let Ok(plan) = plan(relay, &ctx.defaults) {
+        let existing = existing_children(ctx, &plan).await?;
+        states = plan
+            .components
+            .iter()
+            .map(|c| (c.component, existing.observe(&plan, c)))
+            .collect();
+    }
+    let status = compute_status(&StatusInput {
+        generation: relay.metadata.generation,
+        components: &states,
+        errors: &[],
+        previous,
+        now: now(),
+        paused: true,
+    });
+    if previous != Some(&status) {
+        patch_status(&ctx.client, &namespace, &name, &status).await?;
+    }
+    if previous.and_then(|p| p.phase) != Some(Phase::Paused) {
+        info!(relay = %name, "reconcile paused by annotation");
+        publish(
+            ctx,
+            &relay.object_ref(&()),
+            EventType::Normal,
+            "Paused",
+            "Reconcile",
+            PAUSED_MESSAGE.to_string(),
+        )
+        .await;
+    }
+    Ok(Action::await_change())
+}
+
+/// How long a reconcile waits for the child caches' first lists before it gives up.
+const CACHE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn existing_children(ctx: &Context, plan: &RelayPlan) -> Result<Existing> {
+    match tokio::time::timeout(CACHE_READY_TIMEOUT, ctx.stores.wait_until_ready()).await {
+        Ok(Ok(())) => Ok(ctx.stores.existing(&Owner::of(plan))),
+        Ok(Err(_)) => Err(Error::CacheNotReady("a child watch stopped".into())),
+        Err(_) => Err(Error::CacheNotReady(format!(
+            "the child watches have not listed their objects in {}s",
+            CACHE_READY_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 async fn publish_transitions(
     ctx: &Context,
     reference: &k8s_openapi::api::core::v1::ObjectReference,
@@ -297,6 +397,17 @@ async fn publish_transitions(
     status: &OrlyRelayStatus,
     errors: &[String],
 ) {
+    if previous.and_then(|p| p.phase) == Some(Phase::Paused) {
+        publish(
+            ctx,
+            reference,
+            EventType::Normal,
+            "Resumed",
+            "Reconcile",
+            "the reconcile-paused annotation is gone; reconciling again".into(),
+        )
+        .await;
+    }
     let before = previous.map_or(0, |p| p.available_tiers);
     for tier in Tier::ALL
         .iter()
@@ -393,94 +504,6 @@ pub async fn patch_status(
     Ok(())
 }
 
-/// The children that exist now, read with one list per kind (label-selected).
-#[derive(Debug, Default)]
-struct Existing {
-    config_maps: BTreeSet<String>,
-    deployments: HashMap<String, Deployment>,
-    stateful_sets: HashMap<String, StatefulSet>,
-    pdbs: BTreeSet<String>,
-    hpas: BTreeSet<String>,
-}
-
-impl Existing {
-    async fn read(client: &Client, plan: &RelayPlan) -> Result<Self> {
-        let params = ListParams::default().labels(&format!(
-            "app.kubernetes.io/instance={},{MANAGED_BY_SELECTOR}",
-            plan.name
-        ));
-        let ns = plan.namespace.as_str();
-        Ok(Self {
-            config_maps: list::<ConfigMap>(client, ns, &params)
-                .await?
-                .into_iter()
-                .map(|o| o.name_any())
-                .collect(),
-            deployments: list::<Deployment>(client, ns, &params)
-                .await?
-                .into_iter()
-                .map(|o| (o.name_any(), o))
-                .collect(),
-            stateful_sets: list::<StatefulSet>(client, ns, &params)
-                .await?
-                .into_iter()
-                .map(|o| (o.name_any(), o))
-                .collect(),
-            pdbs: list::<PodDisruptionBudget>(client, ns, &params)
-                .await?
-                .into_iter()
-                .map(|o| o.name_any())
-                .collect(),
-            hpas: list::<HorizontalPodAutoscaler>(client, ns, &params)
-                .await?
-                .into_iter()
-                .map(|o| o.name_any())
-                .collect(),
-        })
-    }
-
-    /// The state of a component this reconcile may not touch (its tier is gated).
-    fn observe(&self, plan: &RelayPlan, component: &ComponentPlan) -> ComponentState {
-        let name = component.child_name(&plan.name);
-        // Only the kind the plan wants counts; a leftover of the other kind is being replaced.
-        let observed = if component.storage.is_some() {
-            self.stateful_sets
-                .get(&name)
-                .map(WorkloadObservation::from_stateful_set)
-        } else {
-            self.deployments
-                .get(&name)
-                .map(WorkloadObservation::from_deployment)
-        };
-        if let Some(observation) = observed {
-            ComponentState::Observed(observation)
-        } else {
-            ComponentState::NotCreated {
-                desired: component.replicas,
-            }
-        }
-    }
-
-    fn has_any(&self, name: &str) -> bool {
-        self.config_maps.contains(name)
-            || self.deployments.contains_key(name)
-            || self.stateful_sets.contains_key(name)
-            || self.pdbs.contains(name)
-            || self.hpas.contains(name)
-    }
-}
-
-async fn list<K>(client: &Client, namespace: &str, params: &ListParams) -> Result<Vec<K>>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + Debug,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    Ok(api.list(params).await?.items)
-}
-
 fn child_error(
     component: Component,
     action: &'static str,
@@ -552,61 +575,122 @@ async fn apply_component(
     plan: &RelayPlan,
     component: &ComponentPlan,
     existing: &Existing,
+    deleted: &mut BTreeSet<ChildRef>,
 ) -> Result<WorkloadObservation> {
     let ns = plan.namespace.as_str();
     let c = component.component;
     let name = component.child_name(&plan.name);
-    let children = build_children(plan, component);
+    let replicas = deployment_replicas(
+        component,
+        existing.deployments.get(&name).map(|d| d.as_ref()),
+        existing.has(ChildKind::HorizontalPodAutoscaler, &name),
+    );
+    let children = build_children(plan, component, replicas);
     apply(client, ns, &children.config_map, c).await?;
+    // Closed before the pods start: the policy goes in ahead of the workload.
+    if let Some(policy) = &children.network_policy {
+        apply(client, ns, policy, c).await?;
+    }
+    if existing
+        .services
+        .get(&name)
+        .is_some_and(|live| service_must_be_recreated(live, &children.service))
+    {
+        delete::<Service>(client, ns, &name, c).await?;
+        deleted.insert((ChildKind::Service, name.clone()));
+    }
     apply(client, ns, &children.service, c).await?;
+    let tolerance = component.max_unavailable();
     let observation = match &children.workload {
         Workload::Deployment(d) => {
-            // db switching from sqlite to postgres leaves a StatefulSet behind.
-            if existing.stateful_sets.contains_key(&name) {
+            // db switching from sqlite to postgres leaves a StatefulSet with the same
+            // selector behind; it goes before the Deployment takes the pods over.
+            if existing.has(ChildKind::StatefulSet, &name) {
                 delete::<StatefulSet>(client, ns, &name, c).await?;
+                deleted.insert((ChildKind::StatefulSet, name.clone()));
             }
-            WorkloadObservation::from_deployment(&apply(client, ns, d.as_ref(), c).await?)
+            WorkloadObservation::from_deployment(
+                &apply(client, ns, d.as_ref(), c).await?,
+                tolerance,
+            )
         }
         Workload::StatefulSet(s) => {
-            if existing.deployments.contains_key(&name) {
+            if existing.has(ChildKind::Deployment, &name) {
                 delete::<Deployment>(client, ns, &name, c).await?;
+                deleted.insert((ChildKind::Deployment, name.clone()));
             }
-            WorkloadObservation::from_stateful_set(&apply(client, ns, s.as_ref(), c).await?)
+            WorkloadObservation::from_stateful_set(
+                &apply(client, ns, s.as_ref(), c).await?,
+                tolerance,
+            )
         }
     };
-    match &children.pdb {
-        Some(pdb) => {
-            apply(client, ns, pdb, c).await?;
-        }
-        None if existing.pdbs.contains(&name) => {
-            delete::<PodDisruptionBudget>(client, ns, &name, c).await?
-        }
-        None => {}
+    if let Some(pdb) = &children.pdb {
+        apply(client, ns, pdb, c).await?;
     }
-    match &children.hpa {
-        Some(hpa) => {
-            apply(client, ns, hpa, c).await?;
-        }
-        None if existing.hpas.contains(&name) => {
-            delete::<HorizontalPodAutoscaler>(client, ns, &name, c).await?
-        }
-        None => {}
+    if let Some(hpa) = &children.hpa {
+        apply(client, ns, hpa, c).await?;
     }
     Ok(observation)
 }
 
-/// Delete every child of a disabled component, dependents first and the ConfigMap last, so a
-/// half-done deletion is still found (by its ConfigMap) next time.
-async fn delete_component(client: &Client, plan: &RelayPlan, component: Component) -> Result<()> {
+/// A fresh token: 32 random bytes from the OS, hex.
+fn new_grpc_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Create the token Secret unless it exists. A create, not an apply: an existing Secret
+/// (even one the cache has not seen yet) is never overwritten, so the token never changes.
+async fn create_grpc_auth_secret(client: &Client, plan: &RelayPlan) -> Result<()> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &plan.namespace);
+    let secret = build_grpc_auth_secret(plan, &new_grpc_token());
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match api.create(&params, &secret).await {
+        Ok(_) => {
+            info!(relay = %plan.name, secret = %plan.grpc_auth.secret_name, "created the gRPC token Secret");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(source) => Err(Error::Secret {
+            name: plan.grpc_auth.secret_name.clone(),
+            source,
+        }),
+    }
+}
+
+/// Delete one child of `plan` by kind and name.
+async fn delete_child(
+    client: &Client,
+    plan: &RelayPlan,
+    kind: ChildKind,
+    name: &str,
+) -> Result<()> {
     let ns = plan.namespace.as_str();
-    let name = child_name(&plan.name, component);
-    delete::<HorizontalPodAutoscaler>(client, ns, &name, component).await?;
-    delete::<PodDisruptionBudget>(client, ns, &name, component).await?;
-    delete::<Deployment>(client, ns, &name, component).await?;
-    delete::<StatefulSet>(client, ns, &name, component).await?;
-    delete::<Service>(client, ns, &name, component).await?;
-    delete::<ConfigMap>(client, ns, &name, component).await?;
-    Ok(())
+    // The component named in errors: the suffix after `<relay>-`, when it is one.
+    let component = name
+        .strip_prefix(&format!("{}-", plan.name))
+        .and_then(Component::from_name)
+        .unwrap_or(Component::Relay);
+    match kind {
+        ChildKind::HorizontalPodAutoscaler => {
+            delete::<HorizontalPodAutoscaler>(client, ns, name, component).await
+        }
+        ChildKind::PodDisruptionBudget => {
+            delete::<PodDisruptionBudget>(client, ns, name, component).await
+        }
+        ChildKind::NetworkPolicy => delete::<NetworkPolicy>(client, ns, name, component).await,
+        ChildKind::Deployment => delete::<Deployment>(client, ns, name, component).await,
+        ChildKind::StatefulSet => delete::<StatefulSet>(client, ns, name, component).await,
+        ChildKind::Service => delete::<Service>(client, ns, name, component).await,
+        ChildKind::ConfigMap => delete::<ConfigMap>(client, ns, name, component).await,
+        // Never pruned (see ChildKind::Secret); nothing to do.
+        ChildKind::Secret => Ok(()),
+    }
 }
 
 /// Settings of the running controller.
@@ -643,6 +727,11 @@ where
     }
 }
 
+/// Drop what no decision reads, so the caches stay small.
+fn drop_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// Run the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -650,11 +739,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let ns = config.namespace.as_deref();
+    let (stores, writers) = child_stores();
     let ctx = Arc::new(Context::new(
         client.clone(),
         config.defaults.clone(),
         reporter(config.instance.clone()),
+        stores,
     ));
+    // One watch per child kind, label-selected: it triggers the owner's reconcile and fills
+    // the cache the reconcile reads, instead of listing every kind on every reconcile.
     let children = watcher::Config::default()
         .labels(MANAGED_BY_SELECTOR)
         .any_semantic();
@@ -663,15 +756,78 @@ pub async fn run(
         scoped_api::<DeserializeGuard<OrlyRelay>>(&client, ns),
         watcher::Config::default().any_semantic(),
     )
-    .owns(scoped_api::<ConfigMap>(&client, ns), children.clone())
-    .owns(scoped_api::<Service>(&client, ns), children.clone())
-    .owns(scoped_api::<Deployment>(&client, ns), children.clone())
-    .owns(scoped_api::<StatefulSet>(&client, ns), children.clone())
-    .owns(
-        scoped_api::<PodDisruptionBudget>(&client, ns),
-        children.clone(),
+    .owns_stream(
+        watcher(
+            scoped_api::<PartialObjectMeta<ConfigMap>>(&client, ns),
+            children.clone(),
+        )
+        .default_backoff()
+        .modify(drop_managed_fields)
+        .reflect(writers.config_maps)
+        .touched_objects(),
     )
-    .owns(scoped_api::<HorizontalPodAutoscaler>(&client, ns), children)
+    .owns_stream(
+        watcher(scoped_api::<Service>(&client, ns), children.clone())
+            .default_backoff()
+            .modify(drop_managed_fields)
+            .reflect(writers.services)
+            .touched_objects(),
+    )
+    // managedFields stay: they tell who owns an autoscaled Deployment's replicas.
+    .owns_stream(
+        watcher(scoped_api::<Deployment>(&client, ns), children.clone())
+            .default_backoff()
+            .reflect(writers.deployments)
+            .touched_objects(),
+    )
+    .owns_stream(
+        watcher(scoped_api::<StatefulSet>(&client, ns), children.clone())
+            .default_backoff()
+            .modify(drop_managed_fields)
+            .reflect(writers.stateful_sets)
+            .touched_objects(),
+    )
+    .owns_stream(
+        watcher(
+            scoped_api::<PartialObjectMeta<PodDisruptionBudget>>(&client, ns),
+            children.clone(),
+        )
+        .default_backoff()
+        .modify(drop_managed_fields)
+        .reflect(writers.pdbs)
+        .touched_objects(),
+    )
+    .owns_stream(
+        watcher(
+            scoped_api::<PartialObjectMeta<HorizontalPodAutoscaler>>(&client, ns),
+            children.clone(),
+        )
+        .default_backoff()
+        .modify(drop_managed_fields)
+        .reflect(writers.hpas)
+        .touched_objects(),
+    )
+    .owns_stream(
+        watcher(
+            scoped_api::<PartialObjectMeta<NetworkPolicy>>(&client, ns),
+            children.clone(),
+        )
+        .default_backoff()
+        .modify(drop_managed_fields)
+        .reflect(writers.network_policies)
+        .touched_objects(),
+    )
+    // Metadata only: the operator never holds a token in memory beyond creating it.
+    .owns_stream(
+        watcher(
+            scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
+            children,
+        )
+        .default_backoff()
+        .modify(drop_managed_fields)
+        .reflect(writers.secrets)
+        .touched_objects(),
+    )
     .with_config(controller::Config::default().concurrency(config.concurrency))
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)

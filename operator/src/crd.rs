@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -19,7 +20,12 @@ pub const DEFAULT_REPOSITORY: &str = "ghcr.io/orly-relay";
 /// The regular expression a duration setting must match (Go-style `30s`, `5m`, `1h30m`),
 /// because the services parse their interval settings with humantime.
 const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
-
+/// A relay URL as clients and peers use it (NIP-42's `relay` tag, peer sync's own URL).
+const RELAY_URL_PATTERN: &str = r"^(wss?|https?)://[^\s/?#]+(/\S*)?$";
+/// Key of the gRPC token in its Secret.
+pub const GRPC_AUTH_TOKEN_KEY: &str = "token";
+/// Seconds the relay's `preStop` drain leaves to the process after draining (SIGTERM, exit).
+pub const DRAIN_MARGIN_SECONDS: i64 = 5;
 /// One orly relay deployment: the database, ACL, sync services and the relay itself.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
@@ -37,8 +43,6 @@ const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
-    validation = Rule::new("self.database.type != 'sqlite' || self.relay.replicas <= 1")
-        .message("sqlite allows one relay replica; use postgres to scale the relay"),
     validation = Rule::new("!self.relay.nip77 || self.sync.negentropy.enabled")
         .message("relay.nip77 requires sync.negentropy.enabled")
 )]
@@ -62,6 +66,73 @@ pub struct OrlyRelaySpec {
     /// The relay (WebSocket + HTTP).
     #[serde(default)]
     pub relay: RelaySpec,
+    /// Who may reach each component: one NetworkPolicy per component.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+    /// The token every gRPC call carries (ORLY_GRPC_AUTH_TOKEN on every component).
+    #[serde(default)]
+    pub grpc_auth: GrpcAuthSpec,
+    /// mTLS between the components; plain gRPC (with the token) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_tls: Option<GrpcTlsSpec>,
+}
+
+/// The NetworkPolicies: each gRPC port open only to the components that call it, the relay's
+/// port to everyone, the metrics port to `metricsFrom`. Egress is never restricted.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create a NetworkPolicy per component.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Who may scrape the gRPC services' metrics port (9100). Unset: every pod of the
+    /// namespace; an empty list: nobody.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            metrics_from: None,
+        }
+    }
+}
+
+/// Where the gRPC token comes from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcAuthSpec {
+    /// A Secret of yours holding the token. Unset: the operator creates `<relay>-grpc-auth`
+    /// once (32 random bytes, hex) and never changes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub secret_name: Option<String>,
+    /// Key of the token in that Secret.
+    #[serde(default = "default_token_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+impl Default for GrpcAuthSpec {
+    fn default() -> Self {
+        Self {
+            secret_name: None,
+            key: default_token_key(),
+        }
+    }
+}
+
+/// The certificates of mTLS between the components.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcTlsSpec {
+    /// A Secret with `tls.crt`, `tls.key` and `ca.crt` (a cert-manager Certificate's Secret
+    /// fits), mounted in every component; the certificate must be valid for the names the
+    /// components dial (`<relay>-<component>`).
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
 }
 
 /// Image repository, tag and pull settings shared by every component.
@@ -285,8 +356,8 @@ impl AclMode {
     }
 }
 
-/// The orly-acl service.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+/// The orly-acl service; its state is in the store, so any number of replicas serve alike.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AclSpec {
     /// none, follows or managed.
@@ -298,8 +369,28 @@ pub struct AclSpec {
     /// Owner pubkeys (npub or hex).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owners: Vec<String>,
+    /// orly-acl replicas when not autoscaled; the relay balances over them.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// Autoscale between min and max replicas on CPU; replaces `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
     #[serde(flatten)]
     pub pod: PodOverrides,
+}
+
+impl Default for AclSpec {
+    fn default() -> Self {
+        Self {
+            mode: AclMode::None,
+            admins: Vec::new(),
+            owners: Vec::new(),
+            replicas: 1,
+            autoscaling: None,
+            pod: PodOverrides::default(),
+        }
+    }
 }
 
 /// Horizontal pod autoscaling of one component.
@@ -479,10 +570,23 @@ impl ServiceType {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RelaySpec {
-    /// Relay replicas; sqlite allows one.
+    /// Relay replicas when not autoscaled; they share the store through orly-db, so SQLite
+    /// serves several too.
     #[serde(default = "one")]
     #[schemars(range(min = 0))]
     pub replicas: i32,
+    /// Autoscale between min and max replicas on CPU; replaces `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// The relay's public URL (ORLY_RELAY_URL; the sync services' own URL): NIP-42's `relay`
+    /// tag is checked against it. Unset with auth required: taken from the Host header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = RELAY_URL_PATTERN))]
+    pub url: Option<String>,
+    /// Seconds a relay pod has to stop; its preStop drain of the WebSockets gets all but 5.
+    #[serde(default = "default_grace_period")]
+    #[schemars(range(min = 6))]
+    pub termination_grace_period_seconds: i64,
     /// WebSocket/HTTP port (ORLY_PORT).
     #[serde(default = "default_relay_port")]
     #[schemars(range(min = 1, max = 65535))]
@@ -504,6 +608,9 @@ impl Default for RelaySpec {
     fn default() -> Self {
         Self {
             replicas: 1,
+            autoscaling: None,
+            url: None,
+            termination_grace_period_seconds: default_grace_period(),
             port: default_relay_port(),
             service_type: ServiceType::ClusterIP,
             nip77: false,
@@ -524,6 +631,8 @@ pub enum Phase {
     Degraded,
     /// The spec cannot be reconciled (unparsable or inconsistent); fixed only by editing it.
     Invalid,
+    /// The `orly.dev/reconcile-paused` annotation is "true": the operator changes nothing.
+    Paused,
 }
 
 /// Observed state, written by the operator through the status subresource.
@@ -582,6 +691,12 @@ fn default_cpu_target() -> i32 {
 fn default_relay_port() -> i32 {
     3334
 }
+fn default_grace_period() -> i64 {
+    30
+}
+fn default_token_key() -> String {
+    GRPC_AUTH_TOKEN_KEY.to_string()
+}
 
 /// The CRD as YAML, exactly as `crdgen` prints it and `crds/orlyrelay.yaml` holds it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
@@ -638,5 +753,17 @@ mod tests {
         assert_eq!(spec.relay.replicas, 1);
         assert!(spec.sync.cluster.propagate_privileged);
         assert!(!spec.sync.negentropy.common.enabled);
+        assert_eq!(spec.acl.replicas, 1);
+        assert_eq!(spec.relay.termination_grace_period_seconds, 30);
+        assert!(spec.network_policy.enabled);
+        assert_eq!(spec.network_policy.metrics_from, None);
+        assert_eq!(spec.grpc_auth.key, "token");
+        assert_eq!(spec.grpc_auth.secret_name, None);
+        assert_eq!(spec.grpc_tls, None);
+        // A section given without the defaulted fields still gets them.
+        let spec: OrlyRelaySpec =
+            serde_json::from_str(r#"{"acl": {"mode": "follows"}, "networkPolicy": {}}"#).unwrap();
+        assert_eq!(spec.acl.replicas, 1);
+        assert!(spec.network_policy.enabled);
     }
 }

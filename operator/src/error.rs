@@ -36,7 +36,19 @@ pub enum Error {
         source: kube::Error,
     },
 
-    /// A Kubernetes API call outside of a child operation failed (reading children).
+    /// Creating the gRPC token Secret failed.
+    #[error("creating the gRPC token Secret {name} failed: {source}")]
+    Secret {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// The child caches have not been filled by their watches (yet).
+    #[error("the child caches are not ready: {0}")]
+    CacheNotReady(String),
+
+    /// A Kubernetes API call outside of a child operation failed.
     #[error("kubernetes API call failed: {0}")]
     Kube(#[from] kube::Error),
 }
@@ -47,7 +59,8 @@ impl Error {
         match self {
             Error::InvalidObject { .. } => "invalid_object",
             Error::InvalidSpec(_) => "invalid_spec",
-            Error::Child { .. } | Error::Children(_) => "child",
+            Error::Child { .. } | Error::Children(_) | Error::Secret { .. } => "child",
+            Error::CacheNotReady(_) => "cache",
             Error::Status { .. } => "status",
             Error::Kube(_) => "kube",
         }

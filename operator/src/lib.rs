@@ -5,6 +5,7 @@
 //! tier on the one below, [`status`] turns what it saw into the status.
 
 pub mod builders;
+pub mod children;
 pub mod component;
 pub mod controller;
 pub mod crd;

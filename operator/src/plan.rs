@@ -5,8 +5,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
+use orly_consts::env;
 
 use crate::component::{child_name, Component, ComponentExt, METRICS_PORT};
 use crate::crd::{
@@ -14,6 +16,14 @@ use crate::crd::{
     SyncCommon, DEFAULT_REPOSITORY,
 };
 use crate::error::{Error, Result};
+
+/// Where every component finds the mTLS certificates (`spec.grpcTls.secretName`, read-only).
+pub const GRPC_TLS_DIR: &str = "/etc/orly/grpc-tls";
+
+/// Name of the token Secret the operator creates when the spec names none.
+pub fn grpc_auth_secret_name(relay: &str) -> String {
+    format!("{relay}-grpc-auth")
+}
 
 /// Operator-wide defaults that are not part of the CRD.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +57,28 @@ pub struct RelayPlan {
     pub components: Vec<ComponentPlan>,
     /// Components whose children must not exist (disabled sync services).
     pub disabled: Vec<Component>,
+    /// The Secret every component reads the gRPC token from.
+    pub grpc_auth: GrpcAuthPlan,
+    /// The Secret with the mTLS certificates, mounted in every component.
+    pub grpc_tls_secret: Option<String>,
+    /// The NetworkPolicies, when enabled.
+    pub network_policy: Option<NetworkPolicyPlan>,
+}
+
+/// The gRPC token's Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcAuthPlan {
+    pub secret_name: String,
+    pub key: String,
+    /// The operator creates the Secret (once) because the spec names none.
+    pub generated: bool,
+}
+
+/// What the NetworkPolicies allow beyond the fixed caller graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkPolicyPlan {
+    /// Who may reach the metrics port; `None`: the pods of the namespace.
+    pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
 }
 
 /// One enabled component.
@@ -77,6 +109,8 @@ pub struct ComponentPlan {
     pub headless: bool,
     /// Service type (only the relay is exposed beyond ClusterIP).
     pub service_type: ServiceType,
+    /// The pods' `terminationGracePeriodSeconds` and the relay's preStop drain within it.
+    pub grace_period_seconds: Option<i64>,
 }
 
 impl ComponentPlan {
@@ -90,6 +124,12 @@ impl ComponentPlan {
         self.autoscaling
             .as_ref()
             .map_or(self.replicas, |a| a.max_replicas)
+    }
+
+    /// Pods that may be missing while the component still counts as Available: the one its
+    /// PodDisruptionBudget lets a drain take, none for a single-replica component.
+    pub fn max_unavailable(&self) -> i32 {
+        i32::from(self.max_replicas() > 1)
     }
 }
 
@@ -120,10 +160,34 @@ pub fn plan(relay: &OrlyRelay, defaults: &OperatorDefaults) -> Result<RelayPlan>
     let spec = &relay.spec;
     validate(spec)?;
 
+    let grpc_auth = match &spec.grpc_auth.secret_name {
+        Some(secret) => GrpcAuthPlan {
+            secret_name: secret.clone(),
+            key: spec.grpc_auth.key.clone(),
+            generated: false,
+        },
+        None => GrpcAuthPlan {
+            secret_name: grpc_auth_secret_name(&name),
+            key: crate::crd::GRPC_AUTH_TOKEN_KEY.to_string(),
+            generated: true,
+        },
+    };
+    let grpc_tls_secret = spec.grpc_tls.as_ref().map(|t| t.secret_name.clone());
+    let network_policy = spec.network_policy.enabled.then(|| NetworkPolicyPlan {
+        metrics_from: spec.network_policy.metrics_from.clone(),
+    });
+
     let mut components = Vec::new();
     let mut disabled = Vec::new();
     for component in Component::ALL {
-        match component_plan(&name, spec, component, defaults) {
+        match component_plan(
+            &name,
+            spec,
+            component,
+            defaults,
+            &grpc_auth,
+            &grpc_tls_secret,
+        ) {
             Some(plan) => components.push(plan),
             None => disabled.push(component),
         }
@@ -134,6 +198,9 @@ pub fn plan(relay: &OrlyRelay, defaults: &OperatorDefaults) -> Result<RelayPlan>
         owner,
         components,
         disabled,
+        grpc_auth,
+        grpc_tls_secret,
+        network_policy,
     })
 }
 
@@ -146,33 +213,40 @@ fn validate(spec: &OrlyRelaySpec) -> Result<()> {
             "postgres requires a URL secret: set database.postgres.urlSecret".into(),
         ));
     }
+    // One SQLite file has one writer: orly-db. Relay and acl pods all reach it through
+    // orly-db, so they scale with SQLite too.
     if db.type_ == DatabaseType::Sqlite && db.replicas > 1 {
         return Err(Error::InvalidSpec("sqlite allows one db replica".into()));
-    }
-    if db.type_ == DatabaseType::Sqlite && spec.relay.replicas > 1 {
-        return Err(Error::InvalidSpec(
-            "sqlite allows one relay replica; use postgres to scale the relay".into(),
-        ));
     }
     if spec.relay.nip77 && !spec.sync.negentropy.common.enabled {
         return Err(Error::InvalidSpec(
             "relay.nip77 requires sync.negentropy.enabled".into(),
         ));
     }
-    let replicas = [db.replicas, spec.relay.replicas]
+    let replicas = [db.replicas, spec.acl.replicas, spec.relay.replicas]
         .into_iter()
         .chain(sync_commons(spec).map(|(_, c)| c.replicas));
     if replicas.into_iter().any(|r| r < 0) {
         return Err(Error::InvalidSpec("replicas must not be negative".into()));
     }
-    for (component, common) in sync_commons(spec) {
-        if let Some(a) = &common.autoscaling {
-            if a.min_replicas > a.max_replicas {
-                return Err(Error::InvalidSpec(format!(
-                    "{component}: autoscaling.minReplicas must not exceed autoscaling.maxReplicas"
-                )));
-            }
+    let autoscaled = [
+        (Component::Acl, spec.acl.autoscaling.as_ref()),
+        (Component::Relay, spec.relay.autoscaling.as_ref()),
+    ]
+    .into_iter()
+    .chain(sync_commons(spec).map(|(c, common)| (c, common.autoscaling.as_ref())));
+    for (component, autoscaling) in autoscaled {
+        if autoscaling.is_some_and(|a| a.min_replicas > a.max_replicas) {
+            return Err(Error::InvalidSpec(format!(
+                "{component}: autoscaling.minReplicas must not exceed autoscaling.maxReplicas"
+            )));
         }
+    }
+    if spec.relay.termination_grace_period_seconds <= crate::crd::DRAIN_MARGIN_SECONDS {
+        return Err(Error::InvalidSpec(format!(
+            "relay.terminationGracePeriodSeconds must exceed {}",
+            crate::crd::DRAIN_MARGIN_SECONDS
+        )));
     }
     Ok(())
 }
@@ -198,20 +272,40 @@ pub fn service_address(relay: &str, component: Component) -> String {
     format!("{}:{}", child_name(relay, component), component.port())
 }
 
+/// An env var read from a key of a Secret the pod cannot start without.
+fn secret_env_var(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 fn component_plan(
     relay: &str,
     spec: &OrlyRelaySpec,
     component: Component,
     defaults: &OperatorDefaults,
+    grpc_auth: &GrpcAuthPlan,
+    grpc_tls_secret: &Option<String>,
 ) -> Option<ComponentPlan> {
     let log_level = spec.log_level.as_str().to_string();
     let db_address = service_address(relay, Component::Db);
     let mut config = BTreeMap::new();
     let mut secret_env = Vec::new();
     let mut storage = None;
-    let mut headless = false;
+    // Every gRPC Service is headless: clients resolve it to every pod and balance over them.
+    let headless = component != Component::Relay;
     let mut autoscaling = None;
     let mut service_type = ServiceType::ClusterIP;
+    let mut grace_period_seconds = None;
     let mut port = component.port();
     let listen = format!("0.0.0.0:{port}");
     let metrics_listen = format!("0.0.0.0:{METRICS_PORT}");
@@ -219,29 +313,20 @@ fn component_plan(
     let (replicas, pod) = match component {
         Component::Db => {
             let db = &spec.database;
-            config.insert("ORLY_DB_LISTEN".into(), listen);
-            config.insert("ORLY_DB_TYPE".into(), db.type_.as_str().into());
+            config.insert(env::DB_LISTEN.into(), listen);
+            config.insert(env::DB_TYPE.into(), db.type_.as_str().into());
             match db.type_ {
                 DatabaseType::Sqlite => {
-                    config.insert("ORLY_DATA_DIR".into(), "/data".into());
+                    config.insert(env::DATA_DIR.into(), "/data".into());
                     storage = Some(db.sqlite.clone().unwrap_or_default());
                 }
                 DatabaseType::Postgres => {
-                    // Scaled and stateless: clients balance across the pods themselves.
-                    headless = true;
                     if let Some(pg) = &db.postgres {
-                        secret_env.push(EnvVar {
-                            name: "ORLY_DB_URL".into(),
-                            value_from: Some(EnvVarSource {
-                                secret_key_ref: Some(SecretKeySelector {
-                                    name: pg.url_secret.name.clone(),
-                                    key: pg.url_secret.key.clone(),
-                                    optional: Some(false),
-                                }),
-                                ..EnvVarSource::default()
-                            }),
-                            ..EnvVar::default()
-                        });
+                        secret_env.push(secret_env_var(
+                            env::DB_URL,
+                            &pg.url_secret.name,
+                            &pg.url_secret.key,
+                        ));
                     }
                 }
             }
@@ -249,18 +334,24 @@ fn component_plan(
         }
         Component::Acl => {
             let acl = &spec.acl;
-            config.insert("ORLY_ACL_LISTEN".into(), listen);
+            autoscaling = acl.autoscaling.clone();
+            config.insert(env::ACL_LISTEN.into(), listen);
             config.insert("ORLY_ACL_DB_TYPE".into(), "grpc".into());
             config.insert("ORLY_ACL_DB_SERVER".into(), db_address);
             config.insert("ORLY_ACL_MODE".into(), acl.mode.as_str().into());
             insert_list(&mut config, "ORLY_ADMINS", &acl.admins);
             insert_list(&mut config, "ORLY_OWNERS", &acl.owners);
-            (1, &acl.pod)
+            (acl.replicas, &acl.pod)
         }
         Component::Relay => {
             let r = &spec.relay;
             port = r.port;
             service_type = r.service_type;
+            autoscaling = r.autoscaling.clone();
+            grace_period_seconds = Some(r.termination_grace_period_seconds);
+            if let Some(url) = &r.url {
+                config.insert(env::RELAY_URL.into(), url.clone());
+            }
             config.insert("ORLY_LISTEN".into(), "0.0.0.0".into());
             config.insert("ORLY_PORT".into(), r.port.to_string());
             config.insert("ORLY_DB_TYPE".into(), "grpc".into());
@@ -295,7 +386,6 @@ fn component_plan(
                 return None;
             }
             let prefix = sync.sync_env_prefix()?;
-            headless = true;
             autoscaling = common.autoscaling.clone();
             config.insert(format!("{prefix}_LISTEN"), listen);
             config.insert(format!("{prefix}_DB_TYPE"), "grpc".into());
@@ -305,9 +395,20 @@ fn component_plan(
         }
     };
     if component != Component::Relay {
-        config.insert("ORLY_METRICS_LISTEN".into(), metrics_listen);
+        config.insert(env::METRICS_LISTEN.into(), metrics_listen);
     }
-    config.insert("ORLY_LOG_LEVEL".into(), log_level);
+    config.insert(env::LOG_LEVEL.into(), log_level);
+    // Every part calls or serves gRPC: all carry the token, and the certificates when set.
+    secret_env.push(secret_env_var(
+        env::GRPC_AUTH_TOKEN,
+        &grpc_auth.secret_name,
+        &grpc_auth.key,
+    ));
+    if grpc_tls_secret.is_some() {
+        config.insert(env::GRPC_TLS_CERT.into(), format!("{GRPC_TLS_DIR}/tls.crt"));
+        config.insert(env::GRPC_TLS_KEY.into(), format!("{GRPC_TLS_DIR}/tls.key"));
+        config.insert(env::GRPC_TLS_CA.into(), format!("{GRPC_TLS_DIR}/ca.crt"));
+    }
 
     let override_ = pod.image.clone().unwrap_or_default();
     let repository = override_
@@ -340,6 +441,7 @@ fn component_plan(
         storage,
         headless,
         service_type,
+        grace_period_seconds,
     })
 }
 
@@ -359,10 +461,13 @@ fn sync_settings(
             let s = &spec.sync.distributed;
             opt("PEERS", join(&s.peers));
             opt("INTERVAL", s.interval.clone());
+            // The relay's own URL, which the peer sync never pulls from.
+            opt("RELAY_URL", spec.relay.url.clone());
         }
         Component::SyncCluster => {
             let s = &spec.sync.cluster;
             opt("ADMINS", join(&s.admins));
+            opt("RELAY_URL", spec.relay.url.clone());
             opt(
                 "PROPAGATE_PRIVILEGED",
                 Some(s.propagate_privileged.to_string()),
@@ -416,7 +521,98 @@ mod tests {
             format!("ghcr.io/orly-relay/orly-db:{}", env!("CARGO_PKG_VERSION"))
         );
         assert!(db.storage.is_some());
-        assert!(!db.headless);
+        assert!(db.headless, "every gRPC Service is headless, SQLite's too");
+        assert!(!plan.component(Component::Relay).unwrap().headless);
+        assert_eq!(
+            plan.grpc_auth,
+            GrpcAuthPlan {
+                secret_name: "test-grpc-auth".into(),
+                key: "token".into(),
+                generated: true,
+            }
+        );
+        assert_eq!(plan.grpc_tls_secret, None);
+        assert_eq!(
+            plan.network_policy,
+            Some(NetworkPolicyPlan { metrics_from: None })
+        );
+        // Every component carries the token from the Secret, nothing else from Secrets.
+        for c in &plan.components {
+            assert_eq!(
+                serde_json::to_value(&c.secret_env).unwrap(),
+                serde_json::json!([{"name": "ORLY_GRPC_AUTH_TOKEN", "valueFrom": {"secretKeyRef":
+                    {"name": "test-grpc-auth", "key": "token", "optional": false}}}]),
+                "{}",
+                c.component
+            );
+        }
+    }
+
+    #[test]
+    fn sqlite_scales_relay_and_acl_but_not_db() {
+        let plan = plan_of(
+            "acl: {replicas: 3}\nrelay: {replicas: 4, autoscaling: {minReplicas: 2, maxReplicas: 8}}",
+        )
+        .unwrap();
+        let acl = plan.component(Component::Acl).unwrap();
+        assert_eq!((acl.replicas, acl.max_unavailable()), (3, 1));
+        let relay = plan.component(Component::Relay).unwrap();
+        assert_eq!(relay.autoscaling.as_ref().map(|a| a.max_replicas), Some(8));
+        assert_eq!(relay.max_unavailable(), 1);
+        let db = plan.component(Component::Db).unwrap();
+        assert_eq!((db.replicas, db.max_unavailable()), (1, 0));
+    }
+
+    #[test]
+    fn user_secrets_tls_and_relay_url_reach_every_component_that_reads_them() {
+        let plan = plan_of(
+            r#"
+relay: {url: "wss://relay.example.com"}
+grpcAuth: {secretName: mine, key: k}
+grpcTls: {secretName: certs}
+networkPolicy: {enabled: false}
+sync: {distributed: {enabled: true}, cluster: {enabled: true}, negentropy: {enabled: true}}
+"#,
+        )
+        .unwrap();
+        assert!(!plan.grpc_auth.generated);
+        assert_eq!(plan.network_policy, None);
+        assert_eq!(plan.grpc_tls_secret.as_deref(), Some("certs"));
+        for c in &plan.components {
+            assert_eq!(
+                c.config["ORLY_GRPC_TLS_CERT"], "/etc/orly/grpc-tls/tls.crt",
+                "{}",
+                c.component
+            );
+            assert_eq!(c.config["ORLY_GRPC_TLS_KEY"], "/etc/orly/grpc-tls/tls.key");
+            assert_eq!(c.config["ORLY_GRPC_TLS_CA"], "/etc/orly/grpc-tls/ca.crt");
+            let token = &c.secret_env.last().unwrap().value_from.as_ref().unwrap();
+            let selector = token.secret_key_ref.as_ref().unwrap();
+            assert_eq!(
+                (selector.name.as_str(), selector.key.as_str()),
+                ("mine", "k")
+            );
+        }
+        let url = |c: Component, var: &str| plan.component(c).unwrap().config.get(var).cloned();
+        let wss = Some("wss://relay.example.com".to_string());
+        assert_eq!(url(Component::Relay, "ORLY_RELAY_URL"), wss);
+        assert_eq!(
+            url(
+                Component::SyncDistributed,
+                "ORLY_SYNC_DISTRIBUTED_RELAY_URL"
+            ),
+            wss
+        );
+        assert_eq!(
+            url(Component::SyncCluster, "ORLY_SYNC_CLUSTER_RELAY_URL"),
+            wss
+        );
+        assert_eq!(
+            plan.component(Component::Relay)
+                .unwrap()
+                .grace_period_seconds,
+            Some(30)
+        );
     }
 
     #[test]
@@ -477,7 +673,14 @@ mod tests {
                 "postgres requires a URL secret",
             ),
             ("database: {replicas: 2}", "sqlite allows one db replica"),
-            ("relay: {replicas: 2}", "sqlite allows one relay replica"),
+            (
+                "acl: {autoscaling: {minReplicas: 4, maxReplicas: 2}}",
+                "acl: autoscaling.minReplicas must not exceed",
+            ),
+            (
+                "relay: {terminationGracePeriodSeconds: 5}",
+                "relay.terminationGracePeriodSeconds must exceed 5",
+            ),
             (
                 "relay: {nip77: true}",
                 "relay.nip77 requires sync.negentropy.enabled",

@@ -15,7 +15,8 @@ pub const PROGRESSING: &str = "Progressing";
 /// See [`READY`].
 pub const DEGRADED: &str = "Degraded";
 
-/// Replica counts of a workload as the API server reports them.
+/// Replica counts of a workload as the API server reports them, with the disruption the
+/// component tolerates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WorkloadObservation {
     pub generation: i64,
@@ -24,11 +25,14 @@ pub struct WorkloadObservation {
     pub updated: i32,
     pub ready: i32,
     pub available: i32,
+    /// Pods that may be missing while the workload still counts as Available (its PDB's
+    /// budget: 1 for a component that can run several replicas, else 0).
+    pub max_unavailable: i32,
 }
 
 impl WorkloadObservation {
     /// Read a Deployment; `spec.replicas` defaults to 1 as the API server does.
-    pub fn from_deployment(d: &Deployment) -> Self {
+    pub fn from_deployment(d: &Deployment, max_unavailable: i32) -> Self {
         let status = d.status.clone().unwrap_or_default();
         Self {
             generation: d.metadata.generation.unwrap_or(0),
@@ -37,11 +41,12 @@ impl WorkloadObservation {
             updated: status.updated_replicas.unwrap_or(0),
             ready: status.ready_replicas.unwrap_or(0),
             available: status.available_replicas.unwrap_or(0),
+            max_unavailable,
         }
     }
 
     /// Read a StatefulSet.
-    pub fn from_stateful_set(s: &StatefulSet) -> Self {
+    pub fn from_stateful_set(s: &StatefulSet, max_unavailable: i32) -> Self {
         let status = s.status.clone().unwrap_or_default();
         Self {
             generation: s.metadata.generation.unwrap_or(0),
@@ -50,15 +55,26 @@ impl WorkloadObservation {
             updated: status.updated_replicas.unwrap_or(0),
             ready: status.ready_replicas.unwrap_or(0),
             available: status.available_replicas.unwrap_or(0),
+            max_unavailable,
         }
     }
 
-    /// Available in the gating sense: the controller has seen the latest spec and every desired
-    /// replica is updated and available.
+    /// Available pods the component needs: desired − max unavailable, and at least one.
+    pub fn min_available(&self) -> i32 {
+        if self.desired <= 0 {
+            0
+        } else {
+            (self.desired - self.max_unavailable).max(1)
+        }
+    }
+
+    /// Available in the gating sense: the controller has seen the latest spec, every pod was
+    /// created from it, and enough of them are available. One pod lost to a drain (its PDB's
+    /// budget) does not make a scaled component unavailable, so it blocks no higher tier.
     pub fn is_available(&self) -> bool {
         self.observed_generation >= self.generation
-            && self.updated == self.desired
-            && self.available == self.desired
+            && self.updated >= self.desired
+            && self.available >= self.min_available()
     }
 }
 
@@ -97,6 +113,14 @@ impl ComponentState {
                     o.generation
                 )
             }
+            ComponentState::Observed(o) if o.min_available() < o.desired => format!(
+                "{component} {}/{} available (needs {}), {}/{} updated",
+                o.available,
+                o.desired,
+                o.min_available(),
+                o.updated,
+                o.desired
+            ),
             ComponentState::Observed(o) => format!(
                 "{component} {}/{} available, {}/{} updated",
                 o.available, o.desired, o.updated, o.desired
@@ -135,7 +159,14 @@ pub struct StatusInput<'a> {
     pub previous: Option<&'a OrlyRelayStatus>,
     /// Time stamped on changed conditions.
     pub now: Time,
+    /// The reconcile-paused annotation is set: nothing was applied, the components are only
+    /// observed.
+    pub paused: bool,
 }
+
+/// Message of the Paused reason.
+pub const PAUSED_MESSAGE: &str =
+    "reconcile paused by the orly.dev/reconcile-paused annotation: nothing is applied or deleted";
 
 /// The status after a reconcile.
 pub fn compute_status(input: &StatusInput<'_>) -> OrlyRelayStatus {
@@ -144,7 +175,9 @@ pub fn compute_status(input: &StatusInput<'_>) -> OrlyRelayStatus {
     let blocked = Tier::ALL.get(tiers as usize).copied();
     let degraded = !input.errors.is_empty();
 
-    let phase = if degraded {
+    let phase = if input.paused {
+        Phase::Paused
+    } else if degraded {
         Phase::Degraded
     } else if all_available {
         Phase::Ready
@@ -169,9 +202,11 @@ pub fn compute_status(input: &StatusInput<'_>) -> OrlyRelayStatus {
             format!("all {} components are available", input.components.len()),
         ),
         (_, true) => ("False", "ApplyFailed", input.errors.join("; ")),
+        (Some(w), false) if input.paused => ("False", "Paused", format!("{PAUSED_MESSAGE}; {w}")),
         (Some(w), false) => ("False", "TierNotAvailable", w.clone()),
     };
     let (progressing_status, progressing_reason, progressing_message) = match &waiting {
+        _ if input.paused => ("False", "Paused", PAUSED_MESSAGE.to_string()),
         Some(w) => ("True", "RollingOut", w.clone()),
         None => (
             "False",
@@ -181,6 +216,8 @@ pub fn compute_status(input: &StatusInput<'_>) -> OrlyRelayStatus {
     };
     let (degraded_status, degraded_reason, degraded_message) = if degraded {
         ("True", "ApplyFailed", input.errors.join("; "))
+    } else if input.paused {
+        ("False", "Paused", PAUSED_MESSAGE.to_string())
     } else {
         ("False", "AsExpected", "every child was applied".to_string())
     };
@@ -239,6 +276,7 @@ pub fn invalid_status(
         errors: &[],
         previous,
         now,
+        paused: false,
     };
     let conditions = [
         (READY, "False", "InvalidSpec", message.to_string()),
@@ -311,6 +349,7 @@ mod tests {
             updated: desired,
             ready: desired,
             available: desired,
+            max_unavailable: 0,
         })
     }
 
@@ -323,6 +362,7 @@ mod tests {
             updated: 2,
             ready: 2,
             available: 2,
+            max_unavailable: 0,
         };
         assert!(ok.is_available());
         assert!(!WorkloadObservation {
@@ -340,9 +380,102 @@ mod tests {
     }
 
     #[test]
+    fn one_pod_lost_to_a_drain_keeps_a_scaled_workload_available() {
+        // Three db pods with a PDB (one may go): a drained pod is being replaced.
+        let drained = WorkloadObservation {
+            generation: 4,
+            observed_generation: 4,
+            desired: 3,
+            updated: 3,
+            ready: 2,
+            available: 2,
+            max_unavailable: 1,
+        };
+        assert_eq!(drained.min_available(), 2);
+        assert!(drained.is_available());
+        assert!(!WorkloadObservation {
+            available: 1,
+            ..drained
+        }
+        .is_available());
+        // A rollout still creating pods of the old template is not done.
+        assert!(!WorkloadObservation {
+            updated: 2,
+            ..drained
+        }
+        .is_available());
+        // A single replica needs its one pod; none is fine only when none is wanted.
+        let single = WorkloadObservation {
+            desired: 1,
+            updated: 1,
+            ready: 0,
+            available: 0,
+            max_unavailable: 0,
+            ..drained
+        };
+        assert!(!single.is_available());
+        assert!(WorkloadObservation {
+            available: 1,
+            ..single
+        }
+        .is_available());
+        // Even with a budget, one replica of one is never "enough missing".
+        assert_eq!(
+            WorkloadObservation {
+                max_unavailable: 1,
+                ..single
+            }
+            .min_available(),
+            1
+        );
+        assert!(WorkloadObservation {
+            desired: 0,
+            updated: 0,
+            ..single
+        }
+        .is_available());
+    }
+
+    #[test]
+    fn a_paused_relay_says_so_and_still_reports_what_it_sees() {
+        let components = [
+            (Component::Db, available(1)),
+            (Component::Acl, ComponentState::NotCreated { desired: 1 }),
+            (Component::Relay, ComponentState::NotCreated { desired: 1 }),
+        ];
+        let status = compute_status(&StatusInput {
+            generation: Some(3),
+            components: &components,
+            errors: &[],
+            previous: None,
+            now: time(7),
+            paused: true,
+        });
+        assert_eq!(status.phase, Some(Phase::Paused));
+        assert_eq!(status.available_tiers, 1);
+        let by_type = |t: &str| {
+            let c = status.conditions.iter().find(|c| c.type_ == t).unwrap();
+            (c.status.clone(), c.reason.clone(), c.message.clone())
+        };
+        assert_eq!(
+            by_type(PROGRESSING),
+            ("False".into(), "Paused".into(), PAUSED_MESSAGE.into())
+        );
+        assert_eq!(
+            by_type(READY),
+            (
+                "False".into(),
+                "Paused".into(),
+                format!("{PAUSED_MESSAGE}; waiting for tier services: acl not created yet")
+            )
+        );
+        assert_eq!(by_type(DEGRADED).0, "False");
+    }
+
+    #[test]
     fn deployment_without_status_is_not_available() {
         let d = Deployment::default();
-        let o = WorkloadObservation::from_deployment(&d);
+        let o = WorkloadObservation::from_deployment(&d, 0);
         assert_eq!(o.desired, 1);
         assert!(!o.is_available());
     }
@@ -367,6 +500,7 @@ mod tests {
             errors: &[],
             previous: None,
             now: time(100),
+            paused: false,
         });
         let expected = serde_json::json!({
             "phase": "Progressing",
@@ -407,6 +541,7 @@ mod tests {
             errors: &[],
             previous: None,
             now: time(100),
+            paused: false,
         });
         assert_eq!(first.phase, Some(Phase::Ready));
         assert_eq!(first.available_tiers, 3);
@@ -428,6 +563,7 @@ mod tests {
             errors: &[],
             previous: Some(&first),
             now: time(200),
+            paused: false,
         });
         assert!(second
             .conditions
@@ -453,6 +589,7 @@ mod tests {
                     updated: 2,
                     ready: 1,
                     available: 1,
+                    max_unavailable: 0,
                 }),
             ),
             (Component::Relay, ComponentState::NotCreated { desired: 1 }),
@@ -466,6 +603,7 @@ mod tests {
             errors: &[],
             previous: None,
             now: time(5),
+            paused: false,
         });
         assert_eq!(
             status.conditions[1].message,
@@ -492,6 +630,7 @@ mod tests {
             errors: &errors,
             previous: None,
             now: time(5),
+            paused: false,
         });
         assert_eq!(status.phase, Some(Phase::Degraded));
         let degraded = &status.conditions[2];

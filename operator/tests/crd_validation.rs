@@ -106,7 +106,6 @@ fn every_cel_rule_compiles() {
     rules(&schema, &mut found);
     let messages: Vec<&str> = found.iter().map(|(_, m)| m.as_str()).collect();
     for expected in [
-        "sqlite allows one relay replica; use postgres to scale the relay",
         "relay.nip77 requires sync.negentropy.enabled",
         "postgres requires a URL secret: set database.postgres.urlSecret",
         "sqlite allows one db replica",

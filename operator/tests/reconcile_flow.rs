@@ -6,17 +6,19 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{reconcile_stored, setup, FakeApi, NAME, NS};
+use common::{reconcile_stored, setup, FakeApi, Harness, NAME, NS};
 use http::Method;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Patch, PatchParams};
 use kube::core::error_boundary::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::Api;
-use orly_operator::builders::CONFIG_HASH_ANNOTATION;
+use orly_operator::builders::{build_network_policy, CONFIG_HASH_ANNOTATION};
 use orly_operator::controller::{error_policy, reconcile, PROGRESSING_REQUEUE, READY_REQUEUE};
 use orly_operator::crd::{OrlyRelay, Phase};
 use serde_json::json;
@@ -69,7 +71,7 @@ fn event_reasons(fake: &FakeApi) -> Vec<String> {
 }
 
 /// Reconcile and mark workloads available until the relay is Ready.
-async fn bring_to_ready(fake: &FakeApi, ctx: &Arc<orly_operator::controller::Context>) {
+async fn bring_to_ready(fake: &FakeApi, ctx: &Harness) {
     for _ in 0..4 {
         reconcile_stored(fake, ctx).await.expect("reconcile");
         for name in fake.names::<StatefulSet>(NS) {
@@ -92,11 +94,25 @@ async fn new_relay_gets_only_the_db_tier_and_is_progressing() {
     assert_eq!(
         writes(&fake),
         [
+            "POST /api/v1/namespaces/ns/secrets",
             "PATCH /api/v1/namespaces/ns/configmaps/main-db",
+            "PATCH /apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/main-db",
             "PATCH /api/v1/namespaces/ns/services/main-db",
             "PATCH /apis/apps/v1/namespaces/ns/statefulsets/main-db",
             "PATCH /apis/orly.dev/v1alpha1/namespaces/ns/orlyrelays/main/status",
         ]
+    );
+    // The token every component reads: created once, 32 random bytes in hex.
+    let secret = fake
+        .get::<Secret>(NS, "main-grpc-auth")
+        .expect("token Secret");
+    let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+    assert_eq!(token.len(), 64);
+    assert!(token.chars().all(|c| c.is_ascii_hexdigit()), "{token}");
+    assert_eq!(
+        secret.metadata.owner_references.unwrap()[0].name,
+        NAME,
+        "garbage-collected with the OrlyRelay"
     );
     // Every child apply is a forced server-side apply under the one field manager.
     for r in fake.requests().iter().filter(|r| r.method == Method::PATCH) {
@@ -313,8 +329,8 @@ async fn disabling_a_sync_service_deletes_its_objects() {
         [
             "DELETE /apis/autoscaling/v2/namespaces/ns/horizontalpodautoscalers/main-sync-cluster",
             "DELETE /apis/policy/v1/namespaces/ns/poddisruptionbudgets/main-sync-cluster",
+            "DELETE /apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/main-sync-cluster",
             "DELETE /apis/apps/v1/namespaces/ns/deployments/main-sync-cluster",
-            "DELETE /apis/apps/v1/namespaces/ns/statefulsets/main-sync-cluster",
             "DELETE /api/v1/namespaces/ns/services/main-sync-cluster",
             "DELETE /api/v1/namespaces/ns/configmaps/main-sync-cluster",
         ]
@@ -341,23 +357,31 @@ async fn disabling_a_sync_service_deletes_its_objects() {
     );
 }
 
+/// The last body the operator applied to `path_suffix`, since the log was cleared.
+fn applied(fake: &FakeApi, path_suffix: &str) -> serde_json::Value {
+    fake.requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.method == Method::PATCH && r.path.ends_with(path_suffix))
+        .and_then(|r| r.body)
+        .unwrap_or_else(|| panic!("{path_suffix} applied"))
+}
+
+fn stored_replicas(fake: &FakeApi, name: &str) -> Option<i64> {
+    fake.get_json::<Deployment>(NS, name).expect(name)["spec"]["replicas"].as_i64()
+}
+
 #[tokio::test]
-async fn autoscaling_hands_replicas_to_the_hpa() {
+async fn a_new_autoscaled_deployment_starts_at_the_minimum_and_autoscaling_off_takes_the_count_back(
+) {
     let (fake, ctx) = setup("sync: {negentropy: {enabled: true, replicas: 3, autoscaling: {minReplicas: 2, maxReplicas: 6, targetCPUUtilizationPercentage: 70}}}");
     reconcile_stored(&fake, &ctx).await.unwrap();
     fake.mark_available::<StatefulSet>(NS, "main-db");
     fake.clear_requests();
     reconcile_stored(&fake, &ctx).await.unwrap();
-    let applied = fake
-        .requests()
-        .into_iter()
-        .find(|r| r.method == Method::PATCH && r.path.ends_with("deployments/main-sync-negentropy"))
-        .and_then(|r| r.body)
-        .expect("deployment applied");
-    assert!(
-        applied["spec"].get("replicas").is_none(),
-        "HPA owns replicas: {}",
-        applied["spec"]
+    assert_eq!(
+        applied(&fake, "deployments/main-sync-negentropy")["spec"]["replicas"],
+        2
     );
     let hpa = fake
         .get::<HorizontalPodAutoscaler>(NS, "main-sync-negentropy")
@@ -374,11 +398,420 @@ async fn autoscaling_hands_replicas_to_the_hpa() {
     assert!(fake
         .get::<HorizontalPodAutoscaler>(NS, "main-sync-negentropy")
         .is_none());
-    let deployment = fake.get::<Deployment>(NS, "main-sync-negentropy").unwrap();
-    assert_eq!(deployment.spec.unwrap().replicas, Some(3));
+    assert_eq!(stored_replicas(&fake, "main-sync-negentropy"), Some(3));
     assert!(fake
         .get::<PodDisruptionBudget>(NS, "main-sync-negentropy")
         .is_some());
+}
+
+#[tokio::test]
+async fn enabling_autoscaling_on_a_running_deployment_keeps_its_replicas_until_the_hpa_owns_them() {
+    const DEPLOYMENT: &str = "main-sync-negentropy";
+    let (fake, ctx) = setup("sync: {negentropy: {enabled: true, replicas: 3}}");
+    bring_to_ready(&fake, &ctx).await;
+    assert_eq!(stored_replicas(&fake, DEPLOYMENT), Some(3));
+
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["spec"]["sync"]["negentropy"]["autoscaling"] = json!({"minReplicas": 2, "maxReplicas": 6})
+    });
+    // The HPA is created, but the operator keeps applying the running count: dropping it
+    // now would let the API server default it to 1.
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(fake
+        .get::<HorizontalPodAutoscaler>(NS, DEPLOYMENT)
+        .is_some());
+    assert_eq!(
+        applied(&fake, "deployments/main-sync-negentropy")["spec"]["replicas"],
+        3
+    );
+    assert_eq!(stored_replicas(&fake, DEPLOYMENT), Some(3));
+
+    // The HPA exists but has not written the count: still 3, still the operator's.
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(
+        applied(&fake, "deployments/main-sync-negentropy")["spec"]["replicas"],
+        3
+    );
+    assert_eq!(
+        fake.replicas_owners::<Deployment>(NS, DEPLOYMENT),
+        ["orly-operator"]
+    );
+
+    // The HPA controller scales through the scale subresource and so owns the field.
+    let deployments: Api<Deployment> = Api::namespaced(fake.client(), NS);
+    let hpa_controller = PatchParams {
+        field_manager: Some("kube-controller-manager".into()),
+        ..PatchParams::default()
+    };
+    deployments
+        .patch_scale(
+            DEPLOYMENT,
+            &hpa_controller,
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .expect("scaled");
+    assert_eq!(
+        fake.replicas_owners::<Deployment>(NS, DEPLOYMENT),
+        ["kube-controller-manager"]
+    );
+
+    // Now the operator leaves replicas out, and the HPA's count stays.
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let body = applied(&fake, "deployments/main-sync-negentropy");
+    assert!(body["spec"].get("replicas").is_none(), "{}", body["spec"]);
+    assert_eq!(stored_replicas(&fake, DEPLOYMENT), Some(4));
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(stored_replicas(&fake, DEPLOYMENT), Some(4));
+}
+
+#[tokio::test]
+async fn the_fake_api_merges_applies_per_field_manager_like_the_api_server() {
+    // What the handoff guards against: the only owner dropping replicas resets them to 1,
+    // while a field another manager also owns survives its co-owner leaving it.
+    let fake = FakeApi::new();
+    let api: Api<Deployment> = Api::namespaced(fake.client(), NS);
+    let deployment = |replicas: Option<i32>, label: &str| -> Deployment {
+        let mut d = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "d", "namespace": NS, "labels": {"app.kubernetes.io/name": label}},
+            "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}}}},
+        });
+        if let Some(r) = replicas {
+            d["spec"]["replicas"] = json!(r);
+        }
+        serde_json::from_value(d).unwrap()
+    };
+    let apply = |manager: &str| PatchParams::apply(manager).force();
+    api.patch("d", &apply("a"), &Patch::Apply(deployment(Some(3), "x")))
+        .await
+        .unwrap();
+    let d = api
+        .patch("d", &apply("a"), &Patch::Apply(deployment(None, "x")))
+        .await
+        .unwrap();
+    assert_eq!(
+        d.spec.unwrap().replicas,
+        Some(1),
+        "dropped by its only owner"
+    );
+
+    api.patch("d", &apply("a"), &Patch::Apply(deployment(Some(3), "x")))
+        .await
+        .unwrap();
+    api.patch("d", &apply("b"), &Patch::Apply(deployment(Some(3), "x")))
+        .await
+        .unwrap();
+    let d = api
+        .patch("d", &apply("a"), &Patch::Apply(deployment(None, "x")))
+        .await
+        .unwrap();
+    assert_eq!(d.spec.unwrap().replicas, Some(3), "b still owns it");
+    assert_eq!(fake.replicas_owners::<Deployment>(NS, "d"), ["b"]);
+
+    // Without force, a changed value of a field someone else owns is a conflict.
+    let conflict = api
+        .patch(
+            "d",
+            &PatchParams::apply("a"),
+            &Patch::Apply(deployment(Some(5), "x")),
+        )
+        .await
+        .expect_err("conflict");
+    assert!(conflict.to_string().contains("conflict"), "{conflict}");
+    // managedFields tell the story the operator reads.
+    let d = api.get("d").await.unwrap();
+    let managers: Vec<_> = d
+        .metadata
+        .managed_fields
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.manager.unwrap(), m.operation.unwrap()))
+        .collect();
+    assert_eq!(
+        managers,
+        [
+            ("a".to_string(), "Apply".to_string()),
+            ("b".into(), "Apply".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_drained_db_pod_does_not_block_a_relay_image_change() {
+    let (fake, ctx) =
+        setup("database: {type: postgres, replicas: 3, postgres: {urlSecret: {name: pg}}}");
+    bring_to_ready(&fake, &ctx).await;
+    let relay_image = |fake: &FakeApi| {
+        fake.get::<Deployment>(NS, "main-relay")
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    let db_available = |fake: &FakeApi, n: i32| {
+        fake.edit::<Deployment>(NS, "main-db", |d| {
+            d["status"]["readyReplicas"] = json!(n);
+            d["status"]["availableReplicas"] = json!(n);
+        })
+    };
+    // A node drain evicted one db pod; its replacement is not ready yet.
+    db_available(&fake, 2);
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["spec"]["relay"] = json!({"image": {"tag": "2.0.0"}})
+    });
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(relay_image(&fake), "ghcr.io/orly-relay/orly:2.0.0");
+
+    // The rollback goes through as well.
+    fake.edit::<OrlyRelay>(NS, NAME, |r| r["spec"]["relay"] = json!({}));
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(relay_image(&fake), "ghcr.io/orly-relay/orly:1.2.3");
+
+    // Two of three db pods gone is more than the PDB allows: the relay waits.
+    db_available(&fake, 1);
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["spec"]["relay"] = json!({"image": {"tag": "3.0.0"}})
+    });
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(relay_image(&fake), "ghcr.io/orly-relay/orly:1.2.3");
+    let (_, reason, message, _) = condition(&fake, "Ready");
+    assert_eq!(reason, "TierNotAvailable");
+    assert!(message.contains("db 1/3 available (needs 2)"), "{message}");
+}
+
+#[tokio::test]
+async fn a_paused_relay_changes_nothing_and_its_status_says_so() {
+    let (fake, ctx) = setup("{}");
+    bring_to_ready(&fake, &ctx).await;
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["metadata"]["annotations"] = json!({"orly.dev/reconcile-paused": "true"});
+        r["spec"]["acl"] = json!({"mode": "follows"});
+        r["spec"]["networkPolicy"] = json!({"enabled": false});
+    });
+    fake.remove::<ConfigMap>(NS, "main-relay");
+    fake.clear_requests();
+    let action = reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let changes: Vec<String> = writes(&fake)
+        .into_iter()
+        .filter(|w| !w.contains("/events"))
+        .collect();
+    assert_eq!(
+        changes,
+        ["PATCH /apis/orly.dev/v1alpha1/namespaces/ns/orlyrelays/main/status"],
+        "only the status is written"
+    );
+    assert!(
+        fake.get::<ConfigMap>(NS, "main-relay").is_none(),
+        "not recreated"
+    );
+    assert_eq!(
+        fake.get::<ConfigMap>(NS, "main-acl").unwrap().data.unwrap()["ORLY_ACL_MODE"],
+        "none"
+    );
+    assert!(
+        fake.get::<NetworkPolicy>(NS, "main-db").is_some(),
+        "not pruned"
+    );
+    let paused = status(&fake);
+    assert_eq!(paused.phase, Some(Phase::Paused));
+    let (progressing, reason, message, _) = condition(&fake, "Progressing");
+    assert_eq!((progressing.as_str(), reason.as_str()), ("False", "Paused"));
+    assert!(message.contains("reconcile-paused"), "{message}");
+    assert!(event_reasons(&fake).contains(&"Paused".to_string()));
+    assert_eq!(paused.available_tiers, 3, "what it sees is still reported");
+
+    // A paused relay stays quiet: nothing to write on the next round.
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(writes(&fake).is_empty(), "{:?}", writes(&fake));
+
+    // Unpaused, everything waiting is done.
+    fake.edit::<OrlyRelay>(NS, NAME, |r| r["metadata"]["annotations"] = json!({}));
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(
+        fake.get::<ConfigMap>(NS, "main-acl").unwrap().data.unwrap()["ORLY_ACL_MODE"],
+        "follows"
+    );
+    assert!(fake.get::<NetworkPolicy>(NS, "main-db").is_none());
+    assert!(event_reasons(&fake).contains(&"Resumed".to_string()));
+    assert_ne!(status(&fake).phase, Some(Phase::Paused));
+}
+
+#[tokio::test]
+async fn every_labelled_child_not_wanted_any_more_is_deleted_and_nothing_else() {
+    let (fake, ctx) = setup("relay: {replicas: 3}");
+    bring_to_ready(&fake, &ctx).await;
+    assert!(fake.get::<PodDisruptionBudget>(NS, "main-relay").is_some());
+    let owner_uid = fake
+        .get::<OrlyRelay>(NS, NAME)
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let leftover = |name: &str, uid: &str| -> ConfigMap {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": name, "namespace": NS,
+                "labels": {"app.kubernetes.io/managed-by": "orly-operator",
+                           "app.kubernetes.io/instance": NAME,
+                           "app.kubernetes.io/name": "orly"},
+                "ownerReferences": [{"apiVersion": "orly.dev/v1alpha1", "kind": "OrlyRelay",
+                                     "name": NAME, "uid": uid, "controller": true}],
+            },
+            "data": {},
+        }))
+        .unwrap()
+    };
+    // Left by an older operator version, and one of another owner that only looks alike.
+    fake.insert(&leftover("main-sync-cluster", &owner_uid));
+    fake.insert(&leftover("main-other", "uid-of-someone-else"));
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["spec"]["relay"] = json!({"replicas": 1});
+        r["spec"]["networkPolicy"] = json!({"enabled": false});
+    });
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let deletes: Vec<_> = writes(&fake)
+        .into_iter()
+        .filter(|w| w.starts_with("DELETE"))
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            "DELETE /apis/policy/v1/namespaces/ns/poddisruptionbudgets/main-relay",
+            "DELETE /apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/main-acl",
+            "DELETE /apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/main-db",
+            "DELETE /apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/main-relay",
+            "DELETE /api/v1/namespaces/ns/configmaps/main-sync-cluster",
+        ]
+    );
+    assert!(fake.get::<ConfigMap>(NS, "main-other").is_some());
+    assert!(
+        fake.get::<Secret>(NS, "main-grpc-auth").is_some(),
+        "never pruned"
+    );
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(writes(&fake).iter().all(|w| !w.starts_with("DELETE")));
+}
+
+#[tokio::test]
+async fn network_policies_are_applied_for_every_component() {
+    let (fake, ctx) = setup("sync: {negentropy: {enabled: true}}\nnetworkPolicy: {metricsFrom: [{namespaceSelector: {matchLabels: {team: monitoring}}}]}");
+    bring_to_ready(&fake, &ctx).await;
+    assert_eq!(
+        fake.names::<NetworkPolicy>(NS),
+        ["main-acl", "main-db", "main-relay", "main-sync-negentropy"]
+    );
+    let stored: OrlyRelay = fake.get(NS, NAME).unwrap();
+    let plan =
+        orly_operator::plan::plan(&stored, &orly_operator::plan::OperatorDefaults::default())
+            .unwrap();
+    for component in &plan.components {
+        let name = component.child_name(NAME);
+        let mut expected =
+            serde_json::to_value(build_network_policy(&plan, component).unwrap()).unwrap();
+        expected["metadata"]["labels"]["app.kubernetes.io/version"] = json!(common::TAG);
+        let live = fake.get_json::<NetworkPolicy>(NS, &name).unwrap();
+        assert_eq!(live["spec"], expected["spec"], "{name}");
+        assert_eq!(live["metadata"]["labels"], expected["metadata"]["labels"]);
+    }
+}
+
+#[tokio::test]
+async fn the_token_secret_is_never_overwritten_and_a_named_one_is_used_as_is() {
+    // A Secret of that name made by hand (so not in the operator's labelled cache).
+    let fake = FakeApi::new();
+    fake.insert(&common::relay("{}"));
+    let by_hand: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "main-grpc-auth", "namespace": NS},
+        "data": {"token": "aGFuZA=="},
+    }))
+    .unwrap();
+    fake.insert(&by_hand);
+    let ctx = common::context(&fake);
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let secret = fake.get::<Secret>(NS, "main-grpc-auth").unwrap();
+    assert_eq!(secret.data.unwrap()["token"].0, b"hand");
+
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["spec"]["grpcAuth"] = json!({"secretName": "mine", "key": "t"})
+    });
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert!(writes(&fake).iter().all(|w| !w.contains("/secrets")));
+    let db = fake.get_json::<StatefulSet>(NS, "main-db").unwrap();
+    assert_eq!(
+        db["spec"]["template"]["spec"]["containers"][0]["env"],
+        json!([{"name": "ORLY_GRPC_AUTH_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t", "optional": false}}}])
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_ip_service_of_an_older_operator_is_recreated_headless() {
+    let (fake, ctx) = setup("{}");
+    let uid = fake
+        .get::<OrlyRelay>(NS, NAME)
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let old: Service = serde_json::from_value(json!({
+        "metadata": {
+            "name": "main-db", "namespace": NS,
+            "labels": {"app.kubernetes.io/managed-by": "orly-operator",
+                       "app.kubernetes.io/instance": NAME},
+            "ownerReferences": [{"apiVersion": "orly.dev/v1alpha1", "kind": "OrlyRelay",
+                                 "name": NAME, "uid": uid, "controller": true}],
+        },
+        "spec": {"type": "ClusterIP", "ports": [{"name": "grpc", "port": 50051}]},
+    }))
+    .unwrap();
+    fake.insert(&old);
+    assert_ne!(
+        fake.get::<Service>(NS, "main-db")
+            .unwrap()
+            .spec
+            .unwrap()
+            .cluster_ip
+            .as_deref(),
+        Some("None")
+    );
+    fake.clear_requests();
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let service_writes: Vec<_> = writes(&fake)
+        .into_iter()
+        .filter(|w| w.contains("/services/"))
+        .collect();
+    assert_eq!(
+        service_writes,
+        [
+            "DELETE /api/v1/namespaces/ns/services/main-db",
+            "PATCH /api/v1/namespaces/ns/services/main-db",
+        ]
+    );
+    assert_eq!(
+        fake.get::<Service>(NS, "main-db")
+            .unwrap()
+            .spec
+            .unwrap()
+            .cluster_ip
+            .as_deref(),
+        Some("None")
+    );
 }
 
 #[tokio::test]
@@ -412,14 +845,14 @@ async fn a_conflict_on_one_child_requeues_with_backoff_and_spares_the_others() {
     let stored: OrlyRelay = fake.get(NS, NAME).unwrap();
     let guard = Arc::new(DeserializeGuard(Ok(stored)));
     assert_eq!(
-        error_policy(guard.clone(), &error, ctx.clone()),
+        error_policy(guard.clone(), &error, ctx.ctx.clone()),
         Action::requeue(Duration::from_secs(5))
     );
     let error = reconcile_stored(&fake, &ctx)
         .await
         .expect_err("second conflict");
     assert_eq!(
-        error_policy(guard.clone(), &error, ctx.clone()),
+        error_policy(guard.clone(), &error, ctx.ctx.clone()),
         Action::requeue(Duration::from_secs(10))
     );
 
@@ -428,7 +861,7 @@ async fn a_conflict_on_one_child_requeues_with_backoff_and_spares_the_others() {
     assert!(fake.get::<Deployment>(NS, "main-acl").is_some());
     assert_eq!(condition(&fake, "Degraded").0, "False");
     assert_eq!(
-        error_policy(guard, &error, ctx.clone()),
+        error_policy(guard, &error, ctx.ctx.clone()),
         Action::requeue(Duration::from_secs(5))
     );
 }
@@ -449,7 +882,11 @@ async fn a_server_error_requeues_with_backoff() {
     assert!(error.to_string().contains("StatefulSet main-db"), "{error}");
     let stored: OrlyRelay = fake.get(NS, NAME).unwrap();
     assert_eq!(
-        error_policy(Arc::new(DeserializeGuard(Ok(stored))), &error, ctx.clone()),
+        error_policy(
+            Arc::new(DeserializeGuard(Ok(stored))),
+            &error,
+            ctx.ctx.clone()
+        ),
         Action::requeue(Duration::from_secs(5))
     );
     assert_eq!(status(&fake).phase, Some(Phase::Degraded));
@@ -464,6 +901,7 @@ async fn an_undeserializable_relay_is_reported_in_status_and_not_retried() {
     raw["spec"]["database"] = json!({"type": "mysql"});
     fake.insert_json::<OrlyRelay>(raw);
     let ctx = common::context(&fake);
+    ctx.sync(&fake);
 
     // Read it the way the controller's watcher does.
     let api: Api<DeserializeGuard<OrlyRelay>> = Api::namespaced(fake.client(), NS);
@@ -471,7 +909,7 @@ async fn an_undeserializable_relay_is_reported_in_status_and_not_retried() {
     assert!(guard.0.is_err(), "mysql is not a database type");
 
     let guard = Arc::new(guard);
-    let action = reconcile(guard.clone(), ctx.clone())
+    let action = reconcile(guard.clone(), ctx.ctx.clone())
         .await
         .expect("reported, not failed");
     assert_eq!(action, Action::await_change());
@@ -489,7 +927,10 @@ async fn an_undeserializable_relay_is_reported_in_status_and_not_retried() {
     // The status write triggers another reconcile; it must write nothing (no hot loop).
     fake.clear_requests();
     let guard = Arc::new(api.get(NAME).await.unwrap());
-    assert_eq!(reconcile(guard, ctx).await.unwrap(), Action::await_change());
+    assert_eq!(
+        reconcile(guard, ctx.ctx.clone()).await.unwrap(),
+        Action::await_change()
+    );
     assert!(writes(&fake).is_empty(), "{:?}", writes(&fake));
 }
 
@@ -601,6 +1042,12 @@ async fn the_controller_drives_a_relay_to_ready_through_watch_events() {
         }),
     )
     .await;
+
+    assert_eq!(
+        fake.names::<NetworkPolicy>(NS),
+        ["main-acl", "main-db", "main-relay", "main-sync-relaygroup"]
+    );
+    assert!(fake.get::<Secret>(NS, "main-grpc-auth").is_some());
 
     // Deleting a child is noticed through the owned-object watch and repaired.
     fake.remove::<Service>(NS, "main-relay");

@@ -1,12 +1,20 @@
 //! An in-memory Kubernetes API server behind a `tower-test` mock service: it stores objects,
 //! answers get/list/watch/create/patch/put/delete like the API server does for what the
-//! operator and kube-lease-manager use (server-side apply with field-owner conflicts, merge
-//! patches, status subresource, generation and resourceVersion, label selectors, watch replay),
-//! records every request for assertions and injects faults on demand.
+//! operator and kube-lease-manager use, records every request for assertions and injects
+//! faults on demand. What it mirrors of the real one:
+//!
+//! - server-side apply merged per field manager: each manager owns the fields it applied
+//!   (`metadata.managedFields`); a field its only owner stops applying is removed (and
+//!   defaulted, so a Deployment's dropped `spec.replicas` becomes 1), one another manager still
+//!   owns stays; a changed field owned by another manager conflicts unless forced;
+//! - updates (put, merge patch, create, the `scale` subresource as the HPA controller and
+//!   `kubectl scale` use it) take ownership of the fields they change from everyone else;
+//! - the status subresource, generation and resourceVersion, label selectors, watch replay;
+//! - Service `clusterIP`: allocated when not headless, immutable afterwards.
 
 #![allow(dead_code)] // each test binary uses a different part of the fake
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
@@ -100,10 +108,19 @@ struct HistoryEntry {
     object: Value,
 }
 
+/// A field owner as managedFields names it: manager, operation (Apply or Update) and
+/// subresource ("" for the main resource).
+type OwnerId = (String, &'static str, String);
+
+/// Who owns which field (JSON pointer, tokens escaped) of one object.
+type Owners = BTreeMap<String, BTreeSet<OwnerId>>;
+
 #[derive(Default)]
 struct State {
     objects: BTreeMap<Key, Value>,
-    owners: HashMap<Key, BTreeMap<String, String>>,
+    owners: HashMap<Key, Owners>,
+    /// Cluster IPs handed out so far.
+    cluster_ips: u32,
     rv: u64,
     uid: u64,
     log: Vec<Recorded>,
@@ -209,16 +226,257 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// Leaf paths of a JSON value (`/spec/holderIdentity` ...); lists count as leaves.
+/// RFC 6901 token escaping, so label keys with `/` stay one token.
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+fn unescape(token: &str) -> String {
+    token.replace("~1", "/").replace("~0", "~")
+}
+
+/// Leaf fields of a JSON value as (pointer, value); lists and empty objects count as leaves.
 fn leaves(value: &Value, prefix: String, out: &mut Vec<(String, Value)>) {
     match value {
         Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
-                leaves(v, format!("{prefix}/{k}"), out);
+                leaves(v, format!("{prefix}/{}", escape(k)), out);
             }
         }
         other => out.push((prefix, other.clone())),
     }
+}
+
+/// Fields the API server sets itself and never tracks as anyone's.
+fn server_owned(path: &str) -> bool {
+    const SERVER: [&str; 9] = [
+        "/apiVersion",
+        "/kind",
+        "/metadata/name",
+        "/metadata/namespace",
+        "/metadata/uid",
+        "/metadata/resourceVersion",
+        "/metadata/generation",
+        "/metadata/creationTimestamp",
+        "/metadata/managedFields",
+    ];
+    SERVER
+        .iter()
+        .any(|s| path == *s || path.starts_with(&format!("{s}/")))
+}
+
+/// The fields of `value` a manager of `scope` ("" main resource, "status") can own.
+fn owned_leaves(value: &Value, scope: &str) -> BTreeMap<String, Value> {
+    let mut out = Vec::new();
+    leaves(value, String::new(), &mut out);
+    out.into_iter()
+        .filter(|(p, _)| !server_owned(p))
+        .filter(|(p, _)| in_scope(p, scope))
+        .collect()
+}
+
+fn set_path(target: &mut Value, path: &str, value: Value) {
+    let tokens: Vec<String> = path.split('/').skip(1).map(unescape).collect();
+    let mut node = target;
+    for token in &tokens[..tokens.len().saturating_sub(1)] {
+        if !node.is_object() {
+            *node = json!({});
+        }
+        node = node
+            .as_object_mut()
+            .unwrap()
+            .entry(token.clone())
+            .or_insert(json!({}));
+        if !node.is_object() {
+            *node = json!({});
+        }
+    }
+    if let Some(last) = tokens.last() {
+        if !node.is_object() {
+            *node = json!({});
+        }
+        node.as_object_mut().unwrap().insert(last.clone(), value);
+    }
+}
+
+/// Remove a field and the objects it leaves empty.
+fn remove_path(target: &mut Value, path: &str) {
+    fn go(node: &mut Value, tokens: &[String]) {
+        let Some(map) = node.as_object_mut() else {
+            return;
+        };
+        match tokens {
+            [] => {}
+            [last] => {
+                map.remove(last);
+            }
+            [first, rest @ ..] => {
+                if let Some(child) = map.get_mut(first) {
+                    go(child, rest);
+                    if child.as_object().is_some_and(|m| m.is_empty()) {
+                        map.remove(first);
+                    }
+                }
+            }
+        }
+    }
+    let tokens: Vec<String> = path.split('/').skip(1).map(unescape).collect();
+    go(target, &tokens);
+}
+
+/// `metadata.managedFields` as the API server renders them (FieldsV1 trees).
+fn managed_fields(owners: &Owners, api_version: &Value) -> Value {
+    let mut by_owner: BTreeMap<&OwnerId, Value> = BTreeMap::new();
+    for (path, ids) in owners {
+        for id in ids {
+            let tree = by_owner.entry(id).or_insert(json!({}));
+            let mut node = tree;
+            for token in path.split('/').skip(1).map(unescape) {
+                node = node
+                    .as_object_mut()
+                    .unwrap()
+                    .entry(format!("f:{token}"))
+                    .or_insert(json!({}));
+            }
+        }
+    }
+    Value::Array(
+        by_owner
+            .into_iter()
+            .map(|((manager, operation, subresource), fields)| {
+                let mut entry = json!({
+                    "manager": manager, "operation": operation, "apiVersion": api_version,
+                    "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": fields,
+                });
+                if !subresource.is_empty() {
+                    entry["subresource"] = json!(subresource);
+                }
+                entry
+            })
+            .collect(),
+    )
+}
+
+/// Ownership after an update by `id` from `old` to `new`: the fields it changed are its own
+/// and nobody else's; fields it removed are nobody's.
+fn update_owners(owners: &mut Owners, old: &Value, new: &Value, id: &OwnerId, scope: &str) {
+    let before = owned_leaves(old, scope);
+    let after = owned_leaves(new, scope);
+    for (path, value) in &after {
+        if before.get(path) != Some(value) {
+            owners.insert(path.clone(), BTreeSet::from([id.clone()]));
+        }
+    }
+    for path in before.keys().filter(|p| !after.contains_key(*p)) {
+        owners.remove(path);
+    }
+    // Owned fields are leaves of the object; one replaced by an object (or the reverse)
+    // leaves no stale owner behind.
+    owners.retain(|path, ids| {
+        !ids.is_empty() && (!in_scope(path, scope) || after.contains_key(path))
+    });
+}
+
+fn in_scope(path: &str, scope: &str) -> bool {
+    let status = path == "/status" || path.starts_with("/status/");
+    (scope == "status") == status
+}
+
+/// A server-side apply of `patch` by `manager` over `existing`: the object and ownership
+/// after it, or the conflict message.
+fn apply_patch(
+    existing: &Value,
+    owners: &Owners,
+    patch: &Value,
+    manager: &str,
+    scope: &str,
+    force: bool,
+) -> Result<(Value, Owners), String> {
+    let id: OwnerId = (manager.to_string(), "Apply", scope.to_string());
+    let wanted = owned_leaves(patch, scope);
+    let mut next = existing.clone();
+    let mut owners = owners.clone();
+    if !force {
+        let conflicts: Vec<String> = wanted
+            .iter()
+            .filter(|(path, value)| existing.pointer(path) != Some(*value))
+            .filter_map(|(path, _)| {
+                let others: Vec<&str> = owners
+                    .get(path)?
+                    .iter()
+                    .filter(|o| o.0 != manager)
+                    .map(|o| o.0.as_str())
+                    .collect();
+                (!others.is_empty()).then(|| format!("conflict with {others:?}: {path}"))
+            })
+            .collect();
+        if !conflicts.is_empty() {
+            return Err(format!(
+                "Apply failed with {} conflict(s): {}",
+                conflicts.len(),
+                conflicts.join("; ")
+            ));
+        }
+    }
+    // Fields this applier owned and no longer applies: given up, and removed when nobody
+    // else owns them.
+    let given_up: Vec<String> = owners
+        .iter()
+        .filter(|(path, ids)| ids.contains(&id) && !wanted.contains_key(*path))
+        .map(|(path, _)| path.clone())
+        .collect();
+    for path in given_up {
+        let ids = owners.get_mut(&path).unwrap();
+        ids.remove(&id);
+        if ids.is_empty() {
+            owners.remove(&path);
+            remove_path(&mut next, &path);
+        }
+    }
+    for (path, value) in wanted {
+        let changed = next.pointer(&path) != Some(&value);
+        set_path(&mut next, &path, value);
+        let ids = owners.entry(path).or_default();
+        // A changed value (forced, or unowned) is the applier's alone; an equal one is shared.
+        if changed {
+            ids.clear();
+        }
+        ids.insert(id.clone());
+    }
+    Ok((next, owners))
+}
+
+/// What the API server fills in or refuses on a write of `resource`.
+fn defaults_and_validation(
+    resource: &str,
+    old: Option<&Value>,
+    new: &mut Value,
+    next_ip: &mut u32,
+) -> Result<(), String> {
+    match resource {
+        "deployments" | "statefulsets" if new.pointer("/spec/replicas").is_none() => {
+            set_path(new, "/spec/replicas", json!(1));
+        }
+        "services" => {
+            let old_ip = old.and_then(|o| o.pointer("/spec/clusterIP")).cloned();
+            match (old_ip, new.pointer("/spec/clusterIP").cloned()) {
+                (Some(old), None) => set_path(new, "/spec/clusterIP", old),
+                (Some(old), Some(ip)) if old != ip => {
+                    return Err(format!(
+                        "Service \"{}\" is invalid: spec.clusterIP: Invalid value: {ip}: field is immutable",
+                        new.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
+                    ))
+                }
+                (None, None) => {
+                    *next_ip += 1;
+                    set_path(new, "/spec/clusterIP", json!(format!("10.96.0.{next_ip}")));
+                }
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn kind_for(resource: &str, base: &str) -> String {
@@ -229,6 +487,8 @@ fn kind_for(resource: &str, base: &str) -> String {
         "statefulsets" => "StatefulSet".into(),
         "poddisruptionbudgets" => "PodDisruptionBudget".into(),
         "horizontalpodautoscalers" => "HorizontalPodAutoscaler".into(),
+        "networkpolicies" => "NetworkPolicy".into(),
+        "secrets" => "Secret".into(),
         "leases" => "Lease".into(),
         "events" => "Event".into(),
         "orlyrelays" => "OrlyRelay".into(),
@@ -270,8 +530,32 @@ impl State {
         });
     }
 
-    /// Store a new object, filling the server-owned metadata.
-    fn create(&mut self, key: Key, mut obj: Value, manager: Option<&str>) -> Value {
+    fn render_managed_fields(&self, key: &Key, obj: &mut Value) {
+        let meta = obj["metadata"].as_object_mut().unwrap();
+        match self.owners.get(key).filter(|o| !o.is_empty()) {
+            Some(owners) => {
+                let rendered = managed_fields(owners, &json!(api_version_of(&key.0)));
+                meta.insert("managedFields".into(), rendered);
+            }
+            None => {
+                meta.remove("managedFields");
+            }
+        }
+    }
+
+    /// Store a new object, filling the server-owned metadata; `owner` owns every field.
+    fn create(
+        &mut self,
+        key: Key,
+        mut obj: Value,
+        owner: Option<OwnerId>,
+    ) -> Result<Value, String> {
+        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("managedFields");
+        }
+        let mut ip = self.cluster_ips;
+        defaults_and_validation(&key.1, None, &mut obj, &mut ip)?;
+        self.cluster_ips = ip;
         let rv = self.next_rv();
         self.uid += 1;
         let meta = obj
@@ -287,23 +571,34 @@ impl State {
         meta["resourceVersion"] = json!(rv.to_string());
         meta["generation"] = json!(1);
         meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
-        if let Some(manager) = manager {
-            let mut owned = Vec::new();
-            leaves(&obj, String::new(), &mut owned);
-            let owners = self.owners.entry(key.clone()).or_default();
-            for (path, _) in owned {
-                owners.insert(path, manager.to_string());
+        if let Some(id) = owner {
+            let mut owners = Owners::new();
+            for scope in ["", "status"] {
+                update_owners(&mut owners, &json!({}), &obj, &id, scope);
             }
+            self.owners.insert(key.clone(), owners);
         }
+        self.render_managed_fields(&key, &mut obj);
         self.objects.insert(key.clone(), obj.clone());
         self.emit("ADDED", &key, &obj);
-        obj
+        Ok(obj)
     }
 
     /// Store a changed object: bump resourceVersion, and generation when the spec changed.
-    fn update(&mut self, key: &Key, mut obj: Value) -> Value {
+    /// `owners` replaces the object's ownership when given.
+    fn write(
+        &mut self,
+        key: &Key,
+        mut obj: Value,
+        owners: Option<Owners>,
+    ) -> Result<Value, String> {
         let old = self.objects.get(key).cloned().unwrap_or(Value::Null);
-        let rv = self.next_rv();
+        let mut ip = self.cluster_ips;
+        defaults_and_validation(&key.1, Some(&old), &mut obj, &mut ip)?;
+        self.cluster_ips = ip;
+        if let Some(owners) = owners {
+            self.owners.insert(key.clone(), owners);
+        }
         let mut generation = old
             .pointer("/metadata/generation")
             .and_then(Value::as_i64)
@@ -320,14 +615,37 @@ impl State {
         // keeps the resourceVersion and sends no watch event.
         obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
         obj["metadata"]["generation"] = json!(generation);
+        self.render_managed_fields(key, &mut obj);
         if obj == old {
-            self.rv -= 1;
-            return old;
+            return Ok(old);
         }
+        let rv = self.next_rv();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.objects.insert(key.clone(), obj.clone());
         self.emit("MODIFIED", key, &obj);
-        obj
+        Ok(obj)
+    }
+
+    /// A write by `id` (an update, not an apply): it owns what it changed.
+    fn update_by(
+        &mut self,
+        key: &Key,
+        obj: Value,
+        id: Option<OwnerId>,
+        scope: &str,
+    ) -> Result<Value, String> {
+        let owners = id.map(|id| {
+            let old = self.objects.get(key).cloned().unwrap_or(Value::Null);
+            let mut owners = self.owners.get(key).cloned().unwrap_or_default();
+            update_owners(&mut owners, &old, &obj, &id, scope);
+            owners
+        });
+        self.write(key, obj, owners)
+    }
+
+    /// A write outside any manager (a user edit through the test, a controller's status).
+    fn update(&mut self, key: &Key, obj: Value) -> Value {
+        self.write(key, obj, None).expect("test edits are valid")
     }
 
     fn make_available(&mut self, key: &Key) {
@@ -450,7 +768,7 @@ impl FakeApi {
         value["apiVersion"] = json!(K::api_version(&()));
         value["kind"] = json!(K::kind(&()));
         let stored = self.state.lock().unwrap().create(key, value, None);
-        serde_json::from_value(stored).unwrap()
+        serde_json::from_value(stored.expect("valid object")).unwrap()
     }
 
     /// Store raw JSON as kind `K`, bypassing any schema (objects from older CRD versions).
@@ -467,7 +785,11 @@ impl FakeApi {
         );
         value["apiVersion"] = json!(K::api_version(&()));
         value["kind"] = json!(K::kind(&()));
-        self.state.lock().unwrap().create(key, value, None)
+        self.state
+            .lock()
+            .unwrap()
+            .create(key, value, None)
+            .expect("valid object")
     }
 
     /// The stored object, typed.
@@ -503,6 +825,34 @@ impl FakeApi {
             .filter(|k| k.0 == base && k.1 == resource && k.2 == ns)
             .map(|k| k.3.clone())
             .collect()
+    }
+
+    /// Every stored object of kind `K`, in every namespace, as JSON (to fill a cache).
+    pub fn all_json<K: Resource<DynamicType = ()>>(&self) -> Vec<Value> {
+        let (base, resource, _, _) = Self::key_of::<K>("", "");
+        let state = self.state.lock().unwrap();
+        state
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == base && k.1 == resource)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// The managers owning `spec.replicas` of a stored object.
+    pub fn replicas_owners<K: Resource<DynamicType = ()>>(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Vec<String> {
+        let key = Self::key_of::<K>(namespace, name);
+        let state = self.state.lock().unwrap();
+        state
+            .owners
+            .get(&key)
+            .and_then(|o| o.get("/spec/replicas"))
+            .map(|ids| ids.iter().map(|id| id.0.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Number of stored objects.
@@ -579,6 +929,56 @@ impl FakeApi {
         let ns = target.namespace.clone().unwrap_or_default();
         let manager = query_param(&query, "fieldManager").map(percent_decode);
         let force = query_param(&query, "force") == Some("true");
+        let scope = match target.subresource.as_deref() {
+            Some("status") => "status",
+            _ => "",
+        };
+        // Updates without a field manager are recorded under a name, as the API server
+        // records them under the client's user agent.
+        let updater = |subresource: &str| -> OwnerId {
+            (
+                manager.clone().unwrap_or_else(|| "unknown".into()),
+                "Update",
+                subresource.to_string(),
+            )
+        };
+
+        if target.subresource.as_deref() == Some("scale") {
+            let Some(name) = &target.name else {
+                return error(405, "MethodNotAllowed", &path);
+            };
+            let key = (
+                target.base.clone(),
+                target.resource.clone(),
+                ns,
+                name.clone(),
+            );
+            let Some(existing) = state.objects.get(&key).cloned() else {
+                return error(404, "NotFound", &format!("{name} not found"));
+            };
+            if parts.method != Method::GET {
+                let Some(patch) = body else {
+                    return error(400, "BadRequest", "no body");
+                };
+                let Some(replicas) = patch.pointer("/spec/replicas").cloned() else {
+                    return error(422, "Invalid", "a Scale needs spec.replicas");
+                };
+                let mut next = existing.clone();
+                set_path(&mut next, "/spec/replicas", replicas);
+                if let Err(message) = state.update_by(&key, next, Some(updater("scale")), "") {
+                    return error(422, "Invalid", &message);
+                }
+            }
+            let object = state.objects.get(&key).cloned().unwrap_or_default();
+            let scale = json!({
+                "apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {"name": name, "namespace": object["metadata"]["namespace"],
+                             "resourceVersion": object["metadata"]["resourceVersion"]},
+                "spec": {"replicas": object.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+                "status": {"replicas": object.pointer("/status/replicas").cloned().unwrap_or(json!(0))},
+            });
+            return respond(200, &scale);
+        }
 
         match (&parts.method, &target.name) {
             (&Method::GET, Some(name)) => {
@@ -665,11 +1065,13 @@ impl FakeApi {
                 if state.objects.contains_key(&key) {
                     return error(409, "AlreadyExists", &format!("{name} already exists"));
                 }
-                let created = state.create(key, obj, manager.as_deref());
-                respond(201, &created)
+                match state.create(key, obj, Some(updater(""))) {
+                    Ok(created) => respond(201, &created),
+                    Err(message) => error(422, "Invalid", &message),
+                }
             }
             (&Method::PUT, Some(name)) => {
-                let Some(obj) = body else {
+                let Some(mut obj) = body else {
                     return error(400, "BadRequest", "no body");
                 };
                 let key = (target.base, target.resource, ns, name.clone());
@@ -681,66 +1083,57 @@ impl FakeApi {
                         return error(409, "Conflict", "the object has been modified");
                     }
                 }
-                let updated = state.update(&key, obj);
-                respond(200, &updated)
+                // A put of one part leaves the other: status through /status, the rest else.
+                if scope == "status" {
+                    let mut next = existing.clone();
+                    next["status"] = obj.get("status").cloned().unwrap_or(Value::Null);
+                    obj = next;
+                } else if let Some(status) = existing.get("status") {
+                    obj["status"] = status.clone();
+                }
+                match state.update_by(&key, obj, Some(updater(scope)), scope) {
+                    Ok(updated) => respond(200, &updated),
+                    Err(message) => error(422, "Invalid", &message),
+                }
             }
             (&Method::PATCH, Some(name)) => {
                 let Some(patch) = body else {
                     return error(400, "BadRequest", "no body");
                 };
                 let key = (target.base, target.resource, ns, name.clone());
-                let status_only = target.subresource.as_deref() == Some("status");
                 let existing = state.objects.get(&key).cloned();
                 if content_type.starts_with("application/apply-patch") {
-                    let manager = manager.unwrap_or_else(|| "unknown".into());
+                    let manager = manager.clone().unwrap_or_else(|| "unknown".into());
                     let Some(existing) = existing else {
-                        if status_only {
+                        if scope == "status" {
                             return error(404, "NotFound", &format!("{name} not found"));
                         }
-                        let created = state.create(key.clone(), patch, Some(&manager));
-                        state.after_write(&key);
-                        let created = state.objects.get(&key).cloned().unwrap_or(created);
-                        return respond(201, &created);
-                    };
-                    if !force {
-                        let mut wanted = Vec::new();
-                        leaves(&patch, String::new(), &mut wanted);
-                        let owners = state.owners.get(&key).cloned().unwrap_or_default();
-                        for (path, value) in &wanted {
-                            let other = owners.get(path).filter(|m| **m != manager);
-                            if let Some(other) = other {
-                                if existing.pointer(path) != Some(value) {
-                                    return error(
-                                        409,
-                                        "Conflict",
-                                        &format!("Apply failed with 1 conflict: conflict with {other:?}: {path}"),
-                                    );
-                                }
+                        let id: OwnerId = (manager, "Apply", String::new());
+                        let mut patch = patch;
+                        patch.as_object_mut().map(|o| o.remove("status"));
+                        return match state.create(key.clone(), patch, Some(id)) {
+                            Ok(created) => {
+                                state.after_write(&key);
+                                let created = state.objects.get(&key).cloned().unwrap_or(created);
+                                respond(201, &created)
                             }
+                            Err(message) => error(422, "Invalid", &message),
+                        };
+                    };
+                    let owners = state.owners.get(&key).cloned().unwrap_or_default();
+                    let (next, owners) =
+                        match apply_patch(&existing, &owners, &patch, &manager, scope, force) {
+                            Ok(result) => result,
+                            Err(message) => return error(409, "Conflict", &message),
+                        };
+                    match state.write(&key, next, Some(owners)) {
+                        Ok(updated) => {
+                            state.after_write(&key);
+                            let updated = state.objects.get(&key).cloned().unwrap_or(updated);
+                            respond(200, &updated)
                         }
+                        Err(message) => error(422, "Invalid", &message),
                     }
-                    let mut next = existing.clone();
-                    if status_only {
-                        next["status"] = patch.get("status").cloned().unwrap_or(Value::Null);
-                    } else {
-                        // The applied configuration replaces what this manager set before;
-                        // status and server-owned metadata stay.
-                        let mut applied = patch.clone();
-                        if let Some(status) = existing.get("status") {
-                            applied["status"] = status.clone();
-                        }
-                        next = applied;
-                    }
-                    let mut owned = Vec::new();
-                    leaves(&patch, String::new(), &mut owned);
-                    let owners = state.owners.entry(key.clone()).or_default();
-                    for (path, _) in owned {
-                        owners.insert(path, manager.clone());
-                    }
-                    let updated = state.update(&key, next);
-                    state.after_write(&key);
-                    let updated = state.objects.get(&key).cloned().unwrap_or(updated);
-                    respond(200, &updated)
                 } else {
                     let Some(mut next) = existing else {
                         return error(404, "NotFound", &format!("{name} not found"));
@@ -750,25 +1143,17 @@ impl FakeApi {
                             return error(409, "Conflict", "the object has been modified");
                         }
                     }
-                    if status_only {
+                    if scope == "status" {
                         let mut status = next.get("status").cloned().unwrap_or(json!({}));
                         merge_patch(&mut status, patch.get("status").unwrap_or(&Value::Null));
                         next["status"] = status;
                     } else {
                         merge_patch(&mut next, &patch);
                     }
-                    let mut touched = Vec::new();
-                    leaves(&patch, String::new(), &mut touched);
-                    let owners = state.owners.entry(key.clone()).or_default();
-                    for (path, value) in touched {
-                        if value.is_null() {
-                            owners.remove(&path);
-                        } else if let Some(m) = &manager {
-                            owners.insert(path, m.clone());
-                        }
+                    match state.update_by(&key, next, Some(updater(scope)), scope) {
+                        Ok(updated) => respond(200, &updated),
+                        Err(message) => error(422, "Invalid", &message),
                     }
-                    let updated = state.update(&key, next);
-                    respond(200, &updated)
                 }
             }
             (&Method::DELETE, Some(name)) => {

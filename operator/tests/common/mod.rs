@@ -1,16 +1,28 @@
-//! Helpers shared by the integration tests: the fake API server and OrlyRelay fixtures.
+//! Helpers shared by the integration tests: the fake API server, OrlyRelay fixtures, and a
+//! reconcile context whose child caches are filled from the fake before every reconcile (as
+//! the controller's watches would have filled them).
 
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod examples;
 pub mod fake_api;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::error_boundary::DeserializeGuard;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
+use kube::Resource;
+use orly_operator::children::{child_stores, ChildWriters};
 use orly_operator::controller::{reconcile, reporter, Context};
 use orly_operator::crd::{OrlyRelay, OrlyRelaySpec};
 use orly_operator::plan::OperatorDefaults;
+use serde::de::DeserializeOwned;
 
 pub use fake_api::FakeApi;
 
@@ -29,31 +41,72 @@ pub fn relay(spec_yaml: &str) -> OrlyRelay {
     relay
 }
 
+/// A reconcile context on the fake and the writers of its child caches.
+pub struct Harness {
+    pub ctx: Arc<Context>,
+    writers: Mutex<ChildWriters>,
+}
+
+/// Replace one cache's content with what the fake holds (a watch's re-list).
+fn relist<K>(writer: &mut Writer<K>, objects: Vec<serde_json::Value>)
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + 'static,
+{
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for object in objects {
+        let object: K = serde_json::from_value(object).expect("cached object deserializes");
+        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+}
+
+impl Harness {
+    /// Fill every child cache from the fake's current objects.
+    pub fn sync(&self, fake: &FakeApi) {
+        let mut w = self.writers.lock().unwrap();
+        relist(&mut w.config_maps, fake.all_json::<ConfigMap>());
+        relist(&mut w.services, fake.all_json::<Service>());
+        relist(&mut w.deployments, fake.all_json::<Deployment>());
+        relist(&mut w.stateful_sets, fake.all_json::<StatefulSet>());
+        relist(&mut w.pdbs, fake.all_json::<PodDisruptionBudget>());
+        relist(&mut w.hpas, fake.all_json::<HorizontalPodAutoscaler>());
+        relist(&mut w.network_policies, fake.all_json::<NetworkPolicy>());
+        relist(&mut w.secrets, fake.all_json::<Secret>());
+    }
+}
+
 /// A reconcile context talking to `fake`.
-pub fn context(fake: &FakeApi) -> Arc<Context> {
-    Arc::new(Context::new(
-        fake.client(),
-        OperatorDefaults {
-            repository: "ghcr.io/orly-relay".into(),
-            tag: TAG.into(),
-        },
-        reporter(Some("test".into())),
-    ))
+pub fn context(fake: &FakeApi) -> Harness {
+    let (stores, writers) = child_stores();
+    Harness {
+        ctx: Arc::new(Context::new(
+            fake.client(),
+            OperatorDefaults {
+                repository: "ghcr.io/orly-relay".into(),
+                tag: TAG.into(),
+            },
+            reporter(Some("test".into())),
+            stores,
+        )),
+        writers: Mutex::new(writers),
+    }
 }
 
 /// A fake holding one OrlyRelay with `spec_yaml`, and a context on it.
-pub fn setup(spec_yaml: &str) -> (FakeApi, Arc<Context>) {
+pub fn setup(spec_yaml: &str) -> (FakeApi, Harness) {
     let fake = FakeApi::new();
     fake.insert(&relay(spec_yaml));
     let ctx = context(&fake);
     (fake, ctx)
 }
 
-/// Run one reconcile of the stored OrlyRelay, as the controller would after a watch event.
+/// Run one reconcile of the stored OrlyRelay, as the controller would after a watch event,
+/// with the caches up to date.
 pub async fn reconcile_stored(
     fake: &FakeApi,
-    ctx: &Arc<Context>,
+    harness: &Harness,
 ) -> orly_operator::Result<kube::runtime::controller::Action> {
+    harness.sync(fake);
     let stored: OrlyRelay = fake.get(NS, NAME).expect("relay stored");
-    reconcile(Arc::new(DeserializeGuard(Ok(stored))), ctx.clone()).await
+    reconcile(Arc::new(DeserializeGuard(Ok(stored))), harness.ctx.clone()).await
 }

@@ -203,6 +203,16 @@ pub mod env {
 /// Annotation that stops the operator changing anything of an `OrlyRelay`.
 pub const RECONCILE_PAUSED_ANNOTATION: &str = "orly.dev/reconcile-paused";
 
+/// Paths every gRPC service's metrics server (`ORLY_METRICS_LISTEN`) answers besides
+/// `/metrics`: readiness (the same as the named `grpc.health.v1` service) and liveness. The
+/// operator probes them over plain HTTP when mTLS keeps the kubelet's gRPC probes out.
+pub const METRICS_READYZ_PATH: &str = "/readyz";
+pub const METRICS_HEALTHZ_PATH: &str = "/healthz";
+
+/// The relay's subcommand a pod runs before it stops (its `preStop` hook): stop accepting,
+/// close every WebSocket with 1001, wait until they are gone (`--port`, `--timeout`).
+pub const RELAY_DRAIN_SUBCOMMAND: &str = "drain";
+
 #[cfg(test)]
 mod tests {
     use super::*;
