@@ -4,7 +4,8 @@
 # every example OrlyRelay, validates against the Kubernetes API schemas (kubernetes-validate,
 # strict) and against the OrlyRelay CRD's openAPIV3Schema (jsonschema; the Rust tests in
 # operator/tests/crd_validation.rs check the CEL rules). Also checks that each RBAC rule carries a
-# comment and that the operator env the chart sets is env the binary reads.
+# comment, that every child kind the controller watches is granted list and watch, and that
+# the operator env the chart sets is env the binary reads.
 #
 # Usage (from anywhere; paths resolve from this script): bash scripts/check-chart.sh
 #   CHECK_CHART_KUBE_VERSIONS="1.29 1.34"  Kubernetes versions to validate against
@@ -250,6 +251,35 @@ for path in rendered:
         fail(f"RBAC comments ({os.path.basename(path)[:-5]}): rules without a comment", bare)
     else:
         ok(f"RBAC comments ({os.path.basename(path)[:-5]}): every rule of {roles} (Cluster)Role(s) has one")
+
+    # Every child kind the controller watches (controller.rs `run`) is granted list and watch.
+    controller_rs = open(os.path.join(root, "operator/src/controller.rs")).read()
+    run_body = controller_rs[controller_rs.index("pub async fn run("):]
+    watched = set(re.findall(r"scoped_api::<(?:PartialObjectMeta<)?(\w+)>?>?\(", run_body))
+    watched.discard("DeserializeGuard")
+    plural = {"ConfigMap": ("", "configmaps"), "Service": ("", "services"),
+              "Secret": ("", "secrets"), "Deployment": ("apps", "deployments"),
+              "StatefulSet": ("apps", "statefulsets"),
+              "PodDisruptionBudget": ("policy", "poddisruptionbudgets"),
+              "HorizontalPodAutoscaler": ("autoscaling", "horizontalpodautoscalers"),
+              "NetworkPolicy": ("networking.k8s.io", "networkpolicies")}
+    missing = []
+    for doc in docs:
+        if doc.get("kind") not in ("ClusterRole", "Role") or doc["metadata"]["name"].endswith("-leader-election"):
+            continue
+        granted = set()
+        for rule in doc.get("rules", []):
+            if {"list", "watch"} <= set(rule.get("verbs", [])):
+                granted |= {(g, r) for g in rule.get("apiGroups", []) for r in rule.get("resources", [])}
+        for kind in sorted(watched):
+            if kind not in plural:
+                missing.append(f"{doc['metadata']['name']}: {kind} is watched but unknown to this check")
+            elif plural[kind] not in granted:
+                missing.append(f"{doc['metadata']['name']}: no list/watch on {plural[kind][1]} ({kind})")
+    if missing or not watched:
+        fail(f"RBAC covers the watches ({os.path.basename(path)[:-5]})", missing or ["no watch found in controller.rs"])
+    else:
+        ok(f"RBAC covers the watches ({os.path.basename(path)[:-5]}): list and watch on all {len(watched)} child kinds")
 
     # The env the chart gives the operator is env the binary reads (operator/src/main.rs).
     main_rs = open(os.path.join(root, "operator/src/main.rs")).read()

@@ -1,7 +1,9 @@
 //! Integration tests against a real API server: when `KUBEBUILDER_ASSETS` names a directory
 //! holding `kube-apiserver` and `etcd` (controller-runtime's setup-envtest layout), start both on
-//! loopback ports, apply the generated CRD and run the real controller. Without the variable the
-//! suite prints one skip line and passes. See docs/operator.md for how to run it.
+//! loopback ports, apply the generated CRD and run the real controller: the tier-by-tier
+//! rollout with its NetworkPolicies and token Secret, the autoscaling handoff under the real
+//! server-side apply, the pause annotation, leader election. Without the variable the suite
+//! prints one skip line and passes. See docs/operator.md for how to run it.
 
 mod common;
 
@@ -11,15 +13,19 @@ use std::time::{Duration, Instant};
 
 use common::examples;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::{ApiResource, DynamicObject};
 use kube::{Api, Client, Config, ResourceExt};
+use orly_operator::builders::build_network_policy;
 use orly_operator::controller::{self, ControllerConfig};
 use orly_operator::crd::{OrlyRelay, Phase};
 use orly_operator::leader::{elect, LeaseConfig};
+use orly_operator::plan::{plan, OperatorDefaults};
 use serde_json::json;
 
 const TOKEN: &str = "envtest-token";
@@ -349,6 +355,73 @@ async fn a_relay_rolls_out_tier_by_tier_to_ready(client: &Client) {
     mark_available::<Deployment>(client, ns, "main-relay").await;
     eventually("Ready", || async { phase().await == Some(Phase::Ready) }).await;
 
+    // The token Secret and one NetworkPolicy per component, as the builders make them.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = secrets.get("main-grpc-auth").await.expect("token Secret");
+    let token = String::from_utf8(secret.data.clone().unwrap()["token"].0.clone()).unwrap();
+    assert!(
+        token.len() == 64 && token.chars().all(|c| c.is_ascii_hexdigit()),
+        "{token}"
+    );
+    assert_eq!(secret.metadata.owner_references.unwrap()[0].name, "main");
+    let stored = relays.get("main").await.unwrap();
+    let relay_plan = plan(&stored, &OperatorDefaults::default()).expect("plan");
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    for component in &relay_plan.components {
+        let name = component.child_name("main");
+        let live = policies
+            .get(&name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let wanted = build_network_policy(&relay_plan, component).unwrap();
+        assert_eq!(
+            serde_json::to_value(&live.spec).unwrap(),
+            serde_json::to_value(&wanted.spec).unwrap(),
+            "{name}"
+        );
+        let deployment = deployments.get_opt(&name).await.unwrap();
+        let env = match deployment {
+            Some(d) => d.spec.unwrap().template.spec.unwrap().containers[0]
+                .env
+                .clone(),
+            None => sts
+                .get(&name)
+                .await
+                .unwrap()
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .containers[0]
+                .env
+                .clone(),
+        };
+        let token_ref = env
+            .unwrap_or_default()
+            .into_iter()
+            .find(|e| e.name == "ORLY_GRPC_AUTH_TOKEN")
+            .and_then(|e| e.value_from)
+            .and_then(|v| v.secret_key_ref)
+            .unwrap_or_else(|| panic!("{name} reads no token"));
+        assert_eq!(
+            (token_ref.name.as_str(), token_ref.key.as_str()),
+            ("main-grpc-auth", "token")
+        );
+    }
+    // Created once: later reconciles (an edit of the OrlyRelay triggers one) keep the token.
+    relay_api(client, ns)
+        .patch(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"envtest/touched": "1"}}})),
+        )
+        .await
+        .expect("annotated");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = secrets.get("main-grpc-auth").await.unwrap();
+    assert_eq!(again.data.unwrap()["token"].0, token.as_bytes());
+
     // Delete a child: the operator notices through its watch and recreates it.
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let old_uid = config_maps.get("main-acl").await.unwrap().uid();
@@ -368,6 +441,211 @@ async fn a_relay_rolls_out_tier_by_tier_to_ready(client: &Client) {
 
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}
+
+/// Start the controller for `ns`; the returned sender stops it.
+fn start_controller(
+    client: &Client,
+    ns: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(
+        client.clone(),
+        ControllerConfig {
+            namespace: Some(ns.into()),
+            ..ControllerConfig::default()
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (stop, task)
+}
+
+/// Create OrlyRelay `main` with `spec` and walk it to Ready, playing the workload controllers.
+async fn relay_to_ready(client: &Client, ns: &str, spec: serde_json::Value) {
+    let relay: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "orly.dev/v1alpha1", "kind": "OrlyRelay",
+        "metadata": {"name": "main"}, "spec": spec,
+    }))
+    .unwrap();
+    relay_api(client, ns)
+        .create(&PostParams::default(), &relay)
+        .await
+        .expect("relay accepted");
+    let relays: Api<OrlyRelay> = Api::namespaced(client.clone(), ns);
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    eventually("Ready", || async {
+        if let Ok(Some(_)) = sts.get_opt("main-db").await {
+            mark_available::<StatefulSet>(client, ns, "main-db").await;
+        }
+        for d in deployments.list(&Default::default()).await.unwrap().items {
+            mark_available::<Deployment>(client, ns, &d.name_any()).await;
+        }
+        relays
+            .get("main")
+            .await
+            .ok()
+            .and_then(|r| r.status)
+            .and_then(|s| s.phase)
+            == Some(Phase::Ready)
+    })
+    .await;
+}
+
+/// Whether the operator's own apply still sets `spec.replicas` of the Deployment.
+fn operator_owns_replicas(d: &Deployment) -> bool {
+    d.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some("orly-operator")
+            && m.fields_v1
+                .as_ref()
+                .and_then(|f| f.0.get("f:spec"))
+                .and_then(|s| s.get("f:replicas"))
+                .is_some()
+    })
+}
+
+/// The real API server's server-side apply: enabling autoscaling keeps the running count until
+/// the HPA controller (played here through the scale subresource) owns it, then the operator
+/// stops sending it and the count stays.
+async fn enabling_autoscaling_hands_replicas_over_without_a_drop(client: &Client) {
+    let ns = "envtest-handoff";
+    create_namespace(client, ns).await;
+    let (stop, task) = start_controller(client, ns);
+    relay_to_ready(
+        client,
+        ns,
+        json!({"sync": {"negentropy": {"enabled": true, "replicas": 3}}}),
+    )
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let replicas = || async {
+        deployments
+            .get("main-sync-negentropy")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas
+    };
+    assert_eq!(replicas().await, Some(3));
+
+    relay_api(client, ns)
+        .patch(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sync": {"negentropy": {
+                "autoscaling": {"minReplicas": 2, "maxReplicas": 6}}}}})),
+        )
+        .await
+        .expect("autoscaling enabled");
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+    eventually("HPA created", || async {
+        hpas.get_opt("main-sync-negentropy")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    // Let a few more reconciles pass: the count must not move.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        replicas().await,
+        Some(3),
+        "no drop before the HPA owns replicas"
+    );
+
+    let hpa_controller = PatchParams {
+        field_manager: Some("kube-controller-manager".into()),
+        ..PatchParams::default()
+    };
+    deployments
+        .patch_scale(
+            "main-sync-negentropy",
+            &hpa_controller,
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .expect("scaled like the HPA controller");
+    eventually("the operator leaves replicas to the HPA", || async {
+        let d = deployments.get("main-sync-negentropy").await.unwrap();
+        !operator_owns_replicas(&d)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(replicas().await, Some(4), "the HPA's count stays");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
+
+/// The pause annotation against the real API server: nothing is recreated while paused, and
+/// the status says so; unpaused, the operator repairs what it must.
+async fn a_paused_relay_is_left_alone(client: &Client) {
+    let ns = "envtest-pause";
+    create_namespace(client, ns).await;
+    let (stop, task) = start_controller(client, ns);
+    relay_to_ready(client, ns, json!({})).await;
+    let annotate = |value: serde_json::Value| async move {
+        relay_api(client, ns)
+            .patch(
+                "main",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {"orly.dev/reconcile-paused": value}}}),
+                ),
+            )
+            .await
+            .expect("annotated");
+    };
+    annotate(json!("true")).await;
+    let relays: Api<OrlyRelay> = Api::namespaced(client.clone(), ns);
+    eventually("phase Paused", || async {
+        relays
+            .get("main")
+            .await
+            .ok()
+            .and_then(|r| r.status)
+            .and_then(|s| s.phase)
+            == Some(Phase::Paused)
+    })
+    .await;
+    let status = relays.get("main").await.unwrap().status.unwrap();
+    let progressing = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap();
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("False", "Paused")
+    );
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    config_maps
+        .delete("main-relay", &Default::default())
+        .await
+        .expect("deleted");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        config_maps.get_opt("main-relay").await.unwrap().is_none(),
+        "paused: not recreated"
+    );
+    annotate(serde_json::Value::Null).await;
+    eventually("recreated after the pause", || async {
+        config_maps
+            .get_opt("main-relay")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
 
 async fn two_operators_elect_one_leader(client: &Client) {
@@ -428,5 +706,7 @@ async fn envtest_suite() {
     install_crd(&plane.client).await;
     the_api_server_rejects_the_invalid_relays_and_accepts_the_examples(&plane.client).await;
     a_relay_rolls_out_tier_by_tier_to_ready(&plane.client).await;
+    enabling_autoscaling_hands_replicas_over_without_a_drop(&plane.client).await;
+    a_paused_relay_is_left_alone(&plane.client).await;
     two_operators_elect_one_leader(&plane.client).await;
 }

@@ -109,30 +109,46 @@ Granted by a ClusterRole when all namespaces are watched, else by a Role per nam
 - apiGroups: ["orly.dev"]
   resources: ["orlyrelays/finalizers"]
   verbs: ["update"]
-# Children: each component's ConfigMap (its env) and Service. Watched by Controller::owns,
-# listed by `Existing::read` (ConfigMaps), applied by `apply` (server-side apply: patch, and
-# create for a child that does not exist yet), deleted by `delete` / `delete_component` when a
-# sync service is disabled.
+# Children: each component's ConfigMap (its env) and Service. Watched by the controller
+# (controller.rs `run`: owns_stream over a watcher whose reflector fills the cache that
+# children.rs `ChildStores::existing` reads instead of listing), applied by `apply`
+# (server-side apply: patch, and create for a child that does not exist yet), deleted by
+# `delete_child` when no longer wanted and by `apply_component` when a Service must change
+# between headless and not (clusterIP is immutable).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["list", "watch", "create", "patch", "delete"]
-# Children: workloads. db on SQLite is a StatefulSet, everything else a Deployment; watched by
-# Controller::owns, listed by `Existing::read` to observe availability for tier gating, applied
-# by `apply`, deleted by `delete` (a db switching kind, a disabled sync service).
+# Children: workloads. db on SQLite is a StatefulSet, everything else a Deployment; watched and
+# cached the same way (the cache gives tier gating the workloads' availability and the
+# autoscaling handoff the owner of spec.replicas), applied by `apply`, deleted by `delete_child`
+# (a disabled sync service) and `apply_component` (db switching between the two kinds).
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
   verbs: ["list", "watch", "create", "patch", "delete"]
-# Children: a PodDisruptionBudget per component that can run more than one replica; watched,
-# listed by `Existing::read`, applied and deleted when no longer wanted (`apply_component`).
+# Children: a PodDisruptionBudget per component that can run more than one replica; watched
+# and cached, applied by `apply_component`, deleted by `delete_child` when no longer wanted.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "watch", "create", "patch", "delete"]
-# Children: a HorizontalPodAutoscaler (autoscaling/v2) when a sync service sets autoscaling;
-# watched, listed by `Existing::read`, applied, and deleted when autoscaling is removed
-# (`apply_component`).
+# Children: a HorizontalPodAutoscaler (autoscaling/v2) per component with autoscaling; watched
+# and cached (children.rs `deployment_replicas` waits for it), applied by `apply_component`,
+# deleted by `delete_child` when autoscaling is removed.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# Children: a NetworkPolicy per component (builders.rs `build_network_policy`); watched and
+# cached, applied by `apply_component`, deleted by `delete_child` when spec.networkPolicy is
+# turned off or the component goes.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# The gRPC token Secret <relay>-grpc-auth: created once by controller.rs
+# `create_grpc_auth_secret` (a create, never an update, so the token never changes); watched
+# as metadata only (list, watch: the operator's cache holds no token) to know it exists. No get,
+# patch or delete: the owner reference removes it with the OrlyRelay.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["list", "watch", "create"]
 # Events on tier transitions and failures (controller.rs `publish`: kube-runtime's Recorder
 # creates an events.k8s.io/v1 Event and patches it when the same Event repeats).
 - apiGroups: ["events.k8s.io"]
