@@ -3,8 +3,10 @@
 # smoke-tests each one:
 #   1. sets up podman and the base image localhost/debian:bookworm-slim
 #      (../shared/tools/containers base-image),
-#   2. builds the release binaries on the host (cargo, CARGO_TARGET_DIR),
-#   3. builds one image per binary from images/Dockerfile with BINARIES=prebuilt, tagged
+#   2. builds the two binaries on the host with the dist profile (thin LTO): orly, which is
+#      every service (each image's entrypoint is the link to it named after ORLY's binary), and
+#      orly-operator (cargo, CARGO_TARGET_DIR),
+#   3. builds one image per service from images/Dockerfile with BINARIES=prebuilt, tagged
 #      localhost/orly-relay/<binary>:<version>,
 #   4. runs each image: it must run as uid 65532 and answer its health check (gRPC
 #      grpc.health.v1 on the named service for the gRPC services, NIP-11 for the relay and for
@@ -15,7 +17,7 @@
 #
 # Usage: bash scripts/build-images.sh [binary...]     (default: every binary of the workspace)
 #   CARGO_TARGET_DIR   cargo's target dir (default: ~/.cache/orly-target)
-#   SKIP_CARGO=1       use the binaries already in $CARGO_TARGET_DIR/release
+#   SKIP_CARGO=1       use the binaries already in $CARGO_TARGET_DIR/dist
 #   IMAGE_REPOSITORY   image name prefix (default: localhost/orly-relay)
 # Exits non-zero when a build or a smoke test fails.
 set -euo pipefail
@@ -26,17 +28,16 @@ shared_tools=$here/../../shared/tools
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/orly-target}
 repository=${IMAGE_REPOSITORY:-localhost/orly-relay}
 
-# The images, in build order, each with the Cargo package that builds its binary.
+# The images, in build order, each with the Cargo package and binary it comes from: every
+# service is the orly binary of package orly.
 all_images=(orly orly-db orly-acl orly-sync-negentropy orly-sync-distributed orly-sync-cluster
   orly-sync-relaygroup orly-launcher orly-operator)
 declare -A package=(
-  [orly]=orly [orly-db]=orly-db [orly-acl]=orly-acl [orly-sync-negentropy]=orly-sync-negentropy
-  [orly-sync-distributed]=orly-sync [orly-sync-cluster]=orly-sync [orly-sync-relaygroup]=orly-sync
-  [orly-launcher]=orly-launcher [orly-operator]=orly-operator
+  [orly]=orly [orly-db]=orly [orly-acl]=orly [orly-sync-negentropy]=orly
+  [orly-sync-distributed]=orly [orly-sync-cluster]=orly [orly-sync-relaygroup]=orly
+  [orly-launcher]=orly [orly-operator]=orly-operator
 )
-# The service binaries the launcher may start (its image carries them all).
-launcher_services=(orly orly-db orly-acl orly-sync-negentropy orly-sync-distributed orly-sync-cluster
-  orly-sync-relaygroup)
+binary_of() { [[ $1 == orly-operator ]] && echo orly-operator || echo orly; }
 
 say() { printf '==> %s\n' "$*"; }
 results=()
@@ -65,25 +66,18 @@ say "setting up podman and the base image"
 base=$(bash "$shared_tools/containers" base-image | tail -n1)
 say "base image: $base ($(podman image inspect --format '{{.Size}}' "$base" | awk '{printf "%.1f MB", $1/1e6}'))"
 
-# --- 2. release binaries on the host -----------------------------------------------------------
+# --- 2. the binaries on the host (profile dist: thin LTO, what the images ship) ---------------------
 if [[ ${SKIP_CARGO:-0} != 1 ]]; then
-  pkgs=()
+  args=()
   for image in "${images[@]}"; do
-    # Several images share one package (orly-sync): name each package once.
-    [[ " ${pkgs[*]} " == *" ${package[$image]} "* ]] || pkgs+=(-p "${package[$image]}")
+    # Most images share one binary: name each once.
+    bin=$(binary_of "$image")
+    [[ " ${args[*]} " == *" --bin $bin "* ]] || args+=(-p "${package[$image]}" --bin "$bin")
   done
-  # The launcher image carries every service binary the launcher may start.
-  if [[ " ${images[*]} " == *" orly-launcher "* ]]; then
-    for image in "${launcher_services[@]}"; do
-      if [[ " $members " == *" ${package[$image]} "* && " ${pkgs[*]} " != *" ${package[$image]} "* ]]; then
-        pkgs+=(-p "${package[$image]}")
-      fi
-    done
-  fi
-  say "cargo build --release --locked ${pkgs[*]} --bins (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+  say "cargo build --profile dist --locked ${args[*]} (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
   start=$SECONDS
-  cargo build --release --locked "${pkgs[@]}" --bins
-  say "release build took $((SECONDS - start)) s"
+  cargo build --profile dist --locked "${args[@]}"
+  say "dist build took $((SECONDS - start)) s"
 fi
 
 # --- 3. images -----------------------------------------------------------------------------------
@@ -95,13 +89,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The build context: services/<binary> (what the launcher image carries) and operator/.
+# The build context: services/orly (every service image; the Dockerfile adds the links) and
+# operator/orly-operator.
 mkdir -p "$ctx/services" "$ctx/operator"
-for b in "${launcher_services[@]}" orly-launcher orly-operator; do
-  if [[ -x $CARGO_TARGET_DIR/release/$b ]]; then
+for b in orly orly-operator; do
+  if [[ -x $CARGO_TARGET_DIR/dist/$b ]]; then
     dir=services
     [[ $b != orly-operator ]] || dir=operator
-    cp "$CARGO_TARGET_DIR/release/$b" "$ctx/$dir/"
+    cp "$CARGO_TARGET_DIR/dist/$b" "$ctx/$dir/"
   fi
 done
 
@@ -109,8 +104,9 @@ built=()
 for image in "${images[@]}"; do
   dir=services
   [[ $image != orly-operator ]] || dir=operator
-  if [[ ! -x $ctx/$dir/$image ]]; then
-    result FAIL "$image" "no binary $CARGO_TARGET_DIR/release/$image"
+  bin=$(binary_of "$image")
+  if [[ ! -x $ctx/$dir/$bin ]]; then
+    result FAIL "$image" "no binary $CARGO_TARGET_DIR/dist/$bin"
     continue
   fi
   tag=$repository/$image:$version

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use nostr::PublicKey;
 use serde::{Deserialize, Serialize};
 
+pub mod cli;
 pub mod engine;
 pub mod grpc_client;
 pub mod grpc_server;

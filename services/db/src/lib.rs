@@ -6,6 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use nostr::{Event, EventId, Filter, Timestamp};
 
+pub mod cli;
 pub mod config;
 pub mod grpc_client;
 pub mod grpc_server;

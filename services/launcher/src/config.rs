@@ -1,10 +1,12 @@
-//! Launcher settings: ORLY's `ORLY_LAUNCHER_*` variables, each also a flag.
+//! Launcher settings: ORLY's `ORLY_LAUNCHER_*` variables, each also a flag; names, ports and
+//! default addresses come from `orly_consts`.
 
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::Parser;
 use orly_common::parse_duration;
+use orly_consts::{env, Service};
 
 /// Supervises the orly services on one host.
 #[derive(Debug, Clone, Parser)]
@@ -13,19 +15,23 @@ use orly_common::parse_duration;
     version,
     about = "orly-launcher: starts orly-db, orly-acl, the sync services and the relay in order, \
              restarts them when they die, stops them in reverse order",
-    after_help = "Every other ORLY_* variable in the launcher's environment is passed on to the \
-                  children (for example ORLY_DATA_DIR, ORLY_DB_TYPE for orly-db, ORLY_ACL_MODE)."
+    after_help = "Binaries: each *_BINARY is a path, or a name looked up next to the launcher \
+                  (a link to the orly binary, as in the images), else the orly binary the \
+                  launcher runs in starts the service by its subcommand (orly db, orly acl, …), \
+                  else PATH. A binary named orly is always given the service's subcommand.\n\n\
+                  The relay listens on ORLY_LAUNCHER_RELAY_LISTEN when set, else on ORLY_LISTEN \
+                  and ORLY_PORT when those are set, else on 127.0.0.1:3334.\n\n\
+                  Every other ORLY_* variable in the launcher's environment is passed on to the \
+                  children (for example ORLY_DATA_DIR, ORLY_DB_TYPE for orly-db, ORLY_ACL_MODE); \
+                  the relay does not get the settings that the services it reaches over gRPC \
+                  read in its place (ORLY_DB_URL, ORLY_DATA_DIR, ORLY_SYNC_<SERVICE>_*, …)."
 )]
 pub struct LauncherConfig {
-    /// orly-db binary (a path, or a name looked up next to the launcher, then in PATH).
-    #[arg(long, env = "ORLY_LAUNCHER_DB_BINARY", default_value = "orly-db")]
+    /// orly-db binary.
+    #[arg(long, env = "ORLY_LAUNCHER_DB_BINARY", default_value = Service::Db.binary())]
     pub db_binary: String,
     /// orly-db gRPC address.
-    #[arg(
-        long,
-        env = "ORLY_LAUNCHER_DB_LISTEN",
-        default_value = "127.0.0.1:50051"
-    )]
+    #[arg(long, env = "ORLY_LAUNCHER_DB_LISTEN", default_value = orly_consts::DB_LISTEN)]
     pub db_listen: String,
     /// How long orly-db may take to become Ready.
     #[arg(long, env = "ORLY_LAUNCHER_DB_READY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -35,14 +41,10 @@ pub struct LauncherConfig {
     #[arg(long, env = "ORLY_LAUNCHER_ACL_ENABLED", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub acl_enabled: bool,
     /// orly-acl binary.
-    #[arg(long, env = "ORLY_LAUNCHER_ACL_BINARY", default_value = "orly-acl")]
+    #[arg(long, env = "ORLY_LAUNCHER_ACL_BINARY", default_value = Service::Acl.binary())]
     pub acl_binary: String,
     /// orly-acl gRPC address.
-    #[arg(
-        long,
-        env = "ORLY_LAUNCHER_ACL_LISTEN",
-        default_value = "127.0.0.1:50052"
-    )]
+    #[arg(long, env = "ORLY_LAUNCHER_ACL_LISTEN", default_value = orly_consts::ACL_LISTEN)]
     pub acl_listen: String,
     /// How long orly-acl may take to become Ready.
     #[arg(long, env = "ORLY_LAUNCHER_ACL_READY_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
@@ -55,14 +57,14 @@ pub struct LauncherConfig {
     #[arg(
         long,
         env = "ORLY_LAUNCHER_SYNC_DISTRIBUTED_BINARY",
-        default_value = "orly-sync-distributed"
+        default_value = Service::SyncDistributed.binary()
     )]
     pub sync_distributed_binary: String,
     /// orly-sync-distributed gRPC address.
     #[arg(
         long,
         env = "ORLY_LAUNCHER_SYNC_DISTRIBUTED_LISTEN",
-        default_value = "127.0.0.1:50061"
+        default_value = orly_consts::SYNC_DISTRIBUTED_LISTEN
     )]
     pub sync_distributed_listen: String,
 
@@ -73,14 +75,14 @@ pub struct LauncherConfig {
     #[arg(
         long,
         env = "ORLY_LAUNCHER_SYNC_CLUSTER_BINARY",
-        default_value = "orly-sync-cluster"
+        default_value = Service::SyncCluster.binary()
     )]
     pub sync_cluster_binary: String,
     /// orly-sync-cluster gRPC address.
     #[arg(
         long,
         env = "ORLY_LAUNCHER_SYNC_CLUSTER_LISTEN",
-        default_value = "127.0.0.1:50062"
+        default_value = orly_consts::SYNC_CLUSTER_LISTEN
     )]
     pub sync_cluster_listen: String,
 
@@ -91,14 +93,14 @@ pub struct LauncherConfig {
     #[arg(
         long,
         env = "ORLY_LAUNCHER_SYNC_RELAYGROUP_BINARY",
-        default_value = "orly-sync-relaygroup"
+        default_value = Service::SyncRelayGroup.binary()
     )]
     pub sync_relaygroup_binary: String,
     /// orly-sync-relaygroup gRPC address.
     #[arg(
         long,
         env = "ORLY_LAUNCHER_SYNC_RELAYGROUP_LISTEN",
-        default_value = "127.0.0.1:50063"
+        default_value = orly_consts::SYNC_RELAYGROUP_LISTEN
     )]
     pub sync_relaygroup_listen: String,
 
@@ -109,14 +111,14 @@ pub struct LauncherConfig {
     #[arg(
         long,
         env = "ORLY_LAUNCHER_SYNC_NEGENTROPY_BINARY",
-        default_value = "orly-sync-negentropy"
+        default_value = Service::SyncNegentropy.binary()
     )]
     pub sync_negentropy_binary: String,
     /// orly-sync-negentropy gRPC address.
     #[arg(
         long,
         env = "ORLY_LAUNCHER_SYNC_NEGENTROPY_LISTEN",
-        default_value = "127.0.0.1:50064"
+        default_value = orly_consts::SYNC_NEGENTROPY_LISTEN
     )]
     pub sync_negentropy_listen: String,
 
@@ -125,15 +127,18 @@ pub struct LauncherConfig {
     pub sync_ready_timeout: Duration,
 
     /// The relay binary.
-    #[arg(long, env = "ORLY_LAUNCHER_RELAY_BINARY", default_value = "orly")]
+    #[arg(long, env = "ORLY_LAUNCHER_RELAY_BINARY", default_value = Service::Relay.binary())]
     pub relay_binary: String,
-    /// The relay's address (passed to it as ORLY_LISTEN and ORLY_PORT).
-    #[arg(
-        long,
-        env = "ORLY_LAUNCHER_RELAY_LISTEN",
-        default_value = "127.0.0.1:3334"
-    )]
-    pub relay_listen: String,
+    /// The relay's address (passed to it as ORLY_LISTEN and ORLY_PORT) [default: ORLY_LISTEN
+    /// and ORLY_PORT when set, else 127.0.0.1:3334]. Wins over ORLY_LISTEN and ORLY_PORT.
+    #[arg(long, env = "ORLY_LAUNCHER_RELAY_LISTEN")]
+    pub relay_listen: Option<String>,
+    /// ORLY_LISTEN of the launcher's environment: the relay's own name for its address.
+    #[arg(skip = std::env::var(env::LISTEN).ok())]
+    pub orly_listen: Option<String>,
+    /// ORLY_PORT of the launcher's environment.
+    #[arg(skip = std::env::var(env::PORT).ok())]
+    pub orly_port: Option<String>,
     /// How long the relay may take to become Ready (its /readyz answering 200).
     #[arg(long, env = "ORLY_LAUNCHER_RELAY_READY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub relay_ready_timeout: Duration,
@@ -145,6 +150,6 @@ pub struct LauncherConfig {
     #[arg(long, env = "ORLY_LAUNCHER_RESTART_BACKOFF_MAX", default_value = "30s", value_parser = parse_duration)]
     pub restart_backoff_max: Duration,
     /// The launcher's own log level.
-    #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info")]
+    #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
     pub log_level: String,
 }

@@ -2,6 +2,7 @@
 //! then the enabled sync services in parallel, then the relay — each tier only once the one
 //! before reports Ready — restarts children that die, and stops them in reverse order.
 
+pub mod cli;
 pub mod config;
 pub mod plan;
 pub mod probe;
@@ -9,14 +10,19 @@ pub mod supervisor;
 
 use std::time::Duration;
 
+/// ORLY's name of the launcher binary: a link to `orly` under this name runs the launcher.
+pub const BINARY: &str = "orly-launcher";
+/// The launcher's subcommand of the `orly` binary.
+pub const SUBCOMMAND: &str = "launcher";
+
 pub use config::LauncherConfig;
-pub use plan::{plan, ServiceSpec, Tier};
+pub use plan::{plan, Exec, Executables, ServiceSpec, Tier};
 pub use supervisor::Supervised;
 
 /// Why the launcher could not bring the system up.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("cannot find the {service} binary {binary:?} (looked next to the launcher and in PATH); set {env}")]
+    #[error("cannot find the {service} binary {binary:?} (looked next to the launcher, in the launcher's own orly binary and in PATH); set {env}")]
     BinaryNotFound {
         service: &'static str,
         binary: String,

@@ -109,7 +109,7 @@ impl Supervised {
                 ChildState::SpawnFailed(reason) => {
                     return Err(LaunchError::Spawn {
                         service: self.spec.name,
-                        binary: self.spec.binary.display().to_string(),
+                        binary: self.spec.exec.binary.display().to_string(),
                         source: std::io::Error::other(reason),
                     })
                 }
@@ -153,7 +153,7 @@ async fn supervise(
         let mut child = match start(&spec, &output) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(service = spec.name, binary = %spec.binary.display(), error = %e, "cannot start");
+                tracing::error!(service = spec.name, binary = %spec.exec.binary.display(), error = %e, "cannot start");
                 let _ = state.send(ChildState::SpawnFailed(e.to_string()));
                 if !sleep_unless_stopped(&mut stop, backoff).await {
                     break;
@@ -164,7 +164,7 @@ async fn supervise(
         };
         let pid = child.id().unwrap_or(0);
         let started = Instant::now();
-        tracing::info!(service = spec.name, pid, restarts, "started");
+        tracing::info!(service = spec.name, pid, restarts, binary = %spec.exec.binary.display(), args = ?spec.exec.args, "started");
         let _ = state.send(ChildState::Running { pid, restarts });
         tokio::select! {
             status = child.wait() => {
@@ -199,7 +199,16 @@ async fn sleep_unless_stopped(stop: &mut watch::Receiver<Option<Duration>>, d: D
 }
 
 fn start(spec: &ServiceSpec, output: &Arc<Mutex<VecDeque<String>>>) -> std::io::Result<Child> {
-    let mut cmd = Command::new(&spec.binary);
+    let mut cmd = Command::new(&spec.exec.binary);
+    cmd.args(&spec.exec.args);
+    if let Some(arg0) = &spec.exec.arg0 {
+        cmd.arg0(arg0);
+    }
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| spec.removes(k)) {
+            cmd.env_remove(key);
+        }
+    }
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,56 +1,105 @@
-//! Relay configuration: every setting is a flag and an env var with ORLY's name.
+//! Relay configuration: every setting is a flag and an env var with ORLY's name, and
+//! [`ignored_variables`]: which of the set ones have no effect in the chosen mode.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser, ValueEnum};
 use nostr::PublicKey;
 use orly_acl::{AclConfig, Mode as AclMode};
 use orly_common::parse_duration;
 use orly_common::parse_pubkey_list;
+use orly_consts::env;
 use orly_db::{StoreConfig, StoreKind};
+
+/// Where access control runs (`ORLY_ACL_TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum AclType {
+    /// In this process, over the relay's own store.
+    #[default]
+    Local,
+    /// The orly-acl service.
+    Grpc,
+}
+
+/// Where the sync subsystems run (`ORLY_SYNC_TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum SyncType {
+    /// In this process.
+    #[default]
+    Local,
+    /// Their services (orly-sync-*).
+    Grpc,
+}
+
+impl std::fmt::Display for AclType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::Grpc => "grpc",
+        })
+    }
+}
+
+impl std::fmt::Display for SyncType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::Grpc => "grpc",
+        })
+    }
+}
+
+/// What `orly --help` says about NIP-77, and the README repeats.
+pub const NIP77_HELP: &str = "NIP-77 (negentropy sync for clients, e.g. `strfry sync` or nostr-sdk) is on by \
+default with --sync-type local: the relay answers NEG-OPEN / NEG-MSG / NEG-CLOSE itself and lists 77 \
+in NIP-11. ORLY_NEGENTROPY_ENABLED=false turns it off. With --sync-type grpc it needs the \
+orly-sync-negentropy service and ORLY_NEGENTROPY_ENABLED=true (orly launcher and the operator set \
+both).";
 
 /// The orly Nostr relay.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "orly",
     version,
-    about = "orly: a Nostr relay (WebSocket and HTTP on one port)"
+    about = "orly: a Nostr relay (WebSocket and HTTP on one port)",
+    after_help = NIP77_HELP
 )]
 pub struct Cli {
     /// Address to listen on.
-    #[arg(long, env = "ORLY_LISTEN", default_value = "127.0.0.1")]
+    #[arg(long, env = env::LISTEN, default_value = "127.0.0.1")]
     pub listen: IpAddr,
     /// Port to listen on.
-    #[arg(long, env = "ORLY_PORT", default_value_t = 3334)]
+    #[arg(long, env = env::PORT, default_value_t = orly_consts::Service::Relay.default_port())]
     pub port: u16,
     /// Log level or filter directive (e.g. info, debug, info,orly=trace).
-    #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info")]
+    #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
     pub log_level: String,
 
     /// Where events live: sqlite (embedded), postgres, or grpc (the orly-db service).
-    #[arg(long, env = "ORLY_DB_TYPE", default_value = "sqlite")]
+    #[arg(long, env = env::DB_TYPE, default_value = "sqlite")]
     pub db_type: StoreKind,
     /// Data directory holding the SQLite file (orly.db).
-    #[arg(long, env = "ORLY_DATA_DIR", default_value_os_t = orly_db::config::default_data_dir())]
+    #[arg(long, env = env::DATA_DIR, default_value_os_t = orly_db::config::default_data_dir())]
     pub data_dir: PathBuf,
     /// PostgreSQL URL for --db-type postgres.
-    #[arg(long, env = "ORLY_DB_URL")]
+    #[arg(long, env = env::DB_URL)]
     pub db_url: Option<String>,
     /// orly-db address for --db-type grpc; ORLY's name ORLY_GRPC_SERVER is read when this
     /// is unset [default: 127.0.0.1:50051].
-    #[arg(long, env = "ORLY_GRPC_DB_SERVER")]
+    #[arg(long, env = env::GRPC_DB_SERVER)]
     pub grpc_db_server: Option<String>,
     /// Deadline of one call to orly-db over gRPC.
     #[arg(long, env = "ORLY_GRPC_DB_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub grpc_db_timeout: Duration,
 
     /// Where access control runs: local (in this process) or grpc (the orly-acl service).
-    #[arg(long, env = "ORLY_ACL_TYPE", default_value = "local", value_parser = ["local", "grpc"])]
-    pub acl_type: String,
+    #[arg(long, env = env::ACL_TYPE, value_enum, default_value_t = AclType::Local)]
+    pub acl_type: AclType,
     /// orly-acl address for --acl-type grpc.
-    #[arg(long, env = "ORLY_GRPC_ACL_SERVER", default_value = "127.0.0.1:50052")]
+    #[arg(long, env = env::GRPC_ACL_SERVER, default_value = orly_consts::ACL_LISTEN)]
     pub grpc_acl_server: String,
     /// Deadline of one call to orly-acl; when it passes (or the service is down) the
     /// request is refused with `error:`.
@@ -82,18 +131,19 @@ pub struct Cli {
     #[arg(long, env = "ORLY_PRIVILEGED_OPEN", default_value_t = false)]
     pub privileged_open: bool,
 
-    /// Answer NIP-77 (NEG-OPEN / NEG-MSG / NEG-CLOSE) and list NIP 77 in NIP-11.
-    #[arg(long, env = "ORLY_NEGENTROPY_ENABLED", default_value_t = false)]
-    pub negentropy_enabled: bool,
+    /// Answer NIP-77 (NEG-OPEN / NEG-MSG / NEG-CLOSE) and list NIP 77 in NIP-11 [default: true
+    /// with --sync-type local; with grpc only when set to true].
+    #[arg(long, env = "ORLY_NEGENTROPY_ENABLED", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub negentropy_enabled: Option<bool>,
     /// Where the sync subsystems run: local (in this process) or grpc (their services).
-    #[arg(long, env = "ORLY_SYNC_TYPE", default_value = "local", value_parser = ["local", "grpc"])]
-    pub sync_type: String,
+    #[arg(long, env = env::SYNC_TYPE, value_enum, default_value_t = SyncType::Local)]
+    pub sync_type: SyncType,
     /// orly-sync-negentropy address(es) for --sync-type grpc; several comma-separated addresses
     /// are replicas: new sessions are spread over them and each stays on its replica.
     #[arg(
         long,
         env = "ORLY_GRPC_SYNC_NEGENTROPY",
-        default_value = "127.0.0.1:50064"
+        default_value = orly_consts::SYNC_NEGENTROPY_LISTEN
     )]
     pub grpc_sync_negentropy: String,
     /// Deadline of one call to a sync service.
@@ -137,9 +187,14 @@ pub struct Cli {
     #[arg(long, env = "ORLY_GRPC_SYNC_RELAYGROUP")]
     pub grpc_sync_relaygroup: Option<String>,
     /// Distributed sync peers (http(s) or ws(s) URLs, comma-separated) for local sync; with
-    /// peers or relay group admins the distributed sync runs in-process.
+    /// peers or relay group admins the distributed sync runs in-process. The service's name
+    /// ORLY_SYNC_DISTRIBUTED_PEERS is read first; this is ORLY's relay-level name.
     #[arg(long, env = "ORLY_RELAY_PEERS", default_value = "")]
     pub relay_peers: String,
+    /// Distributed sync peers under the service's name (local sync); wins over
+    /// ORLY_RELAY_PEERS when both are set.
+    #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_PEERS")]
+    pub sync_distributed_peers: Option<String>,
     /// Time between distributed pulls from each peer (local sync).
     #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub distributed_interval: Duration,
@@ -147,19 +202,32 @@ pub struct Cli {
     /// 0: poll every interval).
     #[arg(long, env = "ORLY_SYNC_DISTRIBUTED_LONG_POLL", default_value = "25s", value_parser = parse_duration)]
     pub distributed_long_poll: Duration,
-    /// Who may publish cluster membership (kind 39108), npub or hex (local sync); falls back to
-    /// ORLY_ADMINS, as ORLY does. With admins the cluster sync runs in-process.
+    /// Who may publish cluster membership (kind 39108), npub or hex (local sync); the
+    /// service's name ORLY_SYNC_CLUSTER_ADMINS is read first, then this, then ORLY_ADMINS, as
+    /// ORLY does. With admins the cluster sync runs in-process.
     #[arg(long, env = "ORLY_CLUSTER_ADMINS")]
     pub cluster_admins: Option<String>,
-    /// Replicate privileged events (DMs, gift wraps, …) between cluster members (local sync).
-    #[arg(long, env = "ORLY_CLUSTER_PROPAGATE_PRIVILEGED_EVENTS", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
-    pub cluster_propagate_privileged: bool,
+    /// Cluster admins under the service's name (local sync); wins over ORLY_CLUSTER_ADMINS.
+    #[arg(long, env = "ORLY_SYNC_CLUSTER_ADMINS")]
+    pub sync_cluster_admins: Option<String>,
+    /// Replicate privileged events (DMs, gift wraps, …) between cluster members (local sync)
+    /// [default: true]; the service's name ORLY_SYNC_CLUSTER_PROPAGATE_PRIVILEGED wins.
+    #[arg(long, env = "ORLY_CLUSTER_PROPAGATE_PRIVILEGED_EVENTS", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub cluster_propagate_privileged_events: Option<bool>,
+    /// Whether to replicate privileged events, under the service's name (local sync).
+    #[arg(long, env = "ORLY_SYNC_CLUSTER_PROPAGATE_PRIVILEGED", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub sync_cluster_propagate_privileged: Option<bool>,
     /// Pause after a failed cluster poll (local sync).
     #[arg(long, env = "ORLY_SYNC_CLUSTER_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub cluster_poll_interval: Duration,
-    /// Who may publish relay group configs (kinds 39105 and 10008), npub or hex (local sync).
+    /// Who may publish relay group configs (kinds 39105 and 10008), npub or hex (local sync);
+    /// the service's name ORLY_SYNC_RELAYGROUP_ADMINS is read first.
     #[arg(long, env = "ORLY_RELAY_GROUP_ADMINS", default_value = "")]
     pub relay_group_admins: String,
+    /// Relay group admins under the service's name (local sync); wins over
+    /// ORLY_RELAY_GROUP_ADMINS.
+    #[arg(long, env = "ORLY_SYNC_RELAYGROUP_ADMINS")]
+    pub sync_relaygroup_admins: Option<String>,
     /// How often the relay looks for events stored by other processes (sync services, other
     /// relay replicas) to deliver them to live subscriptions; 0 disables.
     #[arg(long, env = "ORLY_STORE_FOLLOW_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
@@ -220,8 +288,8 @@ impl Cli {
         let grpc_server = self
             .grpc_db_server
             .clone()
-            .or_else(|| std::env::var("ORLY_GRPC_SERVER").ok())
-            .unwrap_or_else(|| "127.0.0.1:50051".into());
+            .or_else(|| std::env::var(env::GRPC_SERVER).ok())
+            .unwrap_or_else(|| orly_consts::DB_LISTEN.into());
         StoreConfig {
             kind: self.db_type,
             data_dir: self.data_dir.clone(),
@@ -230,6 +298,47 @@ impl Cli {
             grpc_timeout: self.grpc_db_timeout,
             ..StoreConfig::default()
         }
+    }
+
+    /// Whether the relay answers NIP-77: as set, else on in local sync mode.
+    pub fn negentropy(&self) -> bool {
+        self.negentropy_enabled
+            .unwrap_or(self.sync_type == SyncType::Local)
+    }
+
+    /// The distributed sync peers (local sync): ORLY_SYNC_DISTRIBUTED_PEERS, else
+    /// ORLY_RELAY_PEERS.
+    pub fn distributed_peers(&self) -> &str {
+        first_set(&[
+            self.sync_distributed_peers.as_deref(),
+            Some(&self.relay_peers),
+        ])
+    }
+
+    /// Who may publish cluster membership (local sync): ORLY_SYNC_CLUSTER_ADMINS, else
+    /// ORLY_CLUSTER_ADMINS, else ORLY_ADMINS.
+    pub fn cluster_admin_list(&self) -> &str {
+        first_set(&[
+            self.sync_cluster_admins.as_deref(),
+            self.cluster_admins.as_deref(),
+            Some(&self.admins),
+        ])
+    }
+
+    /// Whether the cluster replicates privileged events (local sync); true unless set.
+    pub fn cluster_propagate_privileged(&self) -> bool {
+        self.sync_cluster_propagate_privileged
+            .or(self.cluster_propagate_privileged_events)
+            .unwrap_or(true)
+    }
+
+    /// Who may publish relay group configs (local sync): ORLY_SYNC_RELAYGROUP_ADMINS, else
+    /// ORLY_RELAY_GROUP_ADMINS.
+    pub fn relay_group_admin_list(&self) -> &str {
+        first_set(&[
+            self.sync_relaygroup_admins.as_deref(),
+            Some(&self.relay_group_admins),
+        ])
     }
 
     /// `ORLY_OWNERS` and `ORLY_ADMINS`, parsed.
@@ -309,6 +418,107 @@ impl Cli {
     }
 }
 
+/// The first value that is set and not blank, else "".
+fn first_set<'a>(values: &[Option<&'a str>]) -> &'a str {
+    values
+        .iter()
+        .flatten()
+        .copied()
+        .find(|v| !v.trim().is_empty())
+        .unwrap_or("")
+}
+
+/// The variables read by the relay's in-process NIP-77 engine and negentropy peer sync.
+const LOCAL_NEGENTROPY_VARS: &[&str] = &[
+    "ORLY_SYNC_NEGENTROPY_FRAME_SIZE",
+    "ORLY_SYNC_NEGENTROPY_ID_SIZE",
+    "ORLY_SYNC_NEGENTROPY_SESSION_TIMEOUT",
+    "ORLY_SYNC_NEGENTROPY_MAX_RECORDS",
+    "ORLY_SYNC_NEGENTROPY_PEERS",
+    "ORLY_SYNC_NEGENTROPY_INTERVAL",
+];
+
+/// The variables read by the relay's in-process distributed, cluster and relay group sync.
+const LOCAL_PEER_SYNC_VARS: &[&str] = &[
+    "ORLY_RELAY_PEERS",
+    "ORLY_SYNC_DISTRIBUTED_PEERS",
+    "ORLY_SYNC_DISTRIBUTED_INTERVAL",
+    "ORLY_SYNC_DISTRIBUTED_LONG_POLL",
+    "ORLY_CLUSTER_ADMINS",
+    "ORLY_SYNC_CLUSTER_ADMINS",
+    "ORLY_CLUSTER_PROPAGATE_PRIVILEGED_EVENTS",
+    "ORLY_SYNC_CLUSTER_PROPAGATE_PRIVILEGED",
+    "ORLY_SYNC_CLUSTER_POLL_INTERVAL",
+    "ORLY_RELAY_GROUP_ADMINS",
+    "ORLY_SYNC_RELAYGROUP_ADMINS",
+];
+
+/// The variables naming the sync services (`--sync-type grpc`).
+const GRPC_SYNC_VARS: &[&str] = &[
+    "ORLY_GRPC_SYNC_DISTRIBUTED",
+    "ORLY_GRPC_SYNC_CLUSTER",
+    "ORLY_GRPC_SYNC_RELAYGROUP",
+    "ORLY_GRPC_SYNC_NEGENTROPY",
+    "ORLY_GRPC_SYNC_TIMEOUT",
+];
+
+/// The variables that are set (`is_set(name)`) but have no effect with `cli`'s modes, in a
+/// stable order, so the relay can name them at start-up instead of silently doing nothing.
+/// A variable shadowed by another name of the same setting counts too (ORLY_RELAY_PEERS
+/// when ORLY_SYNC_DISTRIBUTED_PEERS is set).
+pub fn ignored_variables(cli: &Cli, is_set: impl Fn(&str) -> bool) -> Vec<&'static str> {
+    let mut ignored: Vec<&'static str> = Vec::new();
+    let mut when = |cond: bool, names: &[&'static str]| {
+        if cond {
+            ignored.extend(names.iter().copied().filter(|n| is_set(n)));
+        }
+    };
+    let db = cli.db_type;
+    when(db != StoreKind::Postgres, &[env::DB_URL]);
+    when(db != StoreKind::Sqlite, &[env::DATA_DIR]);
+    when(
+        db != StoreKind::Grpc,
+        &[
+            env::GRPC_DB_SERVER,
+            env::GRPC_SERVER,
+            "ORLY_GRPC_DB_TIMEOUT",
+        ],
+    );
+    let acl_grpc = cli.acl_type == AclType::Grpc;
+    when(!acl_grpc, &[env::GRPC_ACL_SERVER, "ORLY_GRPC_ACL_TIMEOUT"]);
+    // The service re-reads its own lists; the relay's refresh interval is then unused.
+    when(acl_grpc, &["ORLY_FOLLOW_LIST_FREQUENCY"]);
+    match cli.sync_type {
+        SyncType::Local => {
+            when(true, GRPC_SYNC_VARS);
+            when(!cli.negentropy(), LOCAL_NEGENTROPY_VARS);
+        }
+        SyncType::Grpc => {
+            when(true, LOCAL_NEGENTROPY_VARS);
+            when(true, LOCAL_PEER_SYNC_VARS);
+            when(!cli.negentropy(), &["ORLY_GRPC_SYNC_NEGENTROPY"]);
+        }
+    }
+    if cli.sync_type == SyncType::Local {
+        // Shadowed: the service's name of the same setting wins.
+        let shadowed = [
+            ("ORLY_SYNC_DISTRIBUTED_PEERS", "ORLY_RELAY_PEERS"),
+            ("ORLY_SYNC_CLUSTER_ADMINS", "ORLY_CLUSTER_ADMINS"),
+            (
+                "ORLY_SYNC_CLUSTER_PROPAGATE_PRIVILEGED",
+                "ORLY_CLUSTER_PROPAGATE_PRIVILEGED_EVENTS",
+            ),
+            ("ORLY_SYNC_RELAYGROUP_ADMINS", "ORLY_RELAY_GROUP_ADMINS"),
+        ];
+        for (wins, loses) in shadowed {
+            when(is_set(wins), &[loses]);
+        }
+    }
+    ignored.sort_unstable();
+    ignored.dedup();
+    ignored
+}
+
 /// Limits enforced per connection and per message.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -374,5 +584,167 @@ impl Default for RelayConfig {
             contact: None,
             limits: Limits::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configuration of `args` alone: the process environment is not read.
+    fn cli(args: &[&str]) -> Cli {
+        let mut all = vec!["orly"];
+        all.extend_from_slice(args);
+        let cmd = <Cli as clap::CommandFactory>::command();
+        // Without env lookups, so a variable of the test's own environment cannot leak in.
+        let cmd = cmd.mut_args(|a| a.env(None::<&str>));
+        let matches = cmd.try_get_matches_from(all).unwrap();
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap()
+    }
+
+    fn ignored(args: &[&str], set: &[&str]) -> Vec<&'static str> {
+        ignored_variables(&cli(args), |n| set.contains(&n))
+    }
+
+    #[test]
+    fn nip77_is_on_in_local_mode_unless_turned_off() {
+        assert!(cli(&[]).negentropy());
+        assert!(!cli(&["--negentropy-enabled", "false"]).negentropy());
+        assert!(!cli(&["--negentropy-enabled", "0"]).negentropy());
+        assert!(!cli(&["--sync-type", "grpc"]).negentropy());
+        assert!(cli(&["--sync-type", "grpc", "--negentropy-enabled", "yes"]).negentropy());
+    }
+
+    #[test]
+    fn the_services_names_come_first() {
+        let c = cli(&["--relay-peers", "http://a"]);
+        assert_eq!(c.distributed_peers(), "http://a");
+        let c = cli(&[
+            "--relay-peers",
+            "http://a",
+            "--sync-distributed-peers",
+            "http://b",
+        ]);
+        assert_eq!(c.distributed_peers(), "http://b");
+        let c = cli(&["--sync-distributed-peers", " ", "--relay-peers", "http://a"]);
+        assert_eq!(c.distributed_peers(), "http://a");
+        let c = cli(&["--admins", "x"]);
+        assert_eq!(c.cluster_admin_list(), "x");
+        let c = cli(&["--admins", "x", "--cluster-admins", "y"]);
+        assert_eq!(c.cluster_admin_list(), "y");
+        let c = cli(&["--cluster-admins", "y", "--sync-cluster-admins", "z"]);
+        assert_eq!(c.cluster_admin_list(), "z");
+        assert!(cli(&[]).cluster_propagate_privileged());
+        let c = cli(&[
+            "--cluster-propagate-privileged-events",
+            "true",
+            "--sync-cluster-propagate-privileged",
+            "false",
+        ]);
+        assert!(!c.cluster_propagate_privileged());
+        let c = cli(&["--sync-relaygroup-admins", "g", "--relay-group-admins", "h"]);
+        assert_eq!(c.relay_group_admin_list(), "g");
+        assert_eq!(cli(&["--acl-type", "grpc"]).acl_type, AclType::Grpc);
+        assert!(<Cli as clap::CommandFactory>::command()
+            .try_get_matches_from(["orly", "--acl-type", "remote"])
+            .is_err());
+    }
+
+    #[test]
+    fn nothing_set_nothing_ignored() {
+        assert!(ignored(&[], &[]).is_empty());
+        assert!(ignored(&["--db-type", "grpc", "--sync-type", "grpc"], &[]).is_empty());
+    }
+
+    #[test]
+    fn storage_settings_of_another_backend_are_named() {
+        let set = [
+            "ORLY_DB_URL",
+            "ORLY_DATA_DIR",
+            "ORLY_GRPC_DB_SERVER",
+            "ORLY_GRPC_SERVER",
+        ];
+        assert_eq!(
+            ignored(&[], &set),
+            vec!["ORLY_DB_URL", "ORLY_GRPC_DB_SERVER", "ORLY_GRPC_SERVER"]
+        );
+        assert_eq!(
+            ignored(&["--db-type", "postgres"], &set),
+            vec!["ORLY_DATA_DIR", "ORLY_GRPC_DB_SERVER", "ORLY_GRPC_SERVER"]
+        );
+        assert_eq!(
+            ignored(&["--db-type", "grpc"], &set),
+            vec!["ORLY_DATA_DIR", "ORLY_DB_URL"]
+        );
+    }
+
+    #[test]
+    fn acl_settings_of_the_other_placement_are_named() {
+        let set = [
+            "ORLY_GRPC_ACL_SERVER",
+            "ORLY_GRPC_ACL_TIMEOUT",
+            "ORLY_FOLLOW_LIST_FREQUENCY",
+        ];
+        assert_eq!(
+            ignored(&[], &set),
+            vec!["ORLY_GRPC_ACL_SERVER", "ORLY_GRPC_ACL_TIMEOUT"]
+        );
+        assert_eq!(
+            ignored(&["--acl-type", "grpc"], &set),
+            vec!["ORLY_FOLLOW_LIST_FREQUENCY"]
+        );
+    }
+
+    #[test]
+    fn sync_settings_of_the_other_placement_are_named() {
+        let set = [
+            "ORLY_GRPC_SYNC_DISTRIBUTED",
+            "ORLY_GRPC_SYNC_NEGENTROPY",
+            "ORLY_RELAY_PEERS",
+            "ORLY_SYNC_NEGENTROPY_PEERS",
+            "ORLY_CLUSTER_ADMINS",
+        ];
+        assert_eq!(
+            ignored(&[], &set),
+            vec!["ORLY_GRPC_SYNC_DISTRIBUTED", "ORLY_GRPC_SYNC_NEGENTROPY"]
+        );
+        assert_eq!(
+            ignored(
+                &["--sync-type", "grpc", "--negentropy-enabled", "true"],
+                &set
+            ),
+            vec![
+                "ORLY_CLUSTER_ADMINS",
+                "ORLY_RELAY_PEERS",
+                "ORLY_SYNC_NEGENTROPY_PEERS"
+            ]
+        );
+        // Without NIP-77 the negentropy service's address is unused too.
+        assert!(ignored(&["--sync-type", "grpc"], &set).contains(&"ORLY_GRPC_SYNC_NEGENTROPY"));
+    }
+
+    #[test]
+    fn negentropy_settings_without_nip77_are_named() {
+        let set = [
+            "ORLY_SYNC_NEGENTROPY_PEERS",
+            "ORLY_SYNC_NEGENTROPY_FRAME_SIZE",
+        ];
+        assert!(ignored(&[], &set).is_empty());
+        assert_eq!(
+            ignored(&["--negentropy-enabled", "false"], &set),
+            vec![
+                "ORLY_SYNC_NEGENTROPY_FRAME_SIZE",
+                "ORLY_SYNC_NEGENTROPY_PEERS"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_name_shadowed_by_the_services_name_is_named() {
+        let set = ["ORLY_SYNC_DISTRIBUTED_PEERS", "ORLY_RELAY_PEERS"];
+        assert_eq!(ignored(&[], &set), vec!["ORLY_RELAY_PEERS"]);
+        assert!(ignored(&[], &["ORLY_RELAY_PEERS"]).is_empty());
+        let set = ["ORLY_SYNC_RELAYGROUP_ADMINS", "ORLY_RELAY_GROUP_ADMINS"];
+        assert_eq!(ignored(&[], &set), vec!["ORLY_RELAY_GROUP_ADMINS"]);
     }
 }

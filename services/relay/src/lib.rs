@@ -2,6 +2,7 @@
 //! [`orly_db::EventStore`] (in-process or over gRPC) and an [`acl::Acl`].
 
 pub use orly_common::acl;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod message;
@@ -10,5 +11,5 @@ pub mod server;
 pub mod subscriptions;
 pub mod sync;
 
-pub use config::{Cli, Limits, RelayConfig};
+pub use config::{AclType, Cli, Limits, RelayConfig, SyncType};
 pub use server::{spawn, Relay, RunningRelay};

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{free_port, grpc_store, note, now, workspace_bin, DbProcess, RawClient};
+use common::{free_port, grpc_store, note, now, orly_command, DbProcess, RawClient};
 use nostr::{Event, EventBuilder, JsonUtil, Keys, Kind, PublicKey, Tag, Timestamp};
 use orly::acl::Acl;
 use orly::{Relay, RelayConfig, RunningRelay};
@@ -717,7 +717,7 @@ async fn auth_flags_and_privileged_kinds(t: Transport) {
 }
 
 // ---------------------------------------------------------------------------------------
-// The real orly-acl binary, over orly-db, killed and restarted.
+// The real orly-acl service (`orly acl`), over orly-db, killed and restarted.
 
 struct AclProcess {
     child: std::process::Child,
@@ -725,7 +725,7 @@ struct AclProcess {
 
 impl AclProcess {
     fn start(port: u16, db: SocketAddr, owner: &Keys) -> Self {
-        let child = std::process::Command::new(workspace_bin("orly-acl"))
+        let child = orly_command("acl")
             .env("ORLY_ACL_LISTEN", format!("127.0.0.1:{port}"))
             .env("ORLY_ACL_MODE", "managed")
             .env("ORLY_ACL_DB_TYPE", "grpc")

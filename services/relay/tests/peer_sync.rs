@@ -11,11 +11,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{free_port, note, now, workspace_bin, RawClient};
+use common::{free_port, note, now, orly_command, RawClient};
 use nostr::nips::nip19::ToBech32;
 use nostr::{EventBuilder, Keys, Kind, Tag, Timestamp};
 use rustix::process::{kill_process, Pid, Signal};
@@ -71,22 +71,11 @@ impl Node {
     }
 
     fn start(&mut self) {
-        let bin = match self.mode {
-            Mode::Local => workspace_bin("orly"),
-            Mode::Split => {
-                for b in [
-                    "orly",
-                    "orly-db",
-                    "orly-sync-distributed",
-                    "orly-sync-cluster",
-                    "orly-sync-relaygroup",
-                ] {
-                    workspace_bin(b);
-                }
-                workspace_bin("orly-launcher")
-            }
-        };
-        let mut cmd = Command::new(bin);
+        // The launcher starts every service through the same orly binary.
+        let mut cmd = orly_command(match self.mode {
+            Mode::Local => "",
+            Mode::Split => "launcher",
+        });
         cmd.env("ORLY_DATA_DIR", &self.data)
             .env("ORLY_RELAY_URL", self.ws())
             .env("ORLY_LOG_LEVEL", "info,orly_sync=debug")
@@ -470,6 +459,44 @@ async fn distributed_sync_propagates_and_catches_up_after_a_restart(mode: Mode) 
         .await;
     let count = c.recv_type("COUNT").await;
     assert_eq!(count[2]["count"], all.len());
+}
+
+/// ORLY's service name for the distributed peers works on a local relay as well as the relay
+/// name: A is given B as ORLY_SYNC_DISTRIBUTED_PEERS, B is given A as ORLY_RELAY_PEERS (each
+/// side must list the other to accept its pulls), and events published to either reach the
+/// other. A shadowed name is reported: C has both, and names ORLY_RELAY_PEERS as unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_relay_syncs_with_the_peers_of_orly_sync_distributed_peers() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Node::new(Mode::Local, da.path());
+    let mut b = Node::new(Mode::Local, db.path());
+    a.set("ORLY_SYNC_DISTRIBUTED_PEERS", b.http());
+    b.set("ORLY_RELAY_PEERS", a.http());
+    for n in [&mut a, &mut b] {
+        n.set("ORLY_SYNC_DISTRIBUTED_INTERVAL", "200ms");
+    }
+    a.start();
+    b.start();
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let keys = Keys::generate();
+    let on_b = publish(&b, &notes(&keys, "published on B", 5)).await;
+    wait_all(&a, &on_b, "B -> A through ORLY_SYNC_DISTRIBUTED_PEERS").await;
+    let on_a = publish(&a, &notes(&keys, "published on A", 5)).await;
+    wait_all(&b, &on_a, "A -> B through ORLY_RELAY_PEERS").await;
+
+    let dc = tempfile::tempdir().unwrap();
+    let mut c = Node::new(Mode::Local, dc.path());
+    c.set("ORLY_SYNC_DISTRIBUTED_PEERS", a.http());
+    c.set("ORLY_RELAY_PEERS", "http://127.0.0.1:9");
+    c.start_ready().await;
+    let warned = c
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("WARN") && l.contains("ORLY_RELAY_PEERS is set but has no effect"));
+    assert!(warned, "{}", c.log_text());
 }
 
 /// Cluster: membership from kind 39108 by the admin; members replicate each other at once,

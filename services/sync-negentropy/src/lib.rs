@@ -14,6 +14,7 @@
 //! relay-facing trait and its errors in [`handler`], the gRPC face in [`grpc_server`] and
 //! [`grpc_client`], several replicas behind one handler in [`replicas`].
 
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod grpc_client;

@@ -1,5 +1,11 @@
-//! What the three service binaries share: storage options and ORLY's variable fallbacks (their
-//! run loop is `orly_common::service::serve_until_signal`).
+//! The command lines of the three services (`orly sync-distributed`, `orly sync-cluster`,
+//! `orly sync-relaygroup`, ORLY's `orly-sync-*`), one submodule each, and what they share:
+//! storage options and ORLY's variable fallbacks (their run loop is
+//! `orly_common::service::serve_until_signal`). The `orly` binary dispatches here.
+
+pub mod cluster;
+pub mod distributed;
+pub mod relaygroup;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,16 +54,16 @@ pub async fn store(
         .with_context(|| format!("cannot open the {} store", cfg.kind))
 }
 
-/// Declares a service binary's `Args`: the options every sync service has — listen address,
+/// Declares a service's `Args`: the options every sync service has — listen address,
 /// storage, log level, metrics, with env names under `prefix` — followed by its own fields.
-/// Also gives `Args::parse_all()` (the arguments and the log level, with ORLY's
+/// Also gives `Args::parse_from_args(args)` (the arguments and the log level, with ORLY's
 /// `<prefix>_LOG_LEVEL` fallback) and `Args::open_store()`.
 #[macro_export]
 macro_rules! service_args {
     (
         name: $name:literal,
         prefix: $prefix:literal,
-        listen: $listen:literal,
+        listen: $listen:expr,
         about: $about:literal,
         { $($extra:tt)* }
     ) => {
@@ -71,7 +77,7 @@ macro_rules! service_args {
             #[arg(long, env = concat!($prefix, "_DB_TYPE"), default_value = "grpc")]
             db_type: orly_db::StoreKind,
             /// orly-db address with --db-type grpc.
-            #[arg(long, env = concat!($prefix, "_DB_SERVER"), default_value = "127.0.0.1:50051")]
+            #[arg(long, env = concat!($prefix, "_DB_SERVER"), default_value = orly_consts::DB_LISTEN)]
             db_server: String,
             /// Deadline of one orly-db call with --db-type grpc.
             #[arg(long, env = concat!($prefix, "_DB_TIMEOUT"), default_value = "10s", value_parser = orly_common::parse_duration)]
@@ -92,10 +98,15 @@ macro_rules! service_args {
         }
 
         impl Args {
-            /// The arguments (exits with clap's message on bad ones) and the log level.
-            fn parse_all() -> (Self, String) {
+            /// The arguments (the first is the program name; exits with clap's message on bad
+            /// ones or `--help`) and the log level.
+            fn parse_from_args<I, T>(args: I) -> (Self, String)
+            where
+                I: IntoIterator<Item = T>,
+                T: Into<std::ffi::OsString> + Clone,
+            {
                 use clap::{CommandFactory, FromArgMatches};
-                let matches = Self::command().get_matches();
+                let matches = Self::command().get_matches_from(args);
                 let args = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
                 let level = orly_common::service::log_level(
                     &matches,

@@ -31,21 +31,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The path of a workspace binary next to the test executable, built on demand.
-pub fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        // `--workspace`: the binary may belong to another package (orly-sync, orly-launcher).
-        let status = Command::new(cargo)
-            .args(["build", "--workspace", "--bin", name])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build --bin {name} failed");
+/// This package's `orly` binary: the relay, and by subcommand every service and the
+/// launcher. Cargo builds it for these tests, so nothing is built on demand.
+pub fn orly_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_orly"))
+}
+
+/// A command running `program` of the orly binary: `""` for the relay, else its subcommand
+/// (`db`, `acl`, `sync-distributed`, …, `launcher`).
+pub fn orly_command(program: &str) -> Command {
+    let mut cmd = Command::new(orly_bin());
+    if !program.is_empty() {
+        cmd.arg(program);
     }
-    path
+    cmd
 }
 
 /// An orly-db child process, killed on drop.
@@ -58,7 +57,7 @@ pub struct DbProcess {
 impl DbProcess {
     pub async fn start(data_dir: &Path, port: u16) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(workspace_bin("orly-db"))
+        let child = orly_command("db")
             .env("ORLY_DB_LISTEN", addr.to_string())
             .env("ORLY_DB_TYPE", "sqlite")
             .env("ORLY_DATA_DIR", data_dir)

@@ -1,96 +1,106 @@
-//! orly-sync-negentropy: serves NIP-77 sessions for the relay and syncs with peer relays over
-//! negentropy, as `orlysync.negentropy.v1.NegentropyService` with `grpc.health.v1`, until
-//! SIGTERM/SIGINT.
+//! `orly sync-negentropy` (ORLY's `orly-sync-negentropy`): the negentropy service's command
+//! line. Serves NIP-77 sessions for the relay and syncs with peer relays over negentropy, as
+//! `orlysync.negentropy.v1.NegentropyService` with `grpc.health.v1`, until SIGTERM/SIGINT. The
+//! `orly` binary dispatches here; anyhow is used only because this is the top of a program.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::builder::BoolishValueParser;
-use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
 use nostr::{Filter, JsonUtil};
+use orly_consts::{env, Service};
 use orly_db::{config, open_store, StoreConfig, StoreKind};
-use orly_sync_negentropy::peers::parse_peer_list;
-use orly_sync_negentropy::{
-    grpc_server, EngineSettings, NegentropyEngine, SyncManager, SyncSettings,
-};
 
+use crate::peers::parse_peer_list;
+use crate::{grpc_server, EngineSettings, NegentropyEngine, SyncManager, SyncSettings};
+
+/// The service's flags, each with ORLY's env name.
 #[derive(Debug, Parser)]
 #[command(
     name = "orly-sync-negentropy",
     version,
     about = "orly negentropy service: NIP-77 sessions for clients and relay-to-relay negentropy sync"
 )]
-struct Args {
+pub struct Args {
     /// gRPC listen address (host:port).
     #[arg(
         long,
         env = "ORLY_SYNC_NEGENTROPY_LISTEN",
-        default_value = "127.0.0.1:50064"
+        default_value = orly_consts::SYNC_NEGENTROPY_LISTEN
     )]
-    listen: String,
+    pub listen: String,
     /// Storage: grpc (orly-db), sqlite or postgres.
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_DB_TYPE", default_value = "grpc")]
-    db_type: StoreKind,
+    pub db_type: StoreKind,
     /// orly-db address with --db-type grpc.
     #[arg(
         long,
         env = "ORLY_SYNC_NEGENTROPY_DB_SERVER",
-        default_value = "127.0.0.1:50051"
+        default_value = orly_consts::DB_LISTEN
     )]
-    db_server: String,
+    pub db_server: String,
     /// Data directory holding the SQLite file (orly.db) with --db-type sqlite.
-    #[arg(long, env = "ORLY_DATA_DIR", default_value_os_t = config::default_data_dir())]
-    data_dir: PathBuf,
+    #[arg(long, env = env::DATA_DIR, default_value_os_t = config::default_data_dir())]
+    pub data_dir: PathBuf,
     /// PostgreSQL URL with --db-type postgres, e.g. postgres://user:pass@127.0.0.1/orly.
-    #[arg(long, env = "ORLY_DB_URL")]
-    db_url: Option<String>,
+    #[arg(long, env = env::DB_URL)]
+    pub db_url: Option<String>,
     /// Peer relays to sync with, comma-separated ws:// or wss:// URLs (added to the stored list).
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_PEERS", default_value = "")]
-    peers: String,
+    pub peers: String,
     /// Time between sync passes over all peers (e.g. 60s, 5m).
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_INTERVAL", default_value = "60s", value_parser = orly_common::parse_duration)]
-    interval: Duration,
+    pub interval: Duration,
     /// Largest negentropy message we send, in bytes: 0 (unlimited) or at least 4096.
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_FRAME_SIZE", default_value_t = 4096)]
-    frame_size: u64,
+    pub frame_size: u64,
     /// Id size in bytes. Negentropy protocol V1 (0x61) fixes ids at 32 bytes, the only value
     /// accepted (older NIP-77 drafts allowed shorter ids; ORLY's default was 16).
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_ID_SIZE", default_value_t = 32)]
-    id_size: usize,
+    pub id_size: usize,
     /// Idle time after which a client session is closed (NEG-ERR "closed: …" afterwards).
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_SESSION_TIMEOUT", default_value = "5m", value_parser = orly_common::parse_duration)]
-    session_timeout: Duration,
+    pub session_timeout: Duration,
     /// Most events one session or peer sync may reconcile (NEG-ERR "blocked: …" above); 0: no cap.
     #[arg(
         long,
         env = "ORLY_SYNC_NEGENTROPY_MAX_RECORDS",
         default_value_t = 1_000_000
     )]
-    max_records: usize,
+    pub max_records: usize,
     /// Events synced with peers, as a NIP-01 filter in JSON (default: everything).
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_FILTER", default_value = "")]
-    filter: String,
+    pub filter: String,
     /// Start the periodic peer sync at start-up (false: only the Start RPC starts it).
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_AUTOSTART", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
-    autostart: bool,
+    pub autostart: bool,
     /// Deadline of one orly-db call with --db-type grpc.
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_DB_TIMEOUT", default_value = "10s", value_parser = orly_common::parse_duration)]
-    db_timeout: Duration,
+    pub db_timeout: Duration,
     /// Log level or tracing filter directive (falls back to ORLY_SYNC_NEGENTROPY_LOG_LEVEL when unset).
-    #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info")]
-    log_level: String,
+    #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
+    pub log_level: String,
     /// Prometheus /metrics listen address (host:port); empty disables metrics.
-    #[arg(long, env = "ORLY_METRICS_LISTEN", default_value = "")]
-    metrics_listen: String,
+    #[arg(long, env = env::METRICS_LISTEN, default_value = "")]
+    pub metrics_listen: String,
 }
 
-fn main() -> std::process::ExitCode {
-    orly_common::service::run_main("orly-sync-negentropy", run())
+/// Runs the service with `args` (the first one is the program name, as in `std::env::args`).
+/// Bad arguments and `--help` exit the process with clap's message.
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = Args::command().get_matches_from(args);
+    orly_common::service::run_main(Service::SyncNegentropy.binary(), run(matches))
 }
 
-async fn run() -> anyhow::Result<()> {
-    let matches = Args::command().get_matches();
+async fn run(matches: ArgMatches) -> anyhow::Result<()> {
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     orly_common::init_tracing(&orly_common::service::log_level(
         &matches,
@@ -161,7 +171,7 @@ async fn run() -> anyhow::Result<()> {
 
     let stopper = manager.clone();
     orly_common::service::serve_until_signal(
-        "orly-sync-negentropy",
+        Service::SyncNegentropy.binary(),
         &args.listen,
         &args.metrics_listen,
         |listener, shutdown| grpc_server::serve(listener, engine, manager, shutdown),
@@ -173,4 +183,18 @@ async fn run() -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_orlys() {
+        Args::command().debug_assert();
+        let args = Args::try_parse_from(["orly-sync-negentropy"]).unwrap();
+        assert_eq!(args.listen, orly_consts::SYNC_NEGENTROPY_LISTEN);
+        assert_eq!(args.db_server, orly_consts::DB_LISTEN);
+        assert!(args.autostart);
+    }
 }

@@ -1,4 +1,4 @@
-//! A plain-text table, shared by the benchmark binaries (included with `#[path]`).
+//! A plain-text table, shared by the benchmark binaries.
 
 /// Aligned plain text: first column left-aligned, the rest right-aligned.
 pub fn render(table: &[Vec<String>]) -> String {
@@ -30,4 +30,16 @@ pub fn render(table: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn columns_align() {
+        let t = vec![
+            vec!["mode".to_string(), "rate".to_string()],
+            vec!["local".to_string(), "12345".to_string()],
+        ];
+        assert_eq!(super::render(&t), "mode    rate\nlocal  12345\n");
+    }
 }

@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::dataset::Dataset;
+use super::dataset::Dataset;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 

@@ -1,10 +1,11 @@
 //! `orly-bench`: ingest rate, REQ latency and memory of the real `orly` relay binary in three
 //! modes (local/SQLite, split/SQLite over gRPC, local/PostgreSQL), printed as one table.
 //!
-//! Run from the workspace root; `orly` and `orly-db` must sit next to `orly-bench`:
+//! Run from the workspace root; `orly` (which also runs `orly db` and `orly acl`) must sit
+//! next to `orly-bench`:
 //!
 //! ```text
-//! cargo build --release -p orly -p orly-db -p orly-acl --bins && target/release/orly-bench
+//! cargo build --release -p orly -p orly-bench && target/release/orly-bench
 //! ```
 //!
 //! (with `CARGO_TARGET_DIR` set, the binaries are in `$CARGO_TARGET_DIR/release/`). `--quick`
@@ -12,28 +13,15 @@
 //! PostgreSQL needs an admin URL (`--pg-url`, `ORLY_BENCH_PG_URL` or `ORLY_TEST_PG_URL`).
 //! See docs/benchmarks.md.
 
-// A binary's root resolves modules beside it, so point at its own directory explicitly.
-#[path = "bench/client.rs"]
-mod client;
-#[path = "bench/dataset.rs"]
-mod dataset;
-#[path = "bench/postgres.rs"]
-mod postgres;
-#[path = "bench/process.rs"]
-mod process;
-#[path = "bench/report.rs"]
-mod report;
-#[path = "shared/table.rs"]
-mod table;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-
-use client::Shape;
-use process::{Backend, Binaries, Stack};
-use report::{CpuUse, Measured, Outcome, Row, RunInfo};
+use clap::Parser;
+use orly_bench::binaries::Orly;
+use orly_bench::relay::client::{self, Shape};
+use orly_bench::relay::process::{self, Backend, Stack};
+use orly_bench::relay::report::{self, CpuUse, Measured, Outcome, Row, RunInfo};
+use orly_bench::relay::{dataset, postgres, Mode};
 
 /// Benchmarks the orly relay: ingest, REQ latency and memory, per storage mode.
 #[derive(Debug, Parser)]
@@ -73,33 +61,6 @@ struct Args {
     /// A small smoke run: 5000 events, 100 REQs per shape, 100 connections.
     #[arg(long)]
     quick: bool,
-}
-
-/// How the relay is deployed for a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// `orly` with its store in-process on SQLite.
-    LocalSqlite,
-    /// `orly-db` on SQLite plus `orly` reaching it over gRPC.
-    SplitSqlite,
-    /// `orly` with its store in-process on PostgreSQL.
-    LocalPostgres,
-    /// local/SQLite with ACL mode `follows` (an admin following 10,000 keys), in-process.
-    FollowsLocal,
-    /// The same with the ACL in an orly-acl process, over gRPC.
-    FollowsGrpc,
-}
-
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::LocalSqlite => "local/SQLite",
-            Mode::SplitSqlite => "split/SQLite",
-            Mode::LocalPostgres => "local/PostgreSQL",
-            Mode::FollowsLocal => "follows/local",
-            Mode::FollowsGrpc => "follows/gRPC",
-        }
-    }
 }
 
 /// The sizes of one run, after `--quick` and the defaults.
@@ -179,7 +140,7 @@ async fn interrupted() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let bins = Binaries::locate()?;
+    let orly = Orly::locate()?;
     let plan = Plan::from_args(&args);
     let pg_url = args
         .pg_url
@@ -190,14 +151,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!("signing {} events ...", plan.events);
     let (events, authors) = (plan.events, plan.authors);
-    let data = Arc::new(
-        tokio::task::spawn_blocking(move || dataset::generate(events, authors, cores)).await??,
-    );
+    let data =
+        Arc::new(tokio::task::spawn_blocking(move || dataset::generate(events, authors)).await??);
 
     let mut rows = Vec::new();
     for &mode in &args.modes {
         eprintln!("== {}", mode.name());
-        let outcome = run_mode(mode, &bins, &data, &plan, pg_url.as_deref()).await;
+        let outcome = run_mode(mode, &orly, &data, &plan, pg_url.as_deref()).await;
         if let Outcome::Failed(why) = &outcome {
             eprintln!("{}: failed: {why}", mode.name());
         }
@@ -219,14 +179,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn run_mode(
     mode: Mode,
-    bins: &Binaries,
+    orly: &Orly,
     data: &Arc<dataset::Dataset>,
     plan: &Plan,
     pg_url: Option<&str>,
 ) -> Outcome {
     let result = match mode {
-        Mode::LocalSqlite => measure(bins, Backend::Sqlite, data, plan).await,
-        Mode::SplitSqlite => measure(bins, Backend::Split, data, plan).await,
+        Mode::LocalSqlite => measure(orly, Backend::Sqlite, data, plan).await,
+        Mode::SplitSqlite => measure(orly, Backend::Split, data, plan).await,
         Mode::FollowsLocal | Mode::FollowsGrpc => {
             // Every author of the data set is followed, among 10,000 keys in all.
             let admin = nostr::Keys::generate();
@@ -239,7 +199,7 @@ async fn run_mode(
                 follows: &follows,
                 grpc: mode == Mode::FollowsGrpc,
             };
-            measure(bins, backend, data, plan).await
+            measure(orly, backend, data, plan).await
         }
         Mode::LocalPostgres => {
             let Some(admin) = pg_url else {
@@ -248,7 +208,7 @@ async fn run_mode(
                         .into(),
                 );
             };
-            measure_postgres(bins, admin, data, plan).await
+            measure_postgres(orly, admin, data, plan).await
         }
     };
     match result {
@@ -262,13 +222,13 @@ const FOLLOWS: usize = 10_000;
 
 /// Runs the PostgreSQL mode in a scratch database that is dropped afterwards.
 async fn measure_postgres(
-    bins: &Binaries,
+    orly: &Orly,
     admin: &str,
     data: &Arc<dataset::Dataset>,
     plan: &Plan,
 ) -> anyhow::Result<Measured> {
     let db = postgres::ScratchDb::create(admin).await?;
-    let result = measure(bins, Backend::Postgres { url: &db.url }, data, plan).await;
+    let result = measure(orly, Backend::Postgres { url: &db.url }, data, plan).await;
     if let Err(e) = db.drop_db().await {
         eprintln!("warning: {e:#}");
     }
@@ -277,12 +237,12 @@ async fn measure_postgres(
 
 /// Starts the stack, then ingest, REQ latency and memory, in that order, on one store.
 async fn measure(
-    bins: &Binaries,
+    orly: &Orly,
     backend: Backend<'_>,
     data: &Arc<dataset::Dataset>,
     plan: &Plan,
 ) -> anyhow::Result<Measured> {
-    let stack = Stack::start(bins, backend).await?;
+    let stack = Stack::start(orly, backend).await?;
     let result = measure_stack(&stack, data, plan).await;
     result.map_err(|e| {
         let mut log = stack.relay.log_tail();
@@ -353,16 +313,6 @@ fn cpu_snapshot(stack: &Stack) -> anyhow::Result<CpuUse> {
         db: stack.db.as_ref().map(process::Proc::cpu_secs).transpose()?,
         bench: process::cpu_secs("self")?,
     })
-}
-
-impl CpuUse {
-    fn since(&self, before: &CpuUse) -> CpuUse {
-        CpuUse {
-            relay: self.relay - before.relay,
-            db: self.db.zip(before.db).map(|(a, b)| a - b),
-            bench: self.bench - before.bench,
-        }
-    }
 }
 
 /// A moment for the relay to finish background work before its memory is read.

@@ -1,18 +1,21 @@
-//! orly-sync-cluster: replication between the member relays of a cluster (membership by kind
-//! 39108), as `orlysync.cluster.v1.ClusterSyncService` with `grpc.health.v1`, until SIGTERM.
+//! `orly sync-cluster` (ORLY's `orly-sync-cluster`): replication between the member relays of
+//! a cluster (membership by kind 39108), as `orlysync.cluster.v1.ClusterSyncService` with
+//! `grpc.health.v1`, until SIGTERM. The `orly` binary dispatches here; anyhow is used only
+//! because this is the top of a program.
 
 use std::time::Duration;
 
+use super::{env_bool, fallback};
+use crate::{grpc_server, ClusterSettings, ClusterSync};
 use anyhow::anyhow;
 use clap::builder::BoolishValueParser;
 use clap::ArgAction;
-use orly_sync::cli::{env_bool, fallback};
-use orly_sync::{grpc_server, ClusterSettings, ClusterSync};
+use orly_consts::Service;
 
-orly_sync::service_args! {
+crate::service_args! {
     name: "orly-sync-cluster",
     prefix: "ORLY_SYNC_CLUSTER",
-    listen: "127.0.0.1:50062",
+    listen: orly_consts::SYNC_CLUSTER_LISTEN,
     about: "orly cluster sync: replicates every member relay of the cluster (membership by kind 39108) in near real time",
     {
     /// Who may publish cluster membership (kind 39108), npub or hex, comma-separated
@@ -50,12 +53,18 @@ orly_sync::service_args! {
     }
 }
 
-fn main() -> std::process::ExitCode {
-    orly_common::service::run_main("orly-sync-cluster", run())
+/// Runs the service with `args` (the first one is the program name, as in `std::env::args`).
+/// Bad arguments and `--help` exit the process with clap's message.
+pub fn main_from<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let parsed = Args::parse_from_args(args);
+    orly_common::service::run_main(Service::SyncCluster.binary(), run(parsed))
 }
 
-async fn run() -> anyhow::Result<()> {
-    let (args, log_level) = Args::parse_all();
+async fn run((args, log_level): (Args, String)) -> anyhow::Result<()> {
     orly_common::init_tracing(&log_level);
     let admins =
         fallback(args.admins.clone(), &["ORLY_CLUSTER_ADMINS", "ORLY_ADMINS"]).unwrap_or_default();
@@ -86,7 +95,7 @@ async fn run() -> anyhow::Result<()> {
     }
     let stopper = sync.clone();
     orly_common::service::serve_until_signal(
-        "orly-sync-cluster",
+        Service::SyncCluster.binary(),
         &args.listen,
         &args.metrics_listen,
         |listener, shutdown| grpc_server::serve_cluster(listener, sync, shutdown),
@@ -94,4 +103,19 @@ async fn run() -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_orlys() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+        let (args, level) = Args::parse_from_args(["orly-sync-cluster"]);
+        assert_eq!(args.listen, orly_consts::SYNC_CLUSTER_LISTEN);
+        assert_eq!(args.db_server, orly_consts::DB_LISTEN);
+        assert_eq!(level, "info");
+    }
 }

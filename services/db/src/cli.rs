@@ -1,52 +1,66 @@
-//! orly-db: the storage service. Opens (and migrates) a SQLite or PostgreSQL store and serves
-//! it as `orlydb.v1.DatabaseService` with `grpc.health.v1`, until SIGTERM/SIGINT.
+//! `orly db` (ORLY's `orly-db`): the storage service's command line. Opens (and migrates) a
+//! SQLite or PostgreSQL store and serves it as `orlydb.v1.DatabaseService` with
+//! `grpc.health.v1`, until SIGTERM/SIGINT. The `orly` binary dispatches here; anyhow is used
+//! only because this is the top of a program.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{CommandFactory, FromArgMatches, Parser};
-use orly_db::{config, grpc_server, open_store, StoreConfig, StoreKind};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use orly_consts::{env, Service};
+
+use crate::{config, grpc_server, open_store, StoreConfig, StoreKind};
 
 /// How often expired (NIP-40) events are purged.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 
+/// The service's flags, each with ORLY's env name.
 #[derive(Debug, Parser)]
 #[command(
     name = "orly-db",
     version,
     about = "orly storage service: events, serials, markers and leases over gRPC"
 )]
-struct Args {
+pub struct Args {
     /// gRPC listen address (host:port).
-    #[arg(long, env = "ORLY_DB_LISTEN", default_value = "127.0.0.1:50051")]
-    listen: String,
+    #[arg(long, env = env::DB_LISTEN, default_value = orly_consts::DB_LISTEN)]
+    pub listen: String,
     /// Storage backend: sqlite or postgres.
-    #[arg(long, env = "ORLY_DB_TYPE", default_value = "sqlite")]
-    db_type: StoreKind,
+    #[arg(long, env = env::DB_TYPE, default_value = "sqlite")]
+    pub db_type: StoreKind,
     /// Data directory holding the SQLite file (orly.db).
-    #[arg(long, env = "ORLY_DATA_DIR", default_value_os_t = config::default_data_dir())]
-    data_dir: PathBuf,
+    #[arg(long, env = env::DATA_DIR, default_value_os_t = config::default_data_dir())]
+    pub data_dir: PathBuf,
     /// PostgreSQL URL (with --db-type postgres), e.g. postgres://user:pass@127.0.0.1/orly.
-    #[arg(long, env = "ORLY_DB_URL")]
-    db_url: Option<String>,
+    #[arg(long, env = env::DB_URL)]
+    pub db_url: Option<String>,
     /// Connection pool size of the SQL backend.
     #[arg(long, env = "ORLY_DB_MAX_CONNECTIONS", default_value_t = 8)]
-    max_connections: u32,
+    pub max_connections: u32,
     /// Log level or tracing filter directive (falls back to ORLY_DB_LOG_LEVEL when unset).
-    #[arg(long, env = "ORLY_LOG_LEVEL", default_value = "info")]
-    log_level: String,
+    #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
+    pub log_level: String,
     /// Prometheus /metrics listen address (host:port); empty disables metrics.
-    #[arg(long, env = "ORLY_METRICS_LISTEN", default_value = "")]
-    metrics_listen: String,
+    #[arg(long, env = env::METRICS_LISTEN, default_value = "")]
+    pub metrics_listen: String,
 }
 
-fn main() -> std::process::ExitCode {
-    orly_common::service::run_main("orly-db", run())
+/// Runs the service with `args` (the first one is the program name, as in `std::env::args`).
+/// Bad arguments and `--help` exit the process with clap's message.
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = Args::command().get_matches_from(args);
+    let name = Service::Db.binary();
+    orly_common::service::run_main(name, run(matches))
 }
 
-async fn run() -> anyhow::Result<()> {
-    let matches = Args::command().get_matches();
+async fn run(matches: ArgMatches) -> anyhow::Result<()> {
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     orly_common::init_tracing(&orly_common::service::log_level(
         &matches,
@@ -86,7 +100,7 @@ async fn run() -> anyhow::Result<()> {
     });
 
     orly_common::service::serve_until_signal(
-        "orly-db",
+        Service::Db.binary(),
         &args.listen,
         &args.metrics_listen,
         |listener, shutdown| grpc_server::serve(listener, store, shutdown),
@@ -94,4 +108,17 @@ async fn run() -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_orlys() {
+        let args = Args::try_parse_from(["orly-db"]).unwrap();
+        assert_eq!(args.listen, orly_consts::DB_LISTEN);
+        assert_eq!(args.db_type, StoreKind::Sqlite);
+        Args::command().debug_assert();
+    }
 }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::node::Node;
+use super::node::Node;
 
 /// Events published (and awaited on B and C) before the measured ones: the first requests
 /// between members also fetch NIP-11 identities and open connections.

@@ -1,19 +1,22 @@
-//! orly-sync-distributed: serial-based pull sync between peer relays, as
-//! `orlysync.distributed.v1.DistributedSyncService` with `grpc.health.v1`, until SIGTERM/SIGINT.
+//! `orly sync-distributed` (ORLY's `orly-sync-distributed`): serial-based pull sync between
+//! peer relays, as `orlysync.distributed.v1.DistributedSyncService` with `grpc.health.v1`,
+//! until SIGTERM/SIGINT. The `orly` binary dispatches here; anyhow is used only because this
+//! is the top of a program.
 
 use std::time::Duration;
 
+use super::fallback;
+use crate::http::parse_url_list;
+use crate::{grpc_server, DistributedSettings, DistributedSync};
 use anyhow::anyhow;
 use clap::builder::BoolishValueParser;
 use clap::ArgAction;
-use orly_sync::cli::fallback;
-use orly_sync::http::parse_url_list;
-use orly_sync::{grpc_server, DistributedSettings, DistributedSync};
+use orly_consts::Service;
 
-orly_sync::service_args! {
+crate::service_args! {
     name: "orly-sync-distributed",
     prefix: "ORLY_SYNC_DISTRIBUTED",
-    listen: "127.0.0.1:50061",
+    listen: orly_consts::SYNC_DISTRIBUTED_LISTEN,
     about: "orly distributed sync: pulls new events from peer relays by serial, and answers their pulls",
     {
     /// Peer relays, comma-separated http(s) or ws(s) URLs [falls back to ORLY_RELAY_PEERS];
@@ -49,12 +52,18 @@ orly_sync::service_args! {
     }
 }
 
-fn main() -> std::process::ExitCode {
-    orly_common::service::run_main("orly-sync-distributed", run())
+/// Runs the service with `args` (the first one is the program name, as in `std::env::args`).
+/// Bad arguments and `--help` exit the process with clap's message.
+pub fn main_from<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let parsed = Args::parse_from_args(args);
+    orly_common::service::run_main(Service::SyncDistributed.binary(), run(parsed))
 }
 
-async fn run() -> anyhow::Result<()> {
-    let (args, log_level) = Args::parse_all();
+async fn run((args, log_level): (Args, String)) -> anyhow::Result<()> {
     orly_common::init_tracing(&log_level);
     let peers = fallback(args.peers.clone(), &["ORLY_RELAY_PEERS"]).unwrap_or_default();
     let settings = DistributedSettings {
@@ -75,7 +84,7 @@ async fn run() -> anyhow::Result<()> {
     }
     let stopper = sync.clone();
     orly_common::service::serve_until_signal(
-        "orly-sync-distributed",
+        Service::SyncDistributed.binary(),
         &args.listen,
         &args.metrics_listen,
         |listener, shutdown| grpc_server::serve_distributed(listener, sync, shutdown),
@@ -83,4 +92,19 @@ async fn run() -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_orlys() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+        let (args, level) = Args::parse_from_args(["orly-sync-distributed"]);
+        assert_eq!(args.listen, orly_consts::SYNC_DISTRIBUTED_LISTEN);
+        assert_eq!(args.db_server, orly_consts::DB_LISTEN);
+        assert_eq!(level, "info");
+    }
 }

@@ -1,5 +1,7 @@
-//! The real `orly-db` binary: acknowledged events survive `kill -9` and a restart; the
-//! command line documents every env var and refuses bad store types.
+//! The real storage service, `orly db` (ORLY's `orly-db`, a link to `orly` of that name):
+//! acknowledged events survive `kill -9` and a restart; the command line documents every env
+//! var and refuses bad store types. It lives in this package because the binary is this
+//! package's `orly`.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -9,7 +11,7 @@ use nostr::{EventBuilder, EventId, Filter, Keys, Timestamp};
 use orly_db::grpc_client::GrpcStore;
 use orly_db::{EventStore, SaveOutcome};
 
-const BIN: &str = env!("CARGO_BIN_EXE_orly-db");
+const BIN: &str = env!("CARGO_BIN_EXE_orly");
 
 /// Env vars the binary reads; cleared so the caller's environment cannot leak in.
 const ENV_VARS: &[&str] = &[
@@ -25,6 +27,7 @@ const ENV_VARS: &[&str] = &[
 
 fn command() -> Command {
     let mut cmd = Command::new(BIN);
+    cmd.arg("db");
     for var in ENV_VARS {
         cmd.env_remove(var);
     }
@@ -199,4 +202,20 @@ fn bogus_db_type_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("grpc"), "{err}");
+}
+
+/// Started through a link named `orly-db` (as in the images), the binary is orly-db.
+#[test]
+fn a_link_named_orly_db_runs_the_storage_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("orly-db");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let out = Command::new(&link)
+        .arg("--help")
+        .output()
+        .expect("run orly-db --help");
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("Usage: orly-db"), "{help}");
+    assert!(help.contains("ORLY_DB_LISTEN"), "{help}");
 }

@@ -1,4 +1,7 @@
-//! The real launcher binary supervising real orly-db and orly processes.
+//! The launcher (`orly launcher`) supervising real `orly db`, `orly sync-negentropy` and relay
+//! processes, all started through this package's `orly` binary, as a launcher without links
+//! next to it does. (The tests live here, not in orly-launcher, because the binary is this
+//! package's: cargo builds it for them, so no test builds anything itself.)
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -19,36 +22,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Makes sure orly-db, orly and orly-sync-negentropy sit next to the launcher binary (cargo builds only this
-/// package's binaries for `cargo test -p orly-launcher`).
-fn ensure_siblings() {
-    let dir = Path::new(env!("CARGO_BIN_EXE_orly-launcher"))
-        .parent()
-        .unwrap();
-    if ["orly-db", "orly", "orly-sync-negentropy"]
-        .iter()
-        .all(|b| dir.join(b).exists())
-    {
-        return;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args([
-            "build",
-            "-p",
-            "orly-db",
-            "-p",
-            "orly",
-            "-p",
-            "orly-sync-negentropy",
-            "--bins",
-        ])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "building orly-db and orly failed");
-}
-
 /// A launcher process whose stderr is collected; killed (with its children) on drop.
 struct Launched {
     child: Child,
@@ -59,15 +32,31 @@ struct Launched {
 
 impl Launched {
     fn start(extra_env: &[(&str, &str)]) -> Self {
-        ensure_siblings();
-        let data = tempfile::tempdir().unwrap();
         let relay: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_orly-launcher"));
+        Self::start_with(
+            relay,
+            &[("ORLY_LAUNCHER_RELAY_LISTEN", &relay.to_string())],
+            extra_env,
+        )
+    }
+
+    /// A launcher whose relay is expected at `relay`, told so by `addr_env`.
+    fn start_with(
+        relay: SocketAddr,
+        addr_env: &[(&str, &str)],
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_orly"));
+        cmd.arg("launcher");
+        for var in ["ORLY_LAUNCHER_RELAY_LISTEN", "ORLY_LISTEN", "ORLY_PORT"] {
+            cmd.env_remove(var);
+        }
         cmd.env(
             "ORLY_LAUNCHER_DB_LISTEN",
             format!("127.0.0.1:{}", free_port()),
         )
-        .env("ORLY_LAUNCHER_RELAY_LISTEN", relay.to_string())
+        .envs(addr_env.iter().copied())
         .env("ORLY_LAUNCHER_STOP_TIMEOUT", "5s")
         .env("ORLY_LAUNCHER_RESTART_BACKOFF_MAX", "1s")
         .env("ORLY_DATA_DIR", data.path())
@@ -187,11 +176,17 @@ fn children_of(parent: u32) -> Vec<u32> {
     out
 }
 
-/// The command name of a process.
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// Which program of the orly binary a process runs: its subcommand, or "relay" for none.
+fn program(pid: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    match args.get(1).map(String::as_str) {
+        Some(sub) if !sub.is_empty() && !sub.starts_with('-') => sub.to_string(),
+        _ => "relay".to_string(),
+    }
 }
 
 fn alive(pid: u32) -> bool {
@@ -305,12 +300,11 @@ async fn a_killed_child_is_restarted_and_the_relay_serves_again() {
     let mut l = Launched::start(&[]);
     l.wait_relay_ready(Duration::from_secs(60)).await;
     for victim in ["db", "relay"] {
-        let binary = if victim == "db" { "orly-db" } else { "orly" };
         let pid = *l
             .children()
             .iter()
-            .find(|p| comm(**p) == binary)
-            .unwrap_or_else(|| panic!("no {binary} child"));
+            .find(|p| program(**p) == victim)
+            .unwrap_or_else(|| panic!("no {victim} child"));
         kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL).unwrap();
         let mut served = false;
         for _ in 0..100 {
@@ -441,6 +435,59 @@ async fn nip77_sync_works_through_the_launched_system() {
     assert_eq!(out.val.received.len(), 1);
     client.shutdown().await;
 
+    l.signal(Signal::TERM);
+    assert!(l.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// ORLY's own names for the relay's address, set for the launcher, are where the relay
+/// listens; ORLY_LAUNCHER_RELAY_LISTEN given as well wins over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_listens_on_orly_port_and_orly_listen() {
+    let port = free_port();
+    let relay: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut l = Launched::start_with(
+        relay,
+        &[
+            ("ORLY_PORT", &port.to_string()),
+            ("ORLY_LISTEN", "127.0.0.1"),
+        ],
+        &[],
+    );
+    l.wait_relay_ready(Duration::from_secs(60)).await;
+    assert!(publish_and_query(relay, "on ORLY_PORT").await);
+    l.signal(Signal::TERM);
+    assert!(l.wait_exit(Duration::from_secs(30)).success());
+
+    let explicit: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut l = Launched::start_with(
+        explicit,
+        &[
+            ("ORLY_PORT", &free_port().to_string()),
+            ("ORLY_LAUNCHER_RELAY_LISTEN", &explicit.to_string()),
+        ],
+        &[],
+    );
+    l.wait_relay_ready(Duration::from_secs(60)).await;
+    assert!(publish_and_query(explicit, "on the launcher's address").await);
+    l.signal(Signal::TERM);
+    assert!(l.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// Services run as `orly <subcommand>` of the launcher's own binary when no link is next to
+/// it, and the relay does not get the storage settings orly-db reads in its place (so it has
+/// no ignored variable to warn about).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_run_through_the_launchers_own_binary() {
+    let mut l = Launched::start(&[("ORLY_DB_URL", "postgres://unused@127.0.0.1/none")]);
+    l.wait_relay_ready(Duration::from_secs(60)).await;
+    let mut programs: Vec<String> = l.children().into_iter().map(program).collect();
+    programs.sort();
+    assert_eq!(programs, vec!["db", "relay"]);
+    assert!(
+        !l.log().iter().any(|line| line.contains("has no effect")),
+        "{:#?}",
+        l.log()
+    );
     l.signal(Signal::TERM);
     assert!(l.wait_exit(Duration::from_secs(30)).success());
 }

@@ -13,8 +13,9 @@ use orly_sync::{
 };
 use orly_sync_negentropy::{EngineSettings, NegentropyEngine, SyncManager, SyncSettings};
 
-use crate::node::Node;
-use crate::{dataset, Mechanism};
+use super::node::Node;
+use super::Mechanism;
+use crate::dataset;
 
 /// Longest one mechanism may take before it counts as failed.
 const DEADLINE: Duration = Duration::from_secs(20 * 60);
@@ -63,7 +64,7 @@ pub async fn run(
     let mut source = Node::open(dir, "source").await?;
     eprintln!("filling the source store with {} events ...", events.len());
     let t = Instant::now();
-    dataset::fill(&source.store, events, fill_concurrency).await?;
+    dataset::fill(&source.store, events, fill_concurrency, None).await?;
     let fill = t.elapsed();
     let source_latest = source.store.latest_serial().await?;
     eprintln!(

@@ -10,31 +10,18 @@
 //!    sending the EVENT on A to its arrival at the subscribers of B and C (p50/p90/p99/max).
 //!
 //! ```text
-//! CARGO_TARGET_DIR=/work/target cargo build --release -p orly --bin orly-sync-bench
-//! /work/target/release/orly-sync-bench                # or: cargo run --release -p orly --bin orly-sync-bench
+//! cargo run --release -p orly-bench --bin orly-sync-bench
 //! ```
 //!
 //! See docs/sync-benchmark.md.
-
-// A binary's root resolves modules beside it, so point at its own directory explicitly.
-#[path = "sync_bench/catchup.rs"]
-mod catchup;
-#[path = "sync_bench/dataset.rs"]
-mod dataset;
-#[path = "sync_bench/node.rs"]
-mod node;
-#[path = "sync_bench/propagation.rs"]
-mod propagation;
-#[path = "sync_bench/report.rs"]
-mod report;
-#[path = "shared/table.rs"]
-mod table;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use orly_bench::dataset::cores;
+use orly_bench::sync::{catch_up_events, catchup, propagation, report, Mechanism};
 
 /// Benchmarks orly's peer sync: catch-up of an empty peer, and live propagation in a cluster.
 #[derive(Debug, Parser)]
@@ -72,36 +59,6 @@ struct Args {
     /// Log filter for the relays and sync services (stderr).
     #[arg(long, default_value = "warn")]
     log_level: String,
-}
-
-/// How an empty peer pulls the source's events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mechanism {
-    /// `DistributedSync::poll_peer`: `/api/sync/current` + `/api/sync/event-ids` pages.
-    Distributed,
-    /// `ClusterSync::poll_member`: `/cluster/latest` + `/cluster/events` pages.
-    Cluster,
-    /// `SyncManager::sync_peer`: NIP-77 reconciliation, then `REQ` by ids.
-    Negentropy,
-}
-
-impl Mechanism {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mechanism::Distributed => "distributed",
-            Mechanism::Cluster => "cluster",
-            Mechanism::Negentropy => "negentropy",
-        }
-    }
-}
-
-/// Catch-up goal: events per second, for every mechanism.
-pub const CATCHUP_GOAL_EPS: f64 = 5_000.0;
-/// Propagation goal: p99 of A → B and A → C together, in ms.
-pub const PROPAGATION_P99_GOAL_MS: f64 = 200.0;
-
-pub fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn main() -> std::process::ExitCode {
@@ -147,7 +104,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         let t = Instant::now();
         let (n, authors) = (args.events, args.authors.max(1));
         let events =
-            Arc::new(tokio::task::spawn_blocking(move || dataset::generate(n, authors)).await??);
+            Arc::new(tokio::task::spawn_blocking(move || catch_up_events(n, authors)).await??);
         let signing = t.elapsed();
         eprintln!(
             "signed {n} events from {authors} authors on {} threads in {:.1} s",

@@ -1,57 +1,30 @@
-//! The relay under test: `orly` (and for split mode `orly-db`) as child processes on free
-//! loopback ports with temporary data dirs, killed when dropped.
+//! The relay under test: `orly` (and for split mode `orly db`, for follows/gRPC `orly acl`)
+//! as child processes on free loopback ports with temporary data dirs, killed when dropped.
 
 use std::fs::File;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use orly_consts::Service;
+
+use crate::binaries::Orly;
 
 /// How long a child may take to start listening (PostgreSQL migrations included).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The `orly` and `orly-db` executables next to this one.
-pub struct Binaries {
-    pub orly: PathBuf,
-    pub orly_db: PathBuf,
-    /// Needed only by the `follows-grpc` mode.
-    pub orly_acl: PathBuf,
-}
-
-impl Binaries {
-    pub fn locate() -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("finding orly-bench's own path")?;
-        let dir = exe.parent().context("orly-bench has no parent directory")?;
-        let bins = Self {
-            orly: dir.join("orly"),
-            orly_db: dir.join("orly-db"),
-            orly_acl: dir.join("orly-acl"),
-        };
-        for path in [&bins.orly, &bins.orly_db, &bins.orly_acl] {
-            if !path.is_file() {
-                bail!(
-                    "{} not found next to orly-bench; build the relay binaries first:\n  \
-                     cargo build --release -p orly -p orly-db -p orly-acl --bins",
-                    path.display()
-                );
-            }
-        }
-        Ok(bins)
-    }
-}
-
 /// How the relay reaches its store.
 pub enum Backend<'a> {
     Sqlite,
-    /// An orly-db process on SQLite, over gRPC.
+    /// An `orly db` process on SQLite, over gRPC.
     Split,
     Postgres {
         url: &'a str,
     },
     /// In-process SQLite with ACL mode `follows`: `admin` follows `follows` (a kind 3 stored
-    /// before the relay starts); with `grpc` the ACL runs in an orly-acl process.
+    /// before the relay starts); with `grpc` the ACL runs in an `orly acl` process.
     Follows {
         admin: &'a nostr::Keys,
         follows: &'a [String],
@@ -89,15 +62,17 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `bin` with `env` (no inherited ORLY_* settings), stderr to `<dir>/<name>.log`.
+    /// Starts `service` with `env` (no inherited ORLY_* settings), stderr to
+    /// `<dir>/<name>.log`.
     fn spawn(
-        name: &'static str,
-        bin: &Path,
+        orly: &Orly,
+        service: Service,
         dir: &Path,
         env: &[(&str, String)],
     ) -> anyhow::Result<Self> {
+        let name = service.binary();
         let log = dir.join(format!("{name}.log"));
-        let mut cmd = Command::new(bin);
+        let mut cmd = orly.command(service);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("ORLY_") {
                 cmd.env_remove(key);
@@ -110,7 +85,7 @@ impl Proc {
             .stderr(File::create(&log)?);
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .with_context(|| format!("starting {name} ({})", orly.path.display()))?;
         Ok(Self { name, child, log })
     }
 
@@ -201,7 +176,7 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub async fn start(bins: &Binaries, backend: Backend<'_>) -> anyhow::Result<Self> {
+    pub async fn start(orly: &Orly, backend: Backend<'_>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("orly-bench-").tempdir()?;
         let data_dir = dir.path().display().to_string();
         let port = free_port()?;
@@ -232,7 +207,7 @@ impl Stack {
                         ("ORLY_ACL_DB_TYPE", "sqlite".into()),
                         ("ORLY_DATA_DIR", data_dir.clone()),
                     ];
-                    let mut p = Proc::spawn("orly-acl", &bins.orly_acl, dir.path(), &acl_env)?;
+                    let mut p = Proc::spawn(orly, Service::Acl, dir.path(), &acl_env)?;
                     p.wait_listening(acl_port).await?;
                     acl = Some(p);
                     env.push(("ORLY_ACL_TYPE", "grpc".into()));
@@ -251,14 +226,14 @@ impl Stack {
                     ("ORLY_DB_TYPE", "sqlite".into()),
                     ("ORLY_DATA_DIR", data_dir.clone()),
                 ];
-                let mut p = Proc::spawn("orly-db", &bins.orly_db, dir.path(), &db_env)?;
+                let mut p = Proc::spawn(orly, Service::Db, dir.path(), &db_env)?;
                 p.wait_listening(db_port).await?;
                 db = Some(p);
                 env.push(("ORLY_DB_TYPE", "grpc".into()));
                 env.push(("ORLY_GRPC_DB_SERVER", format!("127.0.0.1:{db_port}")));
             }
         }
-        let mut relay = Proc::spawn("orly", &bins.orly, dir.path(), &env)?;
+        let mut relay = Proc::spawn(orly, Service::Relay, dir.path(), &env)?;
         relay.wait_listening(port).await?;
         Ok(Self {
             relay,

@@ -1,8 +1,8 @@
 //! The results table, with the issue's goals beside the numbers.
 
-use crate::client::{Ingest, Latency, Shape};
+use super::client::{Ingest, Latency, Shape};
+use super::Mode;
 use crate::table::render;
-use crate::Mode;
 
 /// Ingest goal (events/s) per mode; the issue sets none for PostgreSQL.
 fn ingest_goal(mode: Mode) -> Option<f64> {
@@ -47,6 +47,17 @@ pub struct CpuUse {
     pub relay: f64,
     pub db: Option<f64>,
     pub bench: f64,
+}
+
+impl CpuUse {
+    /// What was used between `before` and this snapshot.
+    pub fn since(&self, before: &CpuUse) -> CpuUse {
+        CpuUse {
+            relay: self.relay - before.relay,
+            db: self.db.zip(before.db).map(|(a, b)| a - b),
+            bench: self.bench - before.bench,
+        }
+    }
 }
 
 pub enum Outcome {

@@ -1,9 +1,9 @@
 //! The results: two plain-text tables with the goals beside the numbers.
 
-use crate::catchup::CatchUp;
-use crate::propagation::Measured as Propagation;
+use super::catchup::CatchUp;
+use super::propagation::Measured as Propagation;
+use super::{CATCHUP_GOAL_EPS, PROPAGATION_P99_GOAL_MS};
 use crate::table::render;
-use crate::{CATCHUP_GOAL_EPS, PROPAGATION_P99_GOAL_MS};
 
 /// What the header says about the run.
 pub struct RunInfo {
