@@ -1,6 +1,6 @@
-//! The kind suite: the operator installed by its Helm chart runs OrlyRelays in a kind cluster,
-//! and these tests drive them through the relay Service (port-forwarded by `e2e/kind/run.sh`)
-//! and `kubectl`:
+//! The Kubernetes suite: the operator installed by its Helm chart runs OrlyRelays in a kind
+//! cluster or any cluster a kubeconfig names, and these tests drive them through the relay
+//! Service (port-forwarded by `e2e/kind/run.sh`) and `kubectl`:
 //!
 //! - `minimal` (operator/examples/minimal.yaml: SQLite StatefulSet db, acl, one relay):
 //!   publish and query; the db pod and the relay pod deleted, replaced by their
@@ -10,6 +10,13 @@
 //!   with nostr-sdk; `kubectl scale` of the negentropy Deployment while the relay keeps
 //!   accepting every event; a db pod and a negentropy pod deleted while it keeps serving; the
 //!   HPA the operator made for the negentropy Deployment.
+//!
+//! Both relays: the gRPC token Secret on every component, a NetworkPolicy per component
+//! opening each gRPC port to its callers only, headless gRPC Services, the relay's preStop
+//! drain (a WebSocket open on a relay pod being deleted is closed with 1001).
+//!
+//! The tests of `run.sh --plan` (which cluster, where the images come from) need no cluster
+//! and run in every `cargo test`.
 //!
 //! Env (set by run.sh): `ORLY_E2E_NAMESPACE`, `ORLY_E2E_MINIMAL_RELAY`, `ORLY_E2E_MINIMAL_URL`,
 //! `ORLY_E2E_SCALED_RELAY`, `ORLY_E2E_SCALED_URL` (ws://127.0.0.1:<forwarded port>).
@@ -23,17 +30,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use futures::StreamExt;
 use nostr::{Event, EventId, Filter, Keys, Kind};
 use nostr_sdk::prelude::{
     Client as SdkClient, MemoryDatabase, MemoryDatabaseOptions, NostrDatabase, SyncDirection,
     SyncOptions,
 };
 use orly_e2e::kube::{
-    child_name, component_selector, get_json, kubectl, ready_replicas, running_pods,
+    child_name, component_selector, env_secret_ref, get_json, is_headless, kubectl, policy_callers,
+    pre_stop_command, ready_replicas, running_pods, secret_value,
 };
 use orly_e2e::ws::{self, Client};
 use orly_e2e::{note, note_at, now, wait_for};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -293,7 +304,7 @@ async fn wait_ready_replicas(deployment: &str, want: i64) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kind cluster: run e2e/kind/run.sh"]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
 async fn minimal_publish_and_query_through_the_relay_service() -> Result<()> {
     let r = minimal();
     wait_serving(&r.url).await?;
@@ -312,7 +323,7 @@ async fn minimal_publish_and_query_through_the_relay_service() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kind cluster: run e2e/kind/run.sh"]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
 async fn minimal_db_pod_deleted_is_replaced_and_events_stay() -> Result<()> {
     let r = minimal();
     wait_serving(&r.url).await?;
@@ -326,7 +337,7 @@ async fn minimal_db_pod_deleted_is_replaced_and_events_stay() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kind cluster: run e2e/kind/run.sh"]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
 async fn minimal_relay_pod_deleted_is_replaced_and_events_stay() -> Result<()> {
     let r = minimal();
     wait_serving(&r.url).await?;
@@ -338,7 +349,7 @@ async fn minimal_relay_pod_deleted_is_replaced_and_events_stay() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kind cluster: run e2e/kind/run.sh"]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
 async fn minimal_has_no_hpa_and_the_expected_children() -> Result<()> {
     let r = minimal();
     let ns = namespace();
@@ -381,7 +392,7 @@ async fn minimal_has_no_hpa_and_the_expected_children() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kind cluster: run e2e/kind/run.sh"]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
 async fn scaled_nip77_sync_through_the_relay_service() -> Result<()> {
     let Some(r) = scaled() else {
         eprintln!("ORLY_E2E_SCALED_URL unset: no PostgreSQL relay deployed, skipped");
@@ -392,7 +403,7 @@ async fn scaled_nip77_sync_through_the_relay_service() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kind cluster: run e2e/kind/run.sh"]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
 async fn scaled_sync_deployment_scaled_while_the_relay_keeps_serving() -> Result<()> {
     let Some(r) = scaled() else {
         eprintln!("ORLY_E2E_SCALED_URL unset: no PostgreSQL relay deployed, skipped");
@@ -402,8 +413,9 @@ async fn scaled_sync_deployment_scaled_while_the_relay_keeps_serving() -> Result
     let deployment = child_name(&r.name, "sync-negentropy");
     wait_serving(&r.url).await?;
     let publisher = Publisher::start(r.url.clone());
-    // The HPA owns the count (the operator leaves spec.replicas out), so kubectl scale sticks
-    // until the HPA acts; without metrics-server in kind it does not.
+    // kubectl scale owns the count then, and with the HPA there the operator leaves replicas
+    // to it (the handoff), so the count sticks until the HPA acts; without metrics-server in
+    // kind it does not.
     for want in [3, 1] {
         kubectl(&[
             "-n",
@@ -426,7 +438,7 @@ async fn scaled_sync_deployment_scaled_while_the_relay_keeps_serving() -> Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kind cluster: run e2e/kind/run.sh"]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
 async fn scaled_db_and_sync_pods_deleted_while_the_relay_keeps_serving() -> Result<()> {
     let Some(r) = scaled() else {
         eprintln!("ORLY_E2E_SCALED_URL unset: no PostgreSQL relay deployed, skipped");
@@ -456,7 +468,7 @@ async fn scaled_db_and_sync_pods_deleted_while_the_relay_keeps_serving() -> Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kind cluster: run e2e/kind/run.sh"]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
 async fn scaled_has_an_hpa_for_the_autoscaled_sync_service() -> Result<()> {
     let Some(r) = scaled() else {
         eprintln!("ORLY_E2E_SCALED_URL unset: no PostgreSQL relay deployed, skipped");
@@ -502,4 +514,219 @@ async fn scaled_has_an_hpa_for_the_autoscaled_sync_service() -> Result<()> {
     ])?;
     ensure!(relay_hpa.is_empty(), "unexpected relay HPA: {relay_hpa}");
     Ok(())
+}
+
+/// The components of a relay and the workload kind each runs as.
+fn workloads(relay: &str, sqlite: bool) -> Vec<(String, &'static str, &'static str)> {
+    let mut out = vec![(
+        child_name(relay, "db"),
+        "db",
+        if sqlite { "statefulset" } else { "deployment" },
+    )];
+    out.push((child_name(relay, "acl"), "acl", "deployment"));
+    out.push((child_name(relay, "relay"), "relay", "deployment"));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
+async fn minimal_children_carry_the_token_and_network_policies() -> Result<()> {
+    let r = minimal();
+    let ns = namespace();
+    let secret = child_name(&r.name, "grpc-auth");
+    let token = secret_value(&ns, &secret, "token")?;
+    ensure!(
+        token.len() == 64 && token.chars().all(|c| c.is_ascii_hexdigit()),
+        "the token is not 32 bytes of hex: {token:?}"
+    );
+    for (name, component, kind) in workloads(&r.name, true) {
+        let workload = get_json(&ns, kind, &name)?;
+        ensure!(
+            env_secret_ref(&workload, "ORLY_GRPC_AUTH_TOKEN")
+                == Some((secret.clone(), "token".to_string())),
+            "{name} does not read the token from {secret}"
+        );
+        let policy = get_json(&ns, "networkpolicy", &name)?;
+        let (port, callers): (i64, Option<Vec<&str>>) = match component {
+            "db" => (50051, Some(vec!["acl", "relay"])),
+            "acl" => (50052, Some(vec!["relay"])),
+            _ => (3334, None),
+        };
+        let got = policy_callers(&policy, port)
+            .with_context(|| format!("{name}: no rule opens {port}"))?;
+        ensure!(
+            got == callers.map(|c| c.into_iter().map(str::to_string).collect()),
+            "{name}: port {port} open to {got:?}"
+        );
+        if component != "relay" {
+            let service = get_json(&ns, "service", &name)?;
+            ensure!(is_headless(&service), "{name} Service is not headless");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
+async fn minimal_relay_pod_drains_its_websockets_before_it_goes() -> Result<()> {
+    let r = minimal();
+    let ns = namespace();
+    let relay = get_json(&ns, "deployment", &child_name(&r.name, "relay"))?;
+    let command = pre_stop_command(&relay).context("the relay has no preStop hook")?;
+    ensure!(
+        command[..2] == ["orly", "drain"] && command.contains(&"--timeout".to_string()),
+        "preStop is {command:?}"
+    );
+    ensure!(
+        relay["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 30,
+        "grace period: {}",
+        relay["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    );
+    wait_serving(&r.url).await?;
+    let (mut socket, _) = tokio_tungstenite::connect_async(r.url.as_str()).await?;
+    let pods = running_pods(&ns, &r.name, "relay")?;
+    ensure!(pods.len() == 1, "one relay pod expected: {pods:?}");
+    kubectl(&["-n", &ns, "delete", "pod", &pods[0], "--wait=false"])?;
+    // The drain closes every WebSocket with 1001 (going away) before the pod stops.
+    let close = tokio::time::timeout(Duration::from_secs(40), async {
+        while let Some(message) = socket.next().await {
+            match message {
+                Ok(Message::Close(frame)) => return Ok(frame),
+                Ok(_) => continue,
+                Err(e) => bail!("the connection broke without a close frame: {e}"),
+            }
+        }
+        bail!("the connection ended without a close frame")
+    })
+    .await
+    .context("no close frame within 40 s")??;
+    ensure!(
+        close.as_ref().map(|f| f.code) == Some(CloseCode::Away),
+        "closed with {close:?}, want 1001"
+    );
+    delete_pod_wait_gone(&ns, &r.name).await?;
+    wait_serving(&r.url).await
+}
+
+/// Waits until a new relay pod runs after the old one was deleted.
+async fn delete_pod_wait_gone(ns: &str, relay: &str) -> Result<()> {
+    wait_for(
+        "a new relay pod",
+        READY_TIMEOUT,
+        Duration::from_secs(1),
+        || async { Ok((running_pods(ns, relay, "relay")?.len() == 1).then_some(())) },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: run e2e/kind/run.sh"]
+async fn scaled_acl_pod_deleted_while_the_relay_keeps_accepting() -> Result<()> {
+    let Some(r) = scaled() else {
+        eprintln!("ORLY_E2E_SCALED_URL unset: no PostgreSQL relay deployed, skipped");
+        return Ok(());
+    };
+    let ns = namespace();
+    let acl = child_name(&r.name, "acl");
+    wait_ready_replicas(&acl, 2).await?;
+    ensure!(
+        is_headless(&get_json(&ns, "service", &acl)?),
+        "the relay must see every acl pod"
+    );
+    wait_serving(&r.url).await?;
+    let publisher = Publisher::start(r.url.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    delete_pod_and_wait_replaced(&r.name, "acl").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (acked, refused) = publisher.finish().await;
+    ensure!(
+        refused == 0,
+        "{refused} publishes refused with one of two acl pods gone"
+    );
+    ensure!(!acked.is_empty(), "nothing published");
+    assert_all_stored(&r.url, &acked).await
+}
+
+/// `run.sh --plan` with only `vars` of the suite's environment set.
+fn plan(vars: &[(&str, &str)]) -> (bool, String) {
+    let mut command = std::process::Command::new("bash");
+    command
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/kind/run.sh"))
+        .arg("--plan");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("ORLY_E2E_")
+            || [
+                "KEEP_CLUSTER",
+                "CLUSTER_NAME",
+                "IMAGE_REPOSITORY",
+                "IMAGE_TAG",
+            ]
+            .contains(&name.as_str())
+        {
+            command.env_remove(name);
+        }
+    }
+    command.envs(vars.iter().copied());
+    let out = command.output().expect("bash runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn run_sh_makes_its_own_kind_cluster_by_default() {
+    let (ok, text) = plan(&[("IMAGE_TAG", "t")]);
+    assert!(ok, "{text}");
+    for line in [
+        "cluster: kind orly-e2e (created when missing; deleted afterwards unless KEEP_CLUSTER=1)",
+        "image: localhost/orly-relay/orly-sync-negentropy:t",
+        "images: loaded with kind load",
+        "operator: release orly-operator in orly-system, watching all namespaces",
+        "relays: minimal scaled in orly-e2e",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn run_sh_uses_an_existing_cluster_with_images_from_a_registry_or_a_hook() {
+    let (ok, text) = plan(&[
+        ("ORLY_E2E_KUBECONFIG", "/tmp/elsewhere.yaml"),
+        ("ORLY_E2E_CONTEXT", "staging"),
+        ("ORLY_E2E_REGISTRY", "registry.example.com/orly/"),
+        ("ORLY_E2E_POSTGRES", "0"),
+        ("IMAGE_TAG", "t"),
+    ]);
+    assert!(ok, "{text}");
+    for line in [
+        "cluster: existing, kubeconfig /tmp/elsewhere.yaml, context staging (never deleted)",
+        "image: registry.example.com/orly/orly:t",
+        "images: pulled by the cluster from registry.example.com/orly (not built, not loaded)",
+        "operator: release orly-operator in orly-system, watching namespace orly-e2e only",
+        "relays: minimal in orly-e2e",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert!(!text.contains("built with"), "{text}");
+
+    let (ok, text) = plan(&[
+        ("ORLY_E2E_KUBECONFIG", "/tmp/elsewhere.yaml"),
+        ("ORLY_E2E_LOAD_IMAGES", "k3d image import -c dev"),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("images: loaded with: k3d image import -c dev <image>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("image: localhost/orly-relay/orly-db:"),
+        "{text}"
+    );
+}
+
+#[test]
+fn run_sh_refuses_an_existing_cluster_it_cannot_give_images() {
+    let (ok, text) = plan(&[("ORLY_E2E_KUBECONFIG", "/tmp/elsewhere.yaml")]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("set ORLY_E2E_REGISTRY"), "{text}");
 }

@@ -539,6 +539,50 @@ where
     .map_err(child_error(component, "apply", kind_of::<K>(), &name))
 }
 
+/// Apply an autoscaled Deployment that still carries `spec.replicas` (the handoff). Not
+/// forced at first: should the cache be behind and the HPA (or `kubectl scale`) already own a
+/// different count, the API server answers with a conflict on `.spec.replicas` instead of the
+/// operator taking the count back; then the count is theirs and is left out. A conflict on
+/// other fields only is overridden as every apply does.
+async fn apply_during_handoff(
+    client: &Client,
+    namespace: &str,
+    deployment: &Deployment,
+    component: Component,
+) -> Result<Deployment> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let name = deployment.metadata.name.clone().unwrap_or_default();
+    match api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(deployment),
+        )
+        .await
+    {
+        Ok(applied) => Ok(applied),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            let mut deployment = deployment.clone();
+            if conflicts_on_replicas(&status.message) {
+                info!(deployment = %name, "another manager owns replicas; leaving them to it");
+                if let Some(spec) = deployment.spec.as_mut() {
+                    spec.replicas = None;
+                }
+            }
+            apply(client, namespace, &deployment, component).await
+        }
+        Err(source) => Err(child_error(component, "apply", "Deployment", &name)(source)),
+    }
+}
+
+/// Whether an apply conflict names `.spec.replicas` (the API server lists each conflicting
+/// field as `conflict with "<manager>" ...: .spec.replicas`).
+pub fn conflicts_on_replicas(message: &str) -> bool {
+    message
+        .split([',', '\n'])
+        .any(|part| part.trim_end().ends_with(".spec.replicas"))
+}
+
 async fn delete<K>(client: &Client, namespace: &str, name: &str, component: Component) -> Result<()>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -609,10 +653,12 @@ async fn apply_component(
                 delete::<StatefulSet>(client, ns, &name, c).await?;
                 deleted.insert((ChildKind::StatefulSet, name.clone()));
             }
-            WorkloadObservation::from_deployment(
-                &apply(client, ns, d.as_ref(), c).await?,
-                tolerance,
-            )
+            let applied = if component.autoscaling.is_some() && replicas.is_some() {
+                apply_during_handoff(client, ns, d.as_ref(), c).await?
+            } else {
+                apply(client, ns, d.as_ref(), c).await?
+            };
+            WorkloadObservation::from_deployment(&applied, tolerance)
         }
         Workload::StatefulSet(s) => {
             if existing.has(ChildKind::Deployment, &name) {
@@ -844,6 +890,17 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conflict_is_on_replicas_only_when_the_api_server_names_that_field() {
+        // The API server's wording, one field per line after the first.
+        let scale = "Apply failed with 1 conflict: conflict with \"kube-controller-manager\" with subresource \"scale\" using apps/v1: .spec.replicas";
+        assert!(conflicts_on_replicas(scale));
+        let two = "Apply failed with 2 conflicts: conflicts with \"kubectl-edit\" using apps/v1:\n- .spec.template.spec.containers[name=\"orly\"].image\n- .spec.replicas";
+        assert!(conflicts_on_replicas(two));
+        let image = "Apply failed with 1 conflict: conflict with \"kubectl-edit\" using apps/v1: .spec.template.spec.containers[name=\"orly\"].image";
+        assert!(!conflicts_on_replicas(image));
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -470,6 +470,65 @@ async fn enabling_autoscaling_on_a_running_deployment_keeps_its_replicas_until_t
 }
 
 #[tokio::test]
+async fn a_stale_cache_never_takes_the_count_back_from_the_hpa() {
+    const DEPLOYMENT: &str = "main-sync-negentropy";
+    let (fake, ctx) = setup("sync: {negentropy: {enabled: true, replicas: 3}}");
+    bring_to_ready(&fake, &ctx).await;
+    fake.edit::<OrlyRelay>(NS, NAME, |r| {
+        r["spec"]["sync"]["negentropy"]["autoscaling"] = json!({"minReplicas": 2, "maxReplicas": 6})
+    });
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    ctx.sync(&fake);
+    // The HPA scales to 5 after the caches were filled: the operator still believes it alone
+    // owns a count of 3.
+    let deployments: Api<Deployment> = Api::namespaced(fake.client(), NS);
+    let hpa_controller = PatchParams {
+        field_manager: Some("kube-controller-manager".into()),
+        ..PatchParams::default()
+    };
+    deployments
+        .patch_scale(
+            DEPLOYMENT,
+            &hpa_controller,
+            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap();
+    fake.clear_requests();
+    let stored: OrlyRelay = fake.get(NS, NAME).unwrap();
+    reconcile(Arc::new(DeserializeGuard(Ok(stored))), ctx.ctx.clone())
+        .await
+        .unwrap();
+    // The unforced apply of 3 conflicted on .spec.replicas; the count stayed the HPA's.
+    let deployment_applies: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == Method::PATCH && r.path.ends_with("deployments/main-sync-negentropy")
+        })
+        .collect();
+    assert_eq!(
+        deployment_applies.len(),
+        2,
+        "an unforced try, then without replicas"
+    );
+    assert!(!deployment_applies[0].query.contains("force=true"));
+    assert_eq!(
+        deployment_applies[0].body.as_ref().unwrap()["spec"]["replicas"],
+        3
+    );
+    assert!(deployment_applies[1].query.contains("force=true"));
+    assert!(deployment_applies[1].body.as_ref().unwrap()["spec"]
+        .get("replicas")
+        .is_none());
+    assert_eq!(stored_replicas(&fake, DEPLOYMENT), Some(5));
+    assert_eq!(
+        fake.replicas_owners::<Deployment>(NS, DEPLOYMENT),
+        ["kube-controller-manager"]
+    );
+}
+
+#[tokio::test]
 async fn the_fake_api_merges_applies_per_field_manager_like_the_api_server() {
     // What the handoff guards against: the only owner dropping replicas resets them to 1,
     // while a field another manager also owns survives its co-owner leaving it.

@@ -397,24 +397,30 @@ fn apply_patch(
     let mut next = existing.clone();
     let mut owners = owners.clone();
     if !force {
+        // Worded as the API server words it: the manager, then the field as a dotted path.
         let conflicts: Vec<String> = wanted
             .iter()
             .filter(|(path, value)| existing.pointer(path) != Some(*value))
             .filter_map(|(path, _)| {
-                let others: Vec<&str> = owners
-                    .get(path)?
-                    .iter()
-                    .filter(|o| o.0 != manager)
-                    .map(|o| o.0.as_str())
+                let other = owners.get(path)?.iter().find(|o| o.0 != manager)?;
+                let subresource = if other.2.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with subresource {:?}", other.2)
+                };
+                let field: String = path
+                    .split('/')
+                    .skip(1)
+                    .map(|t| format!(".{}", unescape(t)))
                     .collect();
-                (!others.is_empty()).then(|| format!("conflict with {others:?}: {path}"))
+                Some(format!("conflict with {:?}{subresource}: {field}", other.0))
             })
             .collect();
         if !conflicts.is_empty() {
             return Err(format!(
                 "Apply failed with {} conflict(s): {}",
                 conflicts.len(),
-                conflicts.join("; ")
+                conflicts.join("\n")
             ));
         }
     }
