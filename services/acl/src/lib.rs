@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod cli;
 pub mod engine;
+pub mod fuzz;
 pub mod grpc_client;
 pub mod grpc_server;
 pub mod nip86;
@@ -179,7 +180,7 @@ impl ListKind {
     /// and event ids, the canonical form of an IP address, a decimal kind.
     pub fn normalize_key(self, raw: &str) -> Result<String, AclError> {
         let raw = raw.trim();
-        let bad = |what: &str| AclError::InvalidArgument(format!("invalid {what}: {raw:?}"));
+        let bad = |what: &str| AclError::InvalidArgument(format!("{raw:?} is not a valid {what}"));
         match self {
             Self::BannedPubkeys | Self::AllowedPubkeys => orly_common::parse_pubkey(raw)
                 .map(|p| p.to_hex())

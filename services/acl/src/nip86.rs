@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::nip98::{self, HttpRequestInfo};
+use crate::nip98::{self, HttpRequestInfo, ReplayCache};
 use crate::{AclAdmin, AclError, ListEntry, ListKind, Mode};
 
 /// The path the relay serves NIP-86 on.
@@ -66,10 +66,23 @@ impl Nip86Response {
     }
 }
 
-/// Answers one NIP-86 request at `now` (unix seconds).
+/// Answers one NIP-86 request at `now` (unix seconds), refusing replayed authorizations with
+/// the process-wide [`ReplayCache`].
 pub async fn handle(admin: &dyn AclAdmin, req: Nip86Request<'_>, now: u64) -> Nip86Response {
+    handle_with(admin, req, now, ReplayCache::global()).await
+}
+
+/// [`handle`] with its own replay cache. Every refusal's `error` starts with a NIP-01 prefix:
+/// `invalid:` (bad request), `auth-required:` (NIP-98 missing, wrong or replayed),
+/// `restricted:` (not an admin, wrong mode), `error:` (access control unreachable).
+pub async fn handle_with(
+    admin: &dyn AclAdmin,
+    req: Nip86Request<'_>,
+    now: u64,
+    replay: &ReplayCache,
+) -> Nip86Response {
     if req.method != http::Method::POST {
-        return Nip86Response::error(405, "NIP-86 requests must use POST");
+        return Nip86Response::error(405, "invalid: NIP-86 requests must use POST");
     }
     let content_type = req
         .headers
@@ -77,14 +90,14 @@ pub async fn handle(admin: &dyn AclAdmin, req: Nip86Request<'_>, now: u64) -> Ni
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !content_type.to_ascii_lowercase().starts_with(CONTENT_TYPE) {
-        return Nip86Response::error(400, format!("Content-Type must be {CONTENT_TYPE}"));
+        return Nip86Response::error(400, format!("invalid: Content-Type must be {CONTENT_TYPE}"));
     }
     let url = nip98::request_url(req.headers, req.uri);
     let auth = req
         .headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let signer = match nip98::verify(
+    let auth = match nip98::verify(
         auth,
         HttpRequestInfo {
             url: &url,
@@ -93,41 +106,61 @@ pub async fn handle(admin: &dyn AclAdmin, req: Nip86Request<'_>, now: u64) -> Ni
         },
         now,
     ) {
-        Ok(pk) => pk,
-        Err(e) => return Nip86Response::error(401, format!("unauthorized: {e}")),
+        Ok(auth) => auth,
+        Err(e) => return refused_auth(e),
     };
+    let signer = auth.signer;
     match admin.access_level(&signer).await {
         Ok(level) if level.is_admin() => {}
         Ok(_) => {
             return Nip86Response::error(
                 403,
-                "forbidden: only owners and admins may manage this relay",
+                "restricted: only owners and admins may manage this relay",
             )
         }
         Err(e) => return unavailable(e),
+    }
+    // Claimed only for admins, so strangers' valid signatures never fill the cache.
+    if let Err(e) = replay.claim(&auth, now) {
+        return refused_auth(e);
     }
     match admin.current_mode().await {
         Ok(Mode::Managed) => {}
         Ok(mode) => {
             return Nip86Response::error(
                 400,
-                format!("relay management needs ACL mode managed; this relay runs mode {mode}"),
+                format!(
+                    "restricted: relay management needs ACL mode managed; this relay runs \
+                     mode {mode}"
+                ),
             )
         }
         Err(e) => return unavailable(e),
     }
-    let (method, params) = match parse_call(req.body) {
+    let resp = dispatch(admin, req.body).await;
+    tracing::info!(by = %signer, status = resp.status, "NIP-86 call");
+    resp
+}
+
+/// The JSON-RPC body handler of an authorized request: parses `{"method", "params"}` and
+/// runs the call. Any input gets an answer: a `result`, or an `error` with a NIP-01 prefix.
+pub async fn dispatch(admin: &dyn AclAdmin, body: &[u8]) -> Nip86Response {
+    let (method, params) = match parse_call(body) {
         Ok(call) => call,
-        Err(e) => return Nip86Response::error(400, e),
+        Err(e) => return Nip86Response::error(400, format!("invalid: {e}")),
     };
     match call(admin, &method, &params).await {
         Ok(result) => {
-            tracing::info!(%method, by = %signer, "NIP-86 call");
+            tracing::debug!(%method, "NIP-86 call answered");
             Nip86Response::result(result)
         }
-        Err(AclError::InvalidArgument(msg)) => Nip86Response::error(200, msg),
+        Err(AclError::InvalidArgument(msg)) => Nip86Response::error(200, format!("invalid: {msg}")),
         Err(e) => unavailable(e),
     }
+}
+
+fn refused_auth(e: nip98::Nip98Error) -> Nip86Response {
+    Nip86Response::error(401, format!("auth-required: NIP-98: {e}"))
 }
 
 fn unavailable(e: AclError) -> Nip86Response {
@@ -242,6 +275,104 @@ fn key_number(params: &[Value]) -> Result<(), AclError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::{assert_well_formed, MemoryAdmin};
+    use nostr::{EventBuilder, JsonUtil, Keys, Kind, Tag, Timestamp};
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn headers(auth: Option<&str>) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::HOST, "relay.example".parse().unwrap());
+        h.insert(http::header::CONTENT_TYPE, CONTENT_TYPE.parse().unwrap());
+        if let Some(a) = auth {
+            h.insert(http::header::AUTHORIZATION, a.parse().unwrap());
+        }
+        h
+    }
+
+    async fn post(
+        admin: &MemoryAdmin,
+        replay: &ReplayCache,
+        auth: Option<&str>,
+        body: &str,
+    ) -> Nip86Response {
+        let uri: http::Uri = PATH.parse().unwrap();
+        let headers = headers(auth);
+        let r = handle_with(
+            admin,
+            Nip86Request {
+                method: &http::Method::POST,
+                uri: &uri,
+                headers: &headers,
+                body: body.as_bytes(),
+            },
+            NOW,
+            replay,
+        )
+        .await;
+        assert_well_formed(&r);
+        r
+    }
+
+    fn error(r: &Nip86Response) -> &str {
+        r.body["error"].as_str().unwrap_or("")
+    }
+
+    #[tokio::test]
+    async fn a_header_is_good_for_one_call_and_its_own_body() {
+        let owner = Keys::generate();
+        let admin = MemoryAdmin::managed(&[owner.public_key()]);
+        let replay = ReplayCache::new(100);
+        let url = "http://relay.example/api/nip86";
+        let target = Keys::generate().public_key().to_hex();
+        let body = format!(r#"{{"method":"banpubkey","params":["{target}"]}}"#);
+        let good = nip98::authorization_header(&owner, url, "POST", Some(body.as_bytes()), NOW);
+        let r = post(&admin, &replay, Some(&good), &body).await;
+        assert_eq!((r.status, &r.body["result"]), (200, &json!(true)), "{r:?}");
+
+        // The same header once more: a replay.
+        let r = post(&admin, &replay, Some(&good), &body).await;
+        assert_eq!(r.status, 401, "{r:?}");
+        assert!(
+            error(&r).starts_with("auth-required:") && error(&r).contains("used before"),
+            "{r:?}"
+        );
+
+        // Signed without a payload tag: the body is not covered, refused.
+        let bare = EventBuilder::new(Kind::HttpAuth, "")
+            .tags([
+                Tag::parse(["u", url]).unwrap(),
+                Tag::parse(["method", "POST"]).unwrap(),
+            ])
+            .custom_created_at(Timestamp::from(NOW))
+            .sign_with_keys(&owner)
+            .unwrap();
+        use base64::Engine;
+        let bare = format!(
+            "Nostr {}",
+            base64::engine::general_purpose::STANDARD.encode(bare.as_json())
+        );
+        let unban = format!(r#"{{"method":"unbanpubkey","params":["{target}"]}}"#);
+        let r = post(&admin, &replay, Some(&bare), &unban).await;
+        assert_eq!(r.status, 401, "{r:?}");
+        assert!(error(&r).contains("no payload tag"), "{r:?}");
+
+        // Signed for another body.
+        let other = nip98::authorization_header(&owner, url, "POST", Some(body.as_bytes()), NOW);
+        let r = post(&admin, &replay, Some(&other), &unban).await;
+        assert_eq!(r.status, 401, "{r:?}");
+        assert!(error(&r).contains("payload tag does not match"), "{r:?}");
+        // Nothing of that reached the lists: the key is still banned.
+        assert_eq!(admin.snapshot().len(), 1);
+
+        // A stranger's valid header is refused without being remembered.
+        let stranger = Keys::generate();
+        let h = nip98::authorization_header(&stranger, url, "POST", Some(unban.as_bytes()), NOW);
+        let r = post(&admin, &replay, Some(&h), &unban).await;
+        assert_eq!(r.status, 403, "{r:?}");
+        assert!(error(&r).starts_with("restricted:"), "{r:?}");
+        assert_eq!(replay.len(), 1);
+    }
 
     #[test]
     fn calls_are_parsed_strictly() {

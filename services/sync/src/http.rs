@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use nostr::{Keys, PublicKey};
+use nostr::Keys;
 use orly_acl::nip98;
 use orly_proto::orlysync::common::v1 as pb;
 use serde::de::DeserializeOwned;
@@ -82,8 +82,10 @@ impl HttpRequest {
         }
     }
 
-    /// Checks the request's NIP-98 header at `now` and returns the signer.
-    pub fn nip98_signer(&self, now: u64) -> Result<PublicKey, nip98::Nip98Error> {
+    /// Checks the request's NIP-98 header at `now` (a body must be covered by its `payload`
+    /// tag) and returns the authorization: claim it against replays
+    /// ([`nip98::ReplayCache::claim`]) once its signer is known to be a peer.
+    pub fn nip98_signer(&self, now: u64) -> Result<nip98::Nip98Auth, nip98::Nip98Error> {
         let url = self.full_url();
         nip98::verify(
             self.header("authorization"),
@@ -326,6 +328,90 @@ impl PeerHttp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Receives one request on a loopback port: its (lowercase) headers and body.
+    async fn capture_one() -> (
+        String,
+        tokio::task::JoinHandle<(BTreeMap<String, String>, Vec<u8>)>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/api/sync/current", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let head_end = loop {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed before the headers ended");
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            let headers: BTreeMap<String, String> = head
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            let len: usize = headers
+                .get("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed before the body ended");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let reply = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+            s.write_all(reply.as_bytes()).await.unwrap();
+            (headers, buf[head_end..head_end + len].to_vec())
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn peer_requests_are_signed_for_their_body() {
+        let keys = Keys::generate();
+        let http = PeerHttp::new(Duration::from_secs(5), 1024);
+        for (method, body) in [
+            (
+                "POST",
+                Some(br#"{"node_id":"n","relay_url":"http://r"}"#.to_vec()),
+            ),
+            ("GET", None),
+        ] {
+            let (url, server) = capture_one().await;
+            let (status, _) = http
+                .send(
+                    method,
+                    &url,
+                    &[],
+                    body.clone(),
+                    Some(&keys),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+            let (headers, received) = server.await.unwrap();
+            // What a receiving orly checks, payload tag required for a body.
+            let auth = nip98::verify(
+                headers.get("authorization").map(String::as_str),
+                nip98::HttpRequestInfo {
+                    url: &url,
+                    method,
+                    body: &received,
+                },
+                nostr::Timestamp::now().as_secs(),
+            )
+            .unwrap_or_else(|e| panic!("{method}: {e}"));
+            assert_eq!(auth.signer, keys.public_key());
+            assert_eq!(received, body.unwrap_or_default());
+        }
+    }
 
     #[test]
     fn peer_urls_normalise_to_http() {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use nostr::{Event, EventId, JsonUtil, Keys, PublicKey};
+use orly_acl::nip98::{self, ReplayCache};
 use orly_db::SharedStore;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -58,20 +59,41 @@ pub async fn authorize_peer(
     peers: &[String],
     nip11: &Nip11Cache,
 ) -> Result<PublicKey, HttpResponse> {
-    let now = nostr::Timestamp::now().as_secs();
-    let signer = req.nip98_signer(now).map_err(|e| {
+    authorize_peer_at(
+        req,
+        peers,
+        nip11,
+        nostr::Timestamp::now().as_secs(),
+        ReplayCache::global(),
+    )
+    .await
+}
+
+/// [`authorize_peer`] at `now` with its own replay cache. A header is usable once: it is
+/// claimed only after its signer proved to be a peer, so strangers cannot fill the cache.
+pub async fn authorize_peer_at(
+    req: &HttpRequest,
+    peers: &[String],
+    nip11: &Nip11Cache,
+    now: u64,
+    replay: &ReplayCache,
+) -> Result<PublicKey, HttpResponse> {
+    let refuse = |e: nip98::Nip98Error| {
         tracing::info!(path = %req.path, remote = %req.remote_addr, reason = %e, "sync request refused");
         HttpResponse::text(401, format!("Unauthorized: {e}"))
-    })?;
-    if peers.iter().any(|p| nip11.cached(p) == Some(signer)) {
-        return Ok(signer);
+    };
+    let auth = req.nip98_signer(now).map_err(refuse)?;
+    let signer = auth.signer;
+    let known = peers.iter().any(|p| nip11.cached(p) == Some(signer)) || {
+        let lookups = futures::future::join_all(peers.iter().map(|p| nip11.pubkey(p))).await;
+        lookups.iter().any(|r| r.as_ref().ok() == Some(&signer))
+    };
+    if !known {
+        tracing::info!(path = %req.path, remote = %req.remote_addr, %signer, "sync request from an unknown peer refused");
+        return Err(HttpResponse::text(403, "Unauthorized peer"));
     }
-    let lookups = futures::future::join_all(peers.iter().map(|p| nip11.pubkey(p))).await;
-    if lookups.iter().any(|r| r.as_ref().ok() == Some(&signer)) {
-        return Ok(signer);
-    }
-    tracing::info!(path = %req.path, remote = %req.remote_addr, %signer, "sync request from an unknown peer refused");
-    Err(HttpResponse::text(403, "Unauthorized peer"))
+    replay.claim(&auth, now).map_err(refuse)?;
+    Ok(signer)
 }
 
 /// Parses a JSON request body, or the 400 to answer.
@@ -286,5 +308,98 @@ impl Drop for SerialWatch {
         if let Some(t) = self.watcher.lock().take() {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A relay whose NIP-11 document names `pubkey`, on every path: its base URL.
+    async fn peer_named(pubkey: PublicKey) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let doc = serde_json::json!({ "pubkey": pubkey.to_hex() }).to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let doc = doc.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/nostr+json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{doc}",
+                        doc.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn request(method: &str, auth: Option<String>, body: &[u8]) -> HttpRequest {
+        let mut headers =
+            std::collections::BTreeMap::from([("host".into(), "relay.example".into())]);
+        if let Some(a) = auth {
+            headers.insert("authorization".into(), a);
+        }
+        HttpRequest {
+            method: method.into(),
+            path: "/api/sync/current".into(),
+            headers,
+            body: body.to_vec(),
+            ..HttpRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn peer_requests_need_a_payload_tag_and_are_usable_once() {
+        const URL: &str = "http://relay.example/api/sync/current";
+        let peer = Keys::generate();
+        let peers = vec![peer_named(peer.public_key()).await];
+        let nip11 = Nip11Cache::new(Duration::from_secs(60), Duration::from_secs(5));
+        let replay = ReplayCache::new(100);
+        let now = nostr::Timestamp::now().as_secs();
+        let body = br#"{"node_id":"x","relay_url":"http://peer"}"#;
+        let check = |req: HttpRequest| {
+            let (peers, nip11, replay) = (&peers, &nip11, &replay);
+            async move { authorize_peer_at(&req, peers, nip11, now, replay).await }
+        };
+        let text = |r: HttpResponse| (r.status, String::from_utf8_lossy(&r.body).into_owned());
+
+        let good = nip98::authorization_header(&peer, URL, "POST", Some(body), now);
+        let ok = check(request("POST", Some(good.clone()), body)).await;
+        assert_eq!(ok.map_err(text), Ok(peer.public_key()));
+
+        // The same header again: refused as a replay.
+        let (status, msg) = text(check(request("POST", Some(good), body)).await.unwrap_err());
+        assert_eq!(status, 401, "{msg}");
+        assert!(msg.contains("used before"), "{msg}");
+
+        // Signed without a payload tag: the body is not covered.
+        let bare = nip98::authorization_header(&peer, URL, "POST", None, now);
+        let (status, msg) = text(check(request("POST", Some(bare), body)).await.unwrap_err());
+        assert_eq!(status, 401, "{msg}");
+        assert!(msg.contains("no payload tag"), "{msg}");
+
+        // Signed for another body.
+        let other = nip98::authorization_header(&peer, URL, "POST", Some(b"{}"), now);
+        let (status, msg) = text(check(request("POST", Some(other), body)).await.unwrap_err());
+        assert_eq!(status, 401, "{msg}");
+        assert!(msg.contains("payload tag does not match"), "{msg}");
+
+        // A stranger is refused and not remembered; a GET without a body needs no payload.
+        let held = replay.len();
+        let stranger = nip98::authorization_header(&Keys::generate(), URL, "POST", Some(body), now);
+        let refused = check(request("POST", Some(stranger), body))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status, 403);
+        assert_eq!(replay.len(), held);
+        let get = nip98::authorization_header(&peer, URL, "GET", None, now);
+        let ok = check(request("GET", Some(get), b"")).await;
+        assert_eq!(ok.map_err(text), Ok(peer.public_key()));
     }
 }
