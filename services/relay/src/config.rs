@@ -212,7 +212,7 @@ pub struct Cli {
     pub sync_cluster_admins: Option<String>,
     /// Replicate privileged events (DMs, gift wraps, …) between cluster members (local sync)
     /// [default: true]; the service's name ORLY_SYNC_CLUSTER_PROPAGATE_PRIVILEGED wins.
-    #[arg(long, env = "ORLY_CLUSTER_PROPAGATE_PRIVILEGED_EVENTS", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    #[arg(long = "cluster-propagate-privileged", env = "ORLY_CLUSTER_PROPAGATE_PRIVILEGED_EVENTS", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub cluster_propagate_privileged_events: Option<bool>,
     /// Whether to replicate privileged events, under the service's name (local sync).
     #[arg(long, env = "ORLY_SYNC_CLUSTER_PROPAGATE_PRIVILEGED", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
@@ -636,7 +636,7 @@ mod tests {
         assert_eq!(c.cluster_admin_list(), "z");
         assert!(cli(&[]).cluster_propagate_privileged());
         let c = cli(&[
-            "--cluster-propagate-privileged-events",
+            "--cluster-propagate-privileged",
             "true",
             "--sync-cluster-propagate-privileged",
             "false",
