@@ -56,6 +56,10 @@ pub struct Args {
     /// How often follow lists (mode follows) and lists (mode managed) are re-read.
     #[arg(long, env = "ORLY_FOLLOW_LIST_FREQUENCY", default_value = "1h", value_parser = parse_duration)]
     pub follow_list_frequency: Duration,
+    /// How often the store is checked for changes made by other replicas (a version marker
+    /// and newer admin follow lists): a ban made on one replica is enforced by all within it.
+    #[arg(long, env = "ORLY_ACL_REFRESH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub refresh_interval: Duration,
     /// Log level or tracing filter directive (falls back to ORLY_ACL_LOG_LEVEL when unset).
     #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
     pub log_level: String,
@@ -114,7 +118,7 @@ async fn run(matches: ArgMatches) -> anyhow::Result<()> {
         store,
     );
     // Loads now if the store answers, else retries; readiness follows.
-    let refresher = engine.spawn_refresher();
+    let refresher = engine.spawn_refresher_with(args.refresh_interval);
 
     tracing::info!(mode = %args.mode, db_type = %store_cfg.kind, "orly-acl starting");
     orly_common::service::serve_until_signal(

@@ -2,11 +2,18 @@
 //! managed lists live in memory; managed lists are written through to storage markers
 //! (`acl:<list>:<key>` → JSON `{reason, added}`) and follow sets are rebuilt from the
 //! admins' latest kind 3 events.
+//!
+//! Several engines (orly-acl replicas, or relays with an in-process ACL) may share one store
+//! and converge: every change also rewrites the marker `acl:version` with a value never used
+//! before, and [`AclEngine::spawn_refresher_with`] reads that one marker every check interval
+//! (`ORLY_ACL_REFRESH_INTERVAL`, 5 s), reloading the lists when it moved, and asks the store
+//! for admins' kind 3 events newer than the ones applied. A change made through any engine is
+//! enforced by every engine within one check interval.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use nostr::{Event, Filter, Kind, PublicKey, Timestamp};
@@ -20,6 +27,16 @@ use crate::{now_secs, AclAdmin, AclError, Level, ListEntry, ListKind, Mode};
 pub const DECISION_CACHE_TTL: Duration = Duration::from_secs(5);
 /// Retry interval while the lists cannot be loaded (store unreachable).
 const LOAD_RETRY: Duration = Duration::from_secs(2);
+/// How often an engine looks for changes made by another one (`ORLY_ACL_REFRESH_INTERVAL`).
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest check interval accepted (a busy loop against the store otherwise).
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Rewritten with a fresh value by every change of the shared state.
+pub const VERSION_MARKER: &str = "acl:version";
+/// The peer relays' identities (`UpdatePeerAdmins`): a JSON array of hex pubkeys.
+pub const PEER_ADMINS_MARKER: &str = "acl:peer_admins";
+/// Pubkeys followed through `AddFollow`, one marker each: `acl:follow:<hex>`.
+pub const FOLLOW_PREFIX: &str = "acl:follow:";
 
 /// The engine's settings (`ORLY_ACL_MODE`, `ORLY_OWNERS`, `ORLY_ADMINS`,
 /// `ORLY_FOLLOW_LIST_FREQUENCY`).
@@ -58,11 +75,13 @@ struct State {
     follow_lists: HashMap<PublicKey, (Timestamp, HashSet<PublicKey>)>,
     /// Union of `follow_lists` and `extra_follows`.
     followed: HashSet<PublicKey>,
-    /// Added with the `AddFollow` RPC; kept until restart.
+    /// Added with the `AddFollow` RPC (stored under [`FOLLOW_PREFIX`]).
     extra_follows: HashSet<PublicKey>,
     /// Peer relays' identities, treated as admins (`UpdatePeerAdmins`).
     peer_admins: HashSet<PublicKey>,
     lists: HashMap<ListKind, BTreeMap<String, ListEntry>>,
+    /// The value of [`VERSION_MARKER`] the shared state was last read at.
+    version: Option<Vec<u8>>,
 }
 
 impl State {
@@ -91,7 +110,7 @@ pub struct AclEngine {
     refresh_interval: Duration,
     store: SharedStore,
     state: RwLock<State>,
-    /// Serializes list changes so storage and memory agree.
+    /// Serializes list changes and reloads so storage and memory agree.
     writes: tokio::sync::Mutex<()>,
 }
 
@@ -153,32 +172,142 @@ impl AclEngine {
         match self.mode {
             Mode::None => {}
             Mode::Follows => {
+                self.reload_shared().await?;
                 self.refresh_follows().await?;
             }
-            Mode::Managed => self.reload_lists().await?,
+            Mode::Managed => self.reload_shared().await?,
         }
         self.state.write().loaded = true;
         Ok(())
     }
 
-    /// Loads in the background (retrying while the store is down), then refreshes every
+    /// Loads in the background (retrying while the store is down), then looks for changes
+    /// made elsewhere every [`DEFAULT_CHECK_INTERVAL`] and reloads everything every
     /// `refresh_interval`.
     pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        self.spawn_refresher_with(DEFAULT_CHECK_INTERVAL)
+    }
+
+    /// [`AclEngine::spawn_refresher`] with a check interval of `check_every`
+    /// ([`AclEngine::check_changes`]: one marker read, plus in mode follows one query for
+    /// newer admin follow lists). The full reload every `refresh_interval` also drops what a
+    /// check cannot see (a deleted follow list).
+    pub fn spawn_refresher_with(
+        self: &Arc<Self>,
+        check_every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let engine = Arc::downgrade(self);
+        let check_every = check_every.max(MIN_CHECK_INTERVAL);
         tokio::spawn(async move {
-            let mut next = Duration::ZERO;
             loop {
-                tokio::time::sleep(next).await;
                 let Some(e) = engine.upgrade() else { return };
-                next = match e.load().await {
-                    Ok(()) => e.refresh_interval.max(Duration::from_secs(1)),
+                match e.load().await {
+                    Ok(()) => break,
                     Err(err) => {
                         tracing::warn!(error = %err, "loading ACL state failed; retrying");
-                        LOAD_RETRY
                     }
+                }
+                drop(e);
+                tokio::time::sleep(LOAD_RETRY).await;
+            }
+            let mut loaded_at = Instant::now();
+            let mut failing = false;
+            loop {
+                tokio::time::sleep(check_every).await;
+                let Some(e) = engine.upgrade() else { return };
+                if e.mode == Mode::None {
+                    return;
+                }
+                let full = loaded_at.elapsed() >= e.refresh_interval.max(Duration::from_secs(1));
+                let result = if full {
+                    e.load().await.map(|()| {
+                        loaded_at = Instant::now();
+                        true
+                    })
+                } else {
+                    e.check_changes().await
                 };
+                match result {
+                    Ok(changed) => {
+                        if failing {
+                            tracing::info!("ACL state readable again");
+                            failing = false;
+                        }
+                        if changed {
+                            tracing::debug!(full, "ACL state reloaded");
+                        }
+                    }
+                    // Decisions go on from memory; said once per outage, not every check.
+                    Err(err) if !failing => {
+                        tracing::warn!(error = %err, "checking for ACL changes failed; keeping the state in memory");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
             }
         })
+    }
+
+    /// Looks for changes made through other engines on the same store: reloads the lists
+    /// when [`VERSION_MARKER`] moved and, in mode follows, applies admins' follow lists newer
+    /// than the ones in memory. True if anything was reloaded or applied.
+    pub async fn check_changes(&self) -> Result<bool, AclError> {
+        let mut changed = false;
+        if self.mode == Mode::None {
+            return Ok(false);
+        }
+        let version = self
+            .store
+            .get_marker(VERSION_MARKER)
+            .await
+            .map_err(unavailable)?;
+        if version != self.state.read().version {
+            self.reload_shared().await?;
+            changed = true;
+        }
+        if self.mode == Mode::Follows {
+            changed |= self.apply_newer_follow_lists().await?;
+        }
+        Ok(changed)
+    }
+
+    /// Queries the store for admins' follow lists newer than the applied ones (nothing in
+    /// the steady state) and applies them.
+    async fn apply_newer_follow_lists(&self) -> Result<bool, AclError> {
+        let filters: Vec<Filter> = {
+            let st = self.state.read();
+            self.list_keepers()
+                .into_iter()
+                .map(|k| {
+                    let f = Filter::new().kind(Kind::ContactList).author(k).limit(1);
+                    match st.follow_lists.get(&k) {
+                        Some((at, _)) => f.since(Timestamp::from(at.as_secs() + 1)),
+                        None => f,
+                    }
+                })
+                .collect()
+        };
+        if filters.is_empty() {
+            return Ok(false);
+        }
+        let events = self.store.query(&filters).await.map_err(unavailable)?;
+        let mut applied = false;
+        for e in &events {
+            applied |= self.apply_stored_event(e);
+        }
+        if applied {
+            tracing::info!(lists = events.len(), "newer admin follow lists applied");
+        }
+        Ok(applied)
+    }
+
+    /// Writes a fresh [`VERSION_MARKER`] after a change, so other engines reload.
+    async fn bump_version(&self) -> Result<(), AclError> {
+        let value = format!("{}:{:032x}", now_secs(), rand::random::<u128>());
+        self.store
+            .set_marker(VERSION_MARKER, value.as_bytes())
+            .await
+            .map_err(unavailable)
     }
 
     /// The pubkeys whose follow lists count: owners and admins.
@@ -193,11 +322,7 @@ impl AclEngine {
         let mut fresh: HashMap<PublicKey, (Timestamp, HashSet<PublicKey>)> = HashMap::new();
         if !keepers.is_empty() {
             let filter = Filter::new().kind(Kind::ContactList).authors(keepers);
-            let events = self
-                .store
-                .query(&[filter])
-                .await
-                .map_err(|e| AclError::Unavailable(e.to_string()))?;
+            let events = self.store.query(&[filter]).await.map_err(unavailable)?;
             for e in events {
                 let newer = fresh
                     .get(&e.pubkey)
@@ -247,27 +372,99 @@ impl AclEngine {
         v
     }
 
-    /// Adds a followed pubkey until restart (the `AddFollow` RPC).
-    pub fn add_follow(&self, pubkey: PublicKey) {
+    /// Adds a followed pubkey (the `AddFollow` RPC), stored so every engine on the store
+    /// follows it too.
+    pub async fn add_follow(&self, pubkey: PublicKey) -> Result<(), AclError> {
+        let _guard = self.writes.lock().await;
+        if self.state.read().extra_follows.contains(&pubkey) {
+            return Ok(());
+        }
+        self.store
+            .set_marker(&format!("{FOLLOW_PREFIX}{}", pubkey.to_hex()), b"{}")
+            .await
+            .map_err(unavailable)?;
+        self.bump_version().await?;
         let mut st = self.state.write();
         st.extra_follows.insert(pubkey);
         st.followed.insert(pubkey);
+        Ok(())
     }
 
-    /// Replaces the peer relays' identities, which get the admin level.
-    pub fn set_peer_admins(&self, peers: Vec<PublicKey>) {
-        self.state.write().peer_admins = peers.into_iter().collect();
+    /// Replaces the peer relays' identities, which get the admin level; stored so every
+    /// engine on the store agrees. Unchanged sets write nothing.
+    pub async fn set_peer_admins(&self, peers: Vec<PublicKey>) -> Result<(), AclError> {
+        let peers: HashSet<PublicKey> = peers.into_iter().collect();
+        let _guard = self.writes.lock().await;
+        if self.state.read().peer_admins == peers {
+            return Ok(());
+        }
+        let mut hex: Vec<String> = peers.iter().map(PublicKey::to_hex).collect();
+        hex.sort();
+        let value = serde_json::to_vec(&hex).map_err(|e| AclError::Config(e.to_string()))?;
+        self.store
+            .set_marker(PEER_ADMINS_MARKER, &value)
+            .await
+            .map_err(unavailable)?;
+        self.bump_version().await?;
+        self.state.write().peer_admins = peers;
+        Ok(())
     }
 
-    async fn reload_lists(&self) -> Result<(), AclError> {
+    /// Rereads everything engines share through the store: the managed lists (mode
+    /// managed), the peer admins and the `AddFollow` pubkeys. The version is read first, so a
+    /// change landing meanwhile is seen again at the next check.
+    async fn reload_shared(&self) -> Result<(), AclError> {
+        let _guard = self.writes.lock().await;
+        let version = self
+            .store
+            .get_marker(VERSION_MARKER)
+            .await
+            .map_err(unavailable)?;
+        let lists = if self.mode == Mode::Managed {
+            Some(self.read_lists().await?)
+        } else {
+            None
+        };
+        let peer_admins: HashSet<PublicKey> = match self
+            .store
+            .get_marker(PEER_ADMINS_MARKER)
+            .await
+            .map_err(unavailable)?
+        {
+            None => HashSet::new(),
+            Some(v) => serde_json::from_slice::<Vec<String>>(&v)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "unreadable {PEER_ADMINS_MARKER}; no peer admins");
+                    Vec::new()
+                })
+                .iter()
+                .filter_map(|h| PublicKey::from_hex(h).ok())
+                .collect(),
+        };
+        let follows: HashSet<PublicKey> = self
+            .store
+            .list_markers(FOLLOW_PREFIX)
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .filter_map(|(k, _)| PublicKey::from_hex(k.strip_prefix(FOLLOW_PREFIX)?).ok())
+            .collect();
+        let mut st = self.state.write();
+        if let Some(lists) = lists {
+            st.lists = lists;
+        }
+        st.peer_admins = peer_admins;
+        st.extra_follows = follows;
+        st.rebuild_followed();
+        st.version = version;
+        Ok(())
+    }
+
+    async fn read_lists(&self) -> Result<HashMap<ListKind, BTreeMap<String, ListEntry>>, AclError> {
         let mut lists = HashMap::new();
         for list in ListKind::ALL {
             let prefix = list.marker_prefix();
-            let rows = self
-                .store
-                .list_markers(prefix)
-                .await
-                .map_err(|e| AclError::Unavailable(e.to_string()))?;
+            let rows = self.store.list_markers(prefix).await.map_err(unavailable)?;
             let mut map = BTreeMap::new();
             for (key, value) in rows {
                 let Some(k) = key.strip_prefix(prefix) else {
@@ -284,8 +481,7 @@ impl AclEngine {
             }
             lists.insert(list, map);
         }
-        self.state.write().lists = lists;
-        Ok(())
+        Ok(lists)
     }
 
     /// The access level of a pubkey (or of no identity) from an address.
@@ -481,7 +677,6 @@ impl AclEngine {
         };
         let value = serde_json::json!({"reason": entry.reason, "added": entry.added});
         let _guard = self.writes.lock().await;
-        let unavailable = |e: orly_db::StoreError| AclError::Unavailable(e.to_string());
         self.store
             .set_marker(
                 &format!("{}{key}", list.marker_prefix()),
@@ -507,6 +702,9 @@ impl AclEngine {
                 }
             }
         }
+        // Memory first: this engine enforces what the store holds even if the bump fails
+        // (the caller then retries, which bumps again).
+        self.bump_version().await?;
         if list == ListKind::BannedEvents {
             // A banned event is also removed from storage (best effort).
             if let Ok(id) = nostr::EventId::from_hex(&key) {
@@ -526,10 +724,11 @@ impl AclEngine {
         self.store
             .delete_marker(&format!("{}{key}", list.marker_prefix()))
             .await
-            .map_err(|e| AclError::Unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         if let Some(l) = self.state.write().lists.get_mut(&list) {
             l.remove(&key);
         }
+        self.bump_version().await?;
         tracing::info!(list = ?list, key = %key, "ACL list entry removed");
         Ok(())
     }
@@ -548,6 +747,10 @@ impl AclEngine {
         }
         v
     }
+}
+
+fn unavailable(e: orly_db::StoreError) -> AclError {
+    AclError::Unavailable(e.to_string())
 }
 
 /// The `p` tags of a follow list.
@@ -669,6 +872,100 @@ mod tests {
         assert_eq!(acl.level(Some(&a.public_key()), None), Level::Read);
         assert_eq!(acl.level(Some(&b.public_key()), None), Level::Write);
         assert_eq!(acl.level(Some(&admin.public_key()), None), Level::Admin);
+    }
+
+    #[tokio::test]
+    async fn engines_on_one_store_converge_at_the_next_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let (owner, a, peer) = (Keys::generate(), Keys::generate(), Keys::generate());
+        let cfg = AclConfig {
+            mode: Mode::Managed,
+            owners: vec![owner.public_key()],
+            ..AclConfig::default()
+        };
+        let one = AclEngine::open(cfg.clone(), store.clone()).await.unwrap();
+        let two = AclEngine::open(cfg, store.clone()).await.unwrap();
+        // Nothing changed: a check reads one marker and reloads nothing.
+        assert!(!two.check_changes().await.unwrap());
+
+        let hex = a.public_key().to_hex();
+        one.add_to_list(ListKind::AllowedPubkeys, &hex, "")
+            .await
+            .unwrap();
+        assert!(two.check_changes().await.unwrap());
+        assert_eq!(
+            two.decide_write(&[], IP, &note(&a)).decision,
+            Decision::Allow
+        );
+        // A ban on one is enforced by the other after its next check, not before.
+        one.add_to_list(ListKind::BannedPubkeys, &hex, "spam")
+            .await
+            .unwrap();
+        assert_eq!(
+            two.decide_write(&[], IP, &note(&a)).decision,
+            Decision::Allow
+        );
+        assert!(two.check_changes().await.unwrap());
+        assert!(matches!(
+            two.decide_write(&[], IP, &note(&a)).decision,
+            Decision::Deny(r) if r.starts_with("blocked:")
+        ));
+        assert!(!two.check_changes().await.unwrap());
+        // Removals and the peer admins travel the same way.
+        one.remove_from_list(ListKind::BannedPubkeys, &hex)
+            .await
+            .unwrap();
+        one.set_peer_admins(vec![peer.public_key()]).await.unwrap();
+        assert!(two.check_changes().await.unwrap());
+        assert!(two.list_entries(ListKind::BannedPubkeys).is_empty());
+        assert_eq!(two.level(Some(&peer.public_key()), None), Level::Admin);
+        // A change made on `two` reaches `one` just as well.
+        two.add_to_list(ListKind::BlockedIps, "10.0.0.1", "")
+            .await
+            .unwrap();
+        assert!(one.check_changes().await.unwrap());
+        assert_eq!(
+            one.level(None, Some("10.0.0.1".parse().unwrap())),
+            Level::Blocked
+        );
+    }
+
+    #[tokio::test]
+    async fn follow_lists_and_added_follows_reach_every_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let (admin, a, b, c) = (
+            Keys::generate(),
+            Keys::generate(),
+            Keys::generate(),
+            Keys::generate(),
+        );
+        let cfg = AclConfig {
+            mode: Mode::Follows,
+            admins: vec![admin.public_key()],
+            ..AclConfig::default()
+        };
+        let one = AclEngine::open(cfg.clone(), store.clone()).await.unwrap();
+        let two = AclEngine::open(cfg, store.clone()).await.unwrap();
+        // A first list, then a newer one, stored by someone else (a relay, another replica).
+        store
+            .save_event(&follows(&admin, &[a.public_key()], 100))
+            .await
+            .unwrap();
+        assert!(two.check_changes().await.unwrap());
+        assert_eq!(two.followed_pubkeys(), vec![a.public_key()]);
+        assert!(!two.check_changes().await.unwrap());
+        store
+            .save_event(&follows(&admin, &[b.public_key()], 200))
+            .await
+            .unwrap();
+        assert!(two.check_changes().await.unwrap());
+        assert_eq!(two.followed_pubkeys(), vec![b.public_key()]);
+        // AddFollow on one engine: stored, so the other follows too.
+        one.add_follow(c.public_key()).await.unwrap();
+        assert!(two.check_changes().await.unwrap());
+        assert_eq!(two.level(Some(&c.public_key()), None), Level::Write);
     }
 
     #[tokio::test]

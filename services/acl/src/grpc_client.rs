@@ -2,7 +2,9 @@
 //!
 //! Decisions the service marks cacheable are reused for their TTL (5 s), keyed by the
 //! connection's identities and address plus the author and kind (writes), so a busy author
-//! costs one call per TTL. Every call has a deadline; when the service is down, writes and
+//! costs one call per TTL. A list change made elsewhere (another relay, another replica) is
+//! therefore enforced here within the replicas' check interval plus that TTL (10 s by
+//! default); changes made through this client clear its cache at once. Every call has a deadline; when the service is down, writes and
 //! reads are refused with `error:` (fail closed) and the lazy channel reconnects by itself.
 //! Several orly-acl replicas behind one name are all used: calls are balanced over them and a
 //! replica found unreachable is passed over, so losing one refuses nothing.
@@ -108,6 +110,16 @@ impl GrpcAcl {
         let mut opts = ClientOptions::from_env("orly-acl", timeout)
             .map_err(|e| AclError::Config(e.to_string()))?;
         opts.connect_timeout = CONNECT_TIMEOUT.min(opts.timeout);
+        Self::with_options(addr, opts, mode_hint)
+    }
+
+    /// [`GrpcAcl::connect_lazy`] with every client option given (name servers, resolve
+    /// interval, security) instead of read from the environment.
+    pub fn with_options(
+        addr: &str,
+        opts: ClientOptions,
+        mode_hint: Mode,
+    ) -> Result<Arc<Self>, AclError> {
         let channel =
             GrpcChannel::connect_lazy(addr, opts).map_err(|e| AclError::Config(e.to_string()))?;
         let acl = Arc::new(Self {

@@ -100,6 +100,16 @@ fn event(e: Option<orly_proto::orlydb::v1::Event>) -> Result<Event, Status> {
     Event::try_from(e).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+/// Decisions this replica made, by operation and outcome (`orly_acl_checks_total`): shows
+/// how the relays spread their calls over the replicas.
+fn count_check(op: &'static str, d: &orly_common::acl::Decision) {
+    let outcome = match d {
+        orly_common::acl::Decision::Allow => "allow",
+        orly_common::acl::Decision::Deny(_) => "deny",
+    };
+    metrics::counter!("orly_acl_checks_total", "op" => op, "decision" => outcome).increment(1);
+}
+
 fn decision(d: orly_common::acl::Decision, cacheable: bool) -> pb::Decision {
     let cache_ms = if cacheable {
         DECISION_CACHE_TTL.as_millis() as u32
@@ -185,6 +195,7 @@ impl AclService for AclGrpcService {
         let authed = pubkeys(&req.authed_pubkeys)?;
         let ip = ip_or_unspecified(&req.address)?;
         let d = self.engine.decide_write(&authed, ip, &e);
+        count_check("write", &d.decision);
         Ok(Response::new(decision(d.decision, d.cacheable)))
     }
 
@@ -193,6 +204,7 @@ impl AclService for AclGrpcService {
         let authed = pubkeys(&req.authed_pubkeys)?;
         let ip = ip_or_unspecified(&req.address)?;
         let d = self.engine.decide_read(&authed, ip);
+        count_check("read", &d);
         let cacheable =
             !matches!(&d, orly_common::acl::Decision::Deny(r) if r.starts_with("error:"));
         Ok(Response::new(decision(d, cacheable)))
@@ -229,7 +241,7 @@ impl AclService for AclGrpcService {
     async fn add_follow(&self, req: Request<pb::PubkeyRequest>) -> GrpcResult<pb::Empty> {
         let pk = orly_common::parse_pubkey(&req.into_inner().pubkey)
             .map_err(Status::invalid_argument)?;
-        self.engine.add_follow(pk);
+        self.engine.add_follow(pk).await.map_err(acl_status)?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -375,7 +387,10 @@ impl AclService for AclGrpcService {
         req: Request<pb::UpdatePeerAdminsRequest>,
     ) -> GrpcResult<pb::Empty> {
         let peers = pubkeys(&req.into_inner().peer_pubkeys)?;
-        self.engine.set_peer_admins(peers);
+        self.engine
+            .set_peer_admins(peers)
+            .await
+            .map_err(acl_status)?;
         Ok(Response::new(pb::Empty {}))
     }
 }
