@@ -27,15 +27,15 @@ use async_trait::async_trait;
 use nostr::{Event, EventId, Filter, Kind, PublicKey};
 use orly_db::SharedStore;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
 
 use crate::engine::{EngineSettings, PeerEngine};
 use crate::error::SyncError;
 use crate::http::{normalize_http_url, to_ws_url, HttpRequest, HttpResponse, PeerHttp};
 use crate::nip11::Nip11Cache;
-use crate::peer::{CatchupRules, Listed, Page, PeerSource, PeerStatus, STATUS_ACTIVE};
+use crate::peer::{read_status, CatchupRules, Listed, Page, PeerSource, PeerStatus, STATUS_ACTIVE};
 use crate::serve::{self, FetchedEvents};
-use crate::shard::ShardOwner;
+use futures::future::BoxFuture;
+use orly_peering::{FencedPeer, ShardOwner};
 
 pub const KIND_MEMBERSHIP: u16 = 39108;
 pub const PATH_LATEST: &str = "/cluster/latest";
@@ -85,7 +85,7 @@ impl Default for ClusterSettings {
             nip11_ttl: Duration::from_secs(30 * 60),
             timeout: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(15),
-            holder: crate::shard::default_holder(),
+            holder: orly_peering::default_holder(),
             allow_unauthenticated: false,
         }
     }
@@ -279,7 +279,7 @@ impl ClusterSync {
     pub async fn members(&self) -> Result<Vec<ClusterMember>, SyncError> {
         let mut out = Vec::new();
         for url in self.member_urls().await? {
-            out.push(self.engine.book.status(&url).await?.into());
+            out.push(read_status(&self.engine.book, &url).await?.into());
         }
         Ok(out)
     }
@@ -289,7 +289,7 @@ impl ClusterSync {
         if !self.member_urls().await?.contains(&url) {
             return Ok(None);
         }
-        Ok(Some(self.engine.book.status(&url).await?.into()))
+        Ok(Some(read_status(&self.engine.book, &url).await?.into()))
     }
 
     pub async fn status(&self) -> Result<ClusterStatus, SyncError> {
@@ -322,7 +322,7 @@ impl ClusterSync {
         let list = serde_json::to_vec(&wanted).map_err(|e| SyncError::Invalid(e.to_string()))?;
         self.engine.store.set_marker(MEMBERS, &list).await?;
         for gone in current.iter().filter(|u| !wanted.contains(u)) {
-            self.engine.book.remove(gone).await?;
+            self.engine.book.remove(gone, &[]).await?;
             tracing::info!(member = %gone, "cluster member removed");
         }
         self.engine.shard.kick();
@@ -567,8 +567,15 @@ impl ClusterSync {
         self.engine.stop().await;
     }
 
-    /// One poll of a member: wait for a new serial, then catch up. True if anything was new.
+    /// One poll of a member: wait for a new serial, then catch up, under the member's lease
+    /// (`Busy` while a worker holds it). True if anything was new.
     pub async fn poll_member(&self, member: &str) -> Result<bool, SyncError> {
+        self.engine
+            .with_lease(member, |fenced| async move { self.poll(&fenced).await })
+            .await
+    }
+
+    async fn poll(&self, fenced: &FencedPeer) -> Result<bool, SyncError> {
         let source = ClusterSource {
             http: self.engine.http.clone(),
             keys: self.engine.identity.keys().await?.clone(),
@@ -580,7 +587,7 @@ impl ClusterSync {
             ..CatchupRules::default()
         };
         self.engine
-            .poll(member, &source, rules)
+            .poll(fenced, &source, rules)
             .await
             .map(|(_, progressed)| progressed)
     }
@@ -588,20 +595,20 @@ impl ClusterSync {
 
 #[async_trait]
 impl ShardOwner for ClusterSync {
-    async fn targets(&self) -> Result<Vec<String>, SyncError> {
+    async fn targets(&self) -> Result<Vec<String>, String> {
         if let Err(e) = self.refresh_membership().await {
             tracing::warn!(error = %e, "cannot re-read the cluster membership");
         }
-        self.member_urls().await
+        self.member_urls().await.map_err(|e| e.to_string())
     }
 
-    fn start_worker(self: Arc<Self>, member: String) -> JoinHandle<()> {
-        tokio::spawn(async move {
+    fn work(self: Arc<Self>, _member: String, fenced: FencedPeer) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
             let sync = self.clone();
             self.engine
                 .run_worker(|| {
-                    let (sync, member) = (sync.clone(), member.clone());
-                    async move { sync.poll_member(&member).await }
+                    let (sync, fenced) = (sync.clone(), fenced.clone());
+                    async move { sync.poll(&fenced).await }
                 })
                 .await
         })

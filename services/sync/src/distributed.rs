@@ -15,7 +15,6 @@ use async_trait::async_trait;
 use nostr::{Event, EventId, PublicKey};
 use orly_db::SharedStore;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
 
 use crate::engine::{EngineSettings, PeerEngine};
 use crate::error::SyncError;
@@ -23,7 +22,8 @@ use crate::http::{normalize_http_url, HttpRequest, HttpResponse, PeerHttp};
 use crate::nip11::Nip11Cache;
 use crate::peer::{CatchupRules, Listed, Page, PeerSource, PeerStatus};
 use crate::serve::{self, FetchedEvents};
-use crate::shard::ShardOwner;
+use futures::future::BoxFuture;
+use orly_peering::{FencedPeer, ShardOwner};
 
 /// Most serials one `/api/sync/event-ids` call may span.
 pub const MAX_RANGE: u64 = 10_000;
@@ -66,7 +66,7 @@ impl Default for DistributedSettings {
             nip11_ttl: Duration::from_secs(30 * 60),
             timeout: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(15),
-            holder: crate::shard::default_holder(),
+            holder: orly_peering::default_holder(),
         }
     }
 }
@@ -283,7 +283,7 @@ impl DistributedSync {
     pub async fn peer_statuses(&self) -> Result<Vec<PeerStatus>, SyncError> {
         let mut out = Vec::new();
         for p in self.peers().await? {
-            out.push(self.engine.book.status(&p).await?);
+            out.push(crate::peer::read_status(&self.engine.book, &p).await?);
         }
         Ok(out)
     }
@@ -386,12 +386,16 @@ impl DistributedSync {
     }
 
     /// One pull from `peer`: its serial (a long poll), then everything since the last one we
-    /// stored.
+    /// stored, under the peer's lease (`Busy` while a worker holds it).
     pub async fn poll_peer(&self, peer: &str) -> Result<PeerStatus, SyncError> {
-        self.poll(peer).await.map(|(status, _)| status)
+        self.engine
+            .with_lease(peer, |fenced| async move {
+                self.poll(&fenced).await.map(|(status, _)| status)
+            })
+            .await
     }
 
-    async fn poll(&self, peer: &str) -> Result<(PeerStatus, bool), SyncError> {
+    async fn poll(&self, fenced: &FencedPeer) -> Result<(PeerStatus, bool), SyncError> {
         let source = DistributedSource {
             http: self.engine.http.clone(),
             keys: self.engine.identity.keys().await?.clone(),
@@ -401,24 +405,24 @@ impl DistributedSync {
             long_poll: self.settings.long_poll,
         };
         self.engine
-            .poll(peer, &source, CatchupRules::default())
+            .poll(fenced, &source, CatchupRules::default())
             .await
     }
 }
 
 #[async_trait]
 impl ShardOwner for DistributedSync {
-    async fn targets(&self) -> Result<Vec<String>, SyncError> {
-        self.peers().await
+    async fn targets(&self) -> Result<Vec<String>, String> {
+        self.peers().await.map_err(|e| e.to_string())
     }
 
-    fn start_worker(self: Arc<Self>, peer: String) -> JoinHandle<()> {
-        tokio::spawn(async move {
+    fn work(self: Arc<Self>, _peer: String, fenced: FencedPeer) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
             let sync = self.clone();
             self.engine
                 .run_worker(|| {
-                    let (sync, peer) = (sync.clone(), peer.clone());
-                    async move { sync.poll(&peer).await.map(|(_, progressed)| progressed) }
+                    let (sync, fenced) = (sync.clone(), fenced.clone());
+                    async move { sync.poll(&fenced).await.map(|(_, progressed)| progressed) }
                 })
                 .await
         })

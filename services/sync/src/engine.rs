@@ -1,7 +1,9 @@
 //! The peer-sync engine the distributed and cluster sync share: the relay identity, peer
 //! identities (NIP-11), the HTTP client, per-peer state, the shard of peers this replica works
-//! on, the long-poll watch of our own serial, and the pull of one peer — self check,
-//! [`catch_up`] from the last serial stored, state bookkeeping — with the worker loop around it.
+//! on (`orly_peering::Shard`: leases on the database's clock, work dropped when a lease lapses),
+//! the long-poll watch of our own serial, and the pull of one peer — self check, [`catch_up`]
+//! from the last serial stored, state bookkeeping, every write fenced by the peer's lease —
+//! with the worker loop around it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orly_db::SharedStore;
+use orly_peering::{Acquired, FencedPeer, PeerBook, Shard, ShardOwner};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -17,11 +20,10 @@ use crate::error::SyncError;
 use crate::http::PeerHttp;
 use crate::nip11::Nip11Cache;
 use crate::peer::{
-    catch_up, CatchupReport, CatchupRules, PeerBook, PeerSource, PeerStatus, STATUS_ACTIVE,
+    catch_up, read_status, CatchupReport, CatchupRules, PeerSource, PeerStatus, STATUS_ACTIVE,
     STATUS_ERROR, STATUS_SELF,
 };
 use crate::serve::{Identity, SerialWatch, MAX_RESPONSE};
-use crate::shard::{Shard, ShardOwner};
 
 /// A peer's state is written when it changes, and at least this often while it does not.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
@@ -60,17 +62,17 @@ pub struct PeerEngine {
 
 impl PeerEngine {
     pub fn new(store: SharedStore, settings: EngineSettings) -> Self {
+        let book = PeerBook::new(store.clone(), settings.ns);
         Self {
             identity: Identity::new(store.clone()),
             nip11: Arc::new(Nip11Cache::new(settings.nip11_ttl, settings.timeout)),
             http: PeerHttp::new(settings.timeout + settings.long_poll, MAX_RESPONSE),
-            book: PeerBook::new(store.clone(), settings.ns),
             shard: Arc::new(Shard::new(
-                store.clone(),
-                settings.ns,
+                book.clone(),
                 settings.holder.clone(),
                 settings.lease_ttl,
             )),
+            book,
             latest: SerialWatch::new(store.clone()),
             wake: Notify::new(),
             store,
@@ -115,25 +117,56 @@ impl PeerEngine {
         Ok(self.nip11.pubkey(peer).await.ok() == Some(ours))
     }
 
-    /// One pull of `peer` through `source`: its serial (a long poll), then everything since
-    /// the last serial stored from it; the outcome is recorded in the peer's state. Also says
-    /// whether anything new was listed.
+    /// Runs `work` on `peer` outside the shard (a poll asked for by hand: `poll_peer`,
+    /// `poll_member`) under the peer's lease, held as `<holder>:manual` so that it never shares
+    /// the lease with this replica's own worker; `Busy` while any worker holds it.
+    pub async fn with_lease<T, F, Fut>(&self, peer: &str, work: F) -> Result<T, SyncError>
+    where
+        F: FnOnce(FencedPeer) -> Fut,
+        Fut: Future<Output = Result<T, SyncError>>,
+    {
+        let holder = format!("{}:manual", self.shard.holder());
+        let lease = match self
+            .book
+            .acquire(peer, &holder, self.settings.lease_ttl)
+            .await?
+        {
+            Acquired::Held(lease) => lease,
+            Acquired::Busy { holder, .. } => {
+                return Err(SyncError::Busy(format!("{peer} is worked on by {holder}")))
+            }
+        };
+        let result = lease
+            .hold(work(self.book.fenced(peer, lease.clone())))
+            .await;
+        lease.release().await;
+        result?
+    }
+
+    /// One pull of the peer of `fenced` through `source`: its serial (a long poll), then
+    /// everything since the last serial stored from it; the outcome is recorded in the peer's
+    /// state. Also says whether anything new was listed.
     pub async fn poll(
         &self,
-        peer: &str,
+        fenced: &FencedPeer,
         source: &dyn PeerSource,
         rules: CatchupRules,
     ) -> Result<(PeerStatus, bool), SyncError> {
-        let mut status = self.book.status(peer).await?;
+        let peer = fenced.url();
+        let mut status = read_status(&self.book, peer).await?;
         let before = status.clone();
-        status.holder = self.shard.holder().to_string();
+        status.holder = fenced.lease().holder().to_string();
         if self.is_self(peer).await? {
             status.status = STATUS_SELF.into();
-            self.save(&before, &status).await?;
+            self.save(fenced, &before, &status).await?;
             return Ok((status, false));
         }
-        let result = self.pull(peer, source, status.last_serial, rules).await;
-        let now = nostr::Timestamp::now().as_secs() as i64;
+        let result = match self.pull(fenced, source, status.last_serial, rules).await {
+            // Deposed: nothing more is ours to record.
+            Err(lost @ SyncError::LeaseLost(_)) => return Err(lost),
+            other => other,
+        };
+        let now = orly_common::time::now_secs_i64();
         match &result {
             Ok(r) => {
                 metrics::counter!("orly_sync_events_stored_total", "service" => self.settings.ns)
@@ -157,30 +190,36 @@ impl PeerEngine {
                 status.last_error = e.to_string();
             }
         }
-        self.save(&before, &status).await?;
+        self.save(fenced, &before, &status).await?;
         result.map(|r| (status, r.pages > 0))
     }
 
     async fn pull(
         &self,
-        peer: &str,
+        fenced: &FencedPeer,
         source: &dyn PeerSource,
         mut last: u64,
         rules: CatchupRules,
     ) -> Result<CatchupReport, SyncError> {
+        let peer = fenced.url();
         let latest = source.latest(peer, last).await?;
         if latest < last {
             // The peer's store was replaced: its serials start over.
             tracing::warn!(%peer, latest, last, "peer serial went backwards; pulling it again from the start");
             last = 0;
-            self.book.set_last_serial(peer, 0).await?;
+            fenced.set_last_serial(0).await?;
         }
-        catch_up(&self.store, source, &self.book, peer, last, latest, rules).await
+        catch_up(&self.store, source, fenced, last, latest, rules).await
     }
 
     /// Writes a peer's state when it changed in substance, or every few seconds (a long poll
     /// answered per new event would otherwise write it per event).
-    async fn save(&self, before: &PeerStatus, now: &PeerStatus) -> Result<(), SyncError> {
+    async fn save(
+        &self,
+        fenced: &FencedPeer,
+        before: &PeerStatus,
+        now: &PeerStatus,
+    ) -> Result<(), SyncError> {
         let changed = before.status != now.status
             || before.error_count != now.error_count
             || before.events_stored != now.events_stored
@@ -192,14 +231,14 @@ impl PeerEngine {
             .is_none_or(|at| at.elapsed() >= STATUS_EVERY);
         if changed || due {
             self.saved.lock().insert(now.url.clone(), Instant::now());
-            self.book.save_status(now).await?;
+            fenced.save_state(now).await?;
         }
         Ok(())
     }
 
     /// The worker of one peer: polls again at once after news or a long poll that waited;
     /// after a failure, or a peer that answered at once without news (it cannot long-poll, or
-    /// it is ourselves), waits the interval (or until woken).
+    /// it is ourselves), waits the interval (or until woken). Ends when the lease is lost.
     pub async fn run_worker<F, Fut>(&self, mut poll: F)
     where
         F: FnMut() -> Fut,
@@ -212,6 +251,10 @@ impl PeerEngine {
             let again = match poll().await {
                 Ok(progressed) => {
                     progressed || (!long_poll.is_zero() && started.elapsed() >= long_poll / 2)
+                }
+                Err(SyncError::LeaseLost(lost)) => {
+                    tracing::warn!(ns = self.settings.ns, error = %lost, "worker stopped");
+                    return;
                 }
                 Err(_) => false,
             };

@@ -9,12 +9,19 @@ pub enum SyncError {
     #[error("invalid: {0}")]
     Invalid(String),
     /// A peer could not be reached, timed out, or answered with an error status.
-    #[error("peer {peer}: {reason}")]
+    #[error("error: peer {peer}: {reason}")]
     Peer { peer: String, reason: String },
     /// A peer answered something that breaks the protocol (bad JSON, ids outside the range,
     /// events that do not verify, oversized pages); nothing of it was stored.
-    #[error("peer {peer} answered garbage: {reason}")]
+    #[error("invalid: peer {peer} answered garbage: {reason}")]
     Garbage { peer: String, reason: String },
+    /// Another replica works on the peer (its lease is held elsewhere).
+    #[error("error: {0}")]
+    Busy(String),
+    /// This replica's lease on the peer lapsed or was taken: its work stopped, its writes were
+    /// refused.
+    #[error("error: {0}")]
+    LeaseLost(#[from] orly_peering::LeaseLost),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A sync service could not be reached over gRPC.
@@ -38,6 +45,15 @@ impl SyncError {
     }
 }
 
+impl From<orly_peering::PeerError> for SyncError {
+    fn from(e: orly_peering::PeerError) -> Self {
+        match e {
+            orly_peering::PeerError::Store(e) => Self::Store(e),
+            orly_peering::PeerError::Lost(l) => Self::LeaseLost(l),
+        }
+    }
+}
+
 impl From<tonic::Status> for SyncError {
     fn from(s: tonic::Status) -> Self {
         match s.code() {
@@ -52,6 +68,9 @@ impl From<SyncError> for tonic::Status {
         match e {
             SyncError::Invalid(m) => tonic::Status::invalid_argument(m),
             SyncError::Store(e) => tonic::Status::unavailable(e.to_string()),
+            e @ (SyncError::Busy(_) | SyncError::LeaseLost(_)) => {
+                tonic::Status::aborted(e.to_string())
+            }
             other => tonic::Status::unavailable(other.to_string()),
         }
     }

@@ -7,7 +7,8 @@
 //! - [`peer`]: per-peer state in the store and [`peer::catch_up`], which pages through a peer's
 //!   serials, fetches what is missing, checks it and stores it in order, resuming where a
 //!   cut-off sync stopped;
-//! - [`shard`]: several replicas of a service split the peers by store leases;
+//! - several replicas of a service split the peers by store leases: `orly_peering::Shard`, the
+//!   scheme the negentropy peer sync shares;
 //! - [`serve`], [`http`], [`nip11`]: NIP-98 on both sides, the relay identity, peer identities;
 //! - [`distributed`], [`cluster`], [`relaygroup`]: the three services' logic;
 //! - [`api`]: what the relay calls, in-process or over gRPC ([`grpc_client`]); [`grpc_server`]
@@ -26,7 +27,6 @@ pub mod nip11;
 pub mod peer;
 pub mod relaygroup;
 pub mod serve;
-pub mod shard;
 
 pub use api::{ClusterApi, DistributedApi, RelayGroupApi};
 pub use cluster::{ClusterSettings, ClusterSync};

@@ -1,15 +1,18 @@
-//! The peer-sync engine both pull protocols share: per-peer state kept in the store, and
-//! [`catch_up`], which pages through a peer's serials, fetches the events we lack, checks them
-//! and stores them in the peer's serial order, advancing the peer's last serial only after a
-//! page is stored — so a sync cut off anywhere resumes without gaps, and duplicates are dropped
-//! by id.
+//! The peer-sync engine both pull protocols share: per-peer state ([`PeerStatus`], kept in
+//! the shared [`PeerBook`]: `<ns>:peer:<url>` is the last serial as 8 bytes big-endian, ORLY's
+//! layout), and [`catch_up`], which pages through a peer's serials, fetches the events we lack,
+//! checks them and stores them in the peer's serial order, advancing the peer's last serial
+//! only after a page is stored and only while this replica holds the peer's lease — so a sync
+//! cut off anywhere resumes without gaps, a deposed replica cannot move a serial backwards, and
+//! duplicates are dropped by id.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use nostr::{Event, EventId, Timestamp};
-use orly_db::{SaveOutcome, SharedStore};
+use orly_db::{SaveOutcome, SharedStore, StoreError};
+pub use orly_peering::{FencedPeer, PeerBook};
 use serde::{Deserialize, Serialize};
 
 use crate::error::SyncError;
@@ -49,73 +52,23 @@ pub struct PeerStatus {
     pub holder: String,
 }
 
-/// Per-peer state of one service in the store: `<ns>:peer:<url>` holds the last serial as 8
-/// bytes big-endian (ORLY's layout), `<ns>:state:<url>` the rest as JSON.
-#[derive(Clone)]
-pub struct PeerBook {
-    store: SharedStore,
-    ns: &'static str,
-}
-
-impl PeerBook {
-    pub fn new(store: SharedStore, ns: &'static str) -> Self {
-        Self { store, ns }
-    }
-
-    fn serial_key(&self, url: &str) -> String {
-        format!("{}:peer:{url}", self.ns)
-    }
-
-    fn state_key(&self, url: &str) -> String {
-        format!("{}:state:{url}", self.ns)
-    }
-
-    /// The last serial stored from `url` (`None`: never recorded).
-    pub async fn last_serial(&self, url: &str) -> Result<Option<u64>, SyncError> {
-        Ok(self
-            .store
-            .get_marker(&self.serial_key(url))
-            .await?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_be_bytes))
-    }
-
-    pub async fn set_last_serial(&self, url: &str, serial: u64) -> Result<(), SyncError> {
-        self.store
-            .set_marker(&self.serial_key(url), &serial.to_be_bytes())
-            .await?;
-        Ok(())
-    }
-
-    /// The state of `url`, with the last serial from its marker.
-    pub async fn status(&self, url: &str) -> Result<PeerStatus, SyncError> {
-        let mut status: PeerStatus = match self.store.get_marker(&self.state_key(url)).await? {
-            Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
-            None => PeerStatus::default(),
-        };
-        status.url = url.to_string();
-        if status.status.is_empty() {
-            status.status = STATUS_UNKNOWN.into();
+/// The state of `url` in `book`, with the last serial from its marker (an unreadable state
+/// reads as a fresh one: it is rewritten at the next poll).
+pub async fn read_status(book: &PeerBook, url: &str) -> Result<PeerStatus, SyncError> {
+    let mut status: PeerStatus = match book.state(url).await {
+        Ok(s) => s.unwrap_or_default(),
+        Err(StoreError::Corrupt(why)) => {
+            tracing::warn!(peer = %url, %why, "unreadable peer state; starting afresh");
+            PeerStatus::default()
         }
-        status.last_serial = self.last_serial(url).await?.unwrap_or(0);
-        Ok(status)
+        Err(e) => return Err(e.into()),
+    };
+    status.url = url.to_string();
+    if status.status.is_empty() {
+        status.status = STATUS_UNKNOWN.into();
     }
-
-    pub async fn save_status(&self, status: &PeerStatus) -> Result<(), SyncError> {
-        let raw = serde_json::to_vec(status)
-            .map_err(|e| SyncError::Invalid(format!("peer state: {e}")))?;
-        self.store
-            .set_marker(&self.state_key(&status.url), &raw)
-            .await?;
-        Ok(())
-    }
-
-    /// Forgets a peer: its serial and state.
-    pub async fn remove(&self, url: &str) -> Result<(), SyncError> {
-        self.store.delete_marker(&self.serial_key(url)).await?;
-        self.store.delete_marker(&self.state_key(url)).await?;
-        Ok(())
-    }
+    status.last_serial = book.last_serial(url).await?.unwrap_or(0);
+    Ok(status)
 }
 
 /// One entry of a peer's serial listing.
@@ -182,19 +135,20 @@ impl Default for CatchupRules {
     }
 }
 
-/// Pulls `peer` from `last + 1` up to `target`, page by page: list, ask the store which ids it
-/// already has, fetch the rest, check every event (id and signature, that it was asked for,
-/// its `created_at`), store the page in serial order, then record the page's end in `book`.
-/// A page with anything wrong is refused whole.
+/// Pulls the peer of `fenced` from `last + 1` up to `target`, page by page: list, ask the store
+/// which ids it already has, fetch the rest, check every event (id and signature, that it was
+/// asked for, its `created_at`), store the page in serial order, then record the page's end —
+/// refused, ending the catch-up, once the peer's lease is no longer ours. A page with anything
+/// wrong is refused whole.
 pub async fn catch_up(
     store: &SharedStore,
     source: &dyn PeerSource,
-    book: &PeerBook,
-    peer: &str,
+    fenced: &FencedPeer,
     mut last: u64,
     target: u64,
     rules: CatchupRules,
 ) -> Result<CatchupReport, SyncError> {
+    let peer = fenced.url();
     let mut report = CatchupReport {
         last_serial: last,
         ..CatchupReport::default()
@@ -253,7 +207,7 @@ pub async fn catch_up(
                 }
             }
         }
-        book.set_last_serial(peer, page.end).await?;
+        fenced.set_last_serial(page.end).await?;
         last = page.end;
         report.last_serial = last;
     }
@@ -341,4 +295,122 @@ async fn verify_all(
     }
     // Every task has finished, so this is the only reference left.
     Ok(Arc::try_unwrap(shared).unwrap_or_else(|shared| shared.as_ref().clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use nostr::{EventBuilder, Keys};
+    use orly_peering::Acquired;
+
+    use super::*;
+
+    /// A peer with `events` at serials 1, 2, …, listed `page` serials at a time; before it
+    /// answers the listing starting at `stall_at`, it runs `stall`.
+    struct Scripted {
+        events: Vec<Event>,
+        page: u64,
+        stall_at: u64,
+        stall: tokio::sync::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
+    }
+
+    #[async_trait]
+    impl PeerSource for Scripted {
+        async fn latest(&self, _: &str, _: u64) -> Result<u64, SyncError> {
+            Ok(self.events.len() as u64)
+        }
+
+        async fn list(&self, _: &str, from: u64, to: u64) -> Result<Page, SyncError> {
+            if from == self.stall_at {
+                if let Some(stall) = self.stall.lock().await.take() {
+                    stall.await;
+                }
+            }
+            let end = to.min(from + self.page - 1);
+            let entries = (from..=end)
+                .map(|s| Listed {
+                    serial: s,
+                    id: self.events[s as usize - 1].id,
+                })
+                .collect();
+            Ok(Page { entries, end })
+        }
+
+        async fn fetch(
+            &self,
+            _: &str,
+            _: u64,
+            _: u64,
+            ids: &[EventId],
+        ) -> Result<Vec<Event>, SyncError> {
+            Ok(self
+                .events
+                .iter()
+                .filter(|e| ids.contains(&e.id))
+                .cloned()
+                .collect())
+        }
+    }
+
+    /// A replica deposed in the middle of a catch-up (its lease lapsed while a page was in
+    /// flight, and another replica took the peer and moved on) records nothing more: the
+    /// serial the new holder wrote stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deposed_replica_cannot_move_a_peer_serial_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(
+            orly_db::sqlite::SqliteStore::open(&dir.path().join("t.db"))
+                .await
+                .unwrap(),
+        );
+        let keys = Keys::generate();
+        let now = Timestamp::now().as_secs();
+        let events: Vec<Event> = (0..6)
+            .map(|i| {
+                EventBuilder::text_note(format!("n{i}"))
+                    .custom_created_at(Timestamp::from(now - 100 + i))
+                    .sign_with_keys(&keys)
+                    .unwrap()
+            })
+            .collect();
+        let book = PeerBook::new(store.clone(), "distributed");
+        let peer = "http://peer.example";
+        let ttl = Duration::from_millis(300);
+        let Acquired::Held(lease_a) = book.acquire(peer, "replica-a", ttl).await.unwrap() else {
+            panic!("free lease")
+        };
+        // While A waits for its second page, its lease lapses and B takes the peer to 1000.
+        let stall = {
+            let book = book.clone();
+            Box::pin(async move {
+                let lease_b = loop {
+                    match book.acquire(peer, "replica-b", ttl).await.unwrap() {
+                        Acquired::Held(l) => break l,
+                        Acquired::Busy { .. } => tokio::time::sleep(ttl / 10).await,
+                    }
+                };
+                book.fenced(peer, lease_b)
+                    .set_last_serial(1000)
+                    .await
+                    .unwrap();
+            }) as futures::future::BoxFuture<'static, ()>
+        };
+        let source = Scripted {
+            events,
+            page: 3,
+            stall_at: 4,
+            stall: tokio::sync::Mutex::new(Some(stall)),
+        };
+        // Not under `hold`, so nothing renews A's lease while the page stalls.
+        let fenced = book.fenced(peer, lease_a);
+        let err = catch_up(&store, &source, &fenced, 0, 6, CatchupRules::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SyncError::LeaseLost(_)), "{err}");
+        assert_eq!(book.last_serial(peer).await.unwrap(), Some(1000));
+        // The events were stored (a duplicate later is harmless); only the bookkeeping is
+        // fenced.
+        assert_eq!(store.latest_serial().await.unwrap(), 6);
+    }
 }
