@@ -138,8 +138,9 @@ impl PeerBook {
     }
 
     /// Sets the last serial without a lease: for setting a peer up (a new cluster member starts
-    /// at 0) while nobody works on it. Work on a peer writes through [`FencedPeer`].
-    pub async fn init_serial(&self, url: &str, serial: u64) -> Result<(), StoreError> {
+    /// at 0) while nobody works on it. Work on a peer writes through
+    /// [`FencedPeer::set_last_serial`], which only the peer's lease holder gets through.
+    pub async fn set_last_serial(&self, url: &str, serial: u64) -> Result<(), StoreError> {
         self.store
             .set_marker(&self.key(KIND_PEER, url), &serial.to_be_bytes())
             .await
