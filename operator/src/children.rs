@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceSpec};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ObjectMeta};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, store::Writer, Store};
 
@@ -248,7 +248,7 @@ impl Existing {
         match observed {
             Some(observation) => ComponentState::Observed(observation),
             None => ComponentState::NotCreated {
-                desired: component.replicas,
+                desired: component.initial_replicas(),
             },
         }
     }
@@ -332,6 +332,54 @@ pub fn replicas_owned_by_another_manager(deployment: &Deployment) -> bool {
         })
 }
 
+/// What the cache keeps of a Deployment: metadata (its managedFields cut down to who else
+/// owns `spec.replicas`), the count, the selector and the status; not the pod template.
+pub fn slim_deployment(d: &mut Deployment) {
+    let others: Vec<_> = d
+        .metadata
+        .managed_fields
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.manager.as_deref() != Some(FIELD_MANAGER))
+        .filter(|e| {
+            e.fields_v1
+                .as_ref()
+                .and_then(|f| f.0.get("f:spec"))
+                .and_then(|s| s.get("f:replicas"))
+                .is_some()
+        })
+        .map(|mut e| {
+            e.fields_v1 = Some(FieldsV1(serde_json::json!({"f:spec": {"f:replicas": {}}})));
+            e
+        })
+        .collect();
+    d.metadata.managed_fields = (!others.is_empty()).then_some(others);
+    if let Some(spec) = d.spec.as_mut() {
+        spec.template = Default::default();
+    }
+}
+
+/// What the cache keeps of a StatefulSet: metadata, the count and the status.
+pub fn slim_stateful_set(s: &mut StatefulSet) {
+    s.metadata.managed_fields = None;
+    if let Some(spec) = s.spec.as_mut() {
+        spec.template = Default::default();
+        spec.volume_claim_templates = None;
+    }
+}
+
+/// What the cache keeps of a Service: metadata and whether it is headless.
+pub fn slim_service(s: &mut Service) {
+    s.metadata.managed_fields = None;
+    if let Some(spec) = s.spec.as_mut() {
+        *spec = ServiceSpec {
+            cluster_ip: spec.cluster_ip.take(),
+            ..ServiceSpec::default()
+        };
+    }
+}
+
 /// `spec.replicas` to apply. Without autoscaling: the plan's count. With it, the count is
 /// handed over without a drop: a server-side apply that stops sending a field it alone owns
 /// removes it, and the API server then defaults replicas to 1. So the operator keeps sending
@@ -347,7 +395,7 @@ pub fn deployment_replicas(
     };
     let clamp = |n: i32| n.clamp(autoscaling.min_replicas, autoscaling.max_replicas);
     match live {
-        None => Some(autoscaling.min_replicas),
+        None => Some(component.initial_replicas()),
         Some(d) if hpa_exists && replicas_owned_by_another_manager(d) => None,
         Some(d) => Some(clamp(
             d.spec
@@ -419,6 +467,58 @@ mod tests {
         let fixed = plan_of("sync: {negentropy: {enabled: true, replicas: 5}}");
         let c = fixed.component(Component::SyncNegentropy).unwrap();
         assert_eq!(deployment_replicas(c, Some(&taken), true), Some(5));
+    }
+
+    #[test]
+    fn the_cache_keeps_what_the_decisions_read_and_nothing_more() {
+        let mut d = deployment(
+            4,
+            &[
+                (
+                    "orly-operator",
+                    json!({"f:spec": {"f:replicas": {}, "f:template": {}}}),
+                ),
+                (
+                    "kube-controller-manager",
+                    json!({"f:spec": {"f:replicas": {}}}),
+                ),
+                ("kubectl-edit", json!({"f:metadata": {"f:labels": {}}})),
+            ],
+        );
+        d.spec.as_mut().unwrap().template.metadata = Some(ObjectMeta {
+            name: Some("big".into()),
+            ..ObjectMeta::default()
+        });
+        slim_deployment(&mut d);
+        assert!(replicas_owned_by_another_manager(&d));
+        let managers: Vec<_> = d
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .map(|m| m.manager.clone().unwrap())
+            .collect();
+        assert_eq!(managers, ["kube-controller-manager"]);
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(4));
+        assert_eq!(d.spec.unwrap().template, Default::default());
+
+        let mut only_ours = deployment(
+            3,
+            &[("orly-operator", json!({"f:spec": {"f:replicas": {}}}))],
+        );
+        slim_deployment(&mut only_ours);
+        assert_eq!(only_ours.metadata.managed_fields, None);
+        assert!(!replicas_owned_by_another_manager(&only_ours));
+
+        let mut svc: Service = serde_json::from_value(json!({
+            "spec": {"clusterIP": "None", "ports": [{"port": 1}], "selector": {"a": "b"}}
+        }))
+        .unwrap();
+        slim_service(&mut svc);
+        assert_eq!(
+            serde_json::to_value(&svc).unwrap(),
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {}, "spec": {"clusterIP": "None"}})
+        );
     }
 
     #[test]

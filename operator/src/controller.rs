@@ -32,8 +32,8 @@ use tracing::{debug, info, warn};
 
 use crate::builders::{build_children, build_grpc_auth_secret, Workload, FIELD_MANAGER};
 use crate::children::{
-    child_stores, deployment_replicas, orphans, service_must_be_recreated, wanted, ChildKind,
-    ChildRef, ChildStores, Existing, Owner,
+    child_stores, deployment_replicas, orphans, service_must_be_recreated, slim_deployment,
+    slim_service, slim_stateful_set, wanted, ChildKind, ChildRef, ChildStores, Existing, Owner,
 };
 use crate::component::{Component, ComponentExt, Tier};
 use crate::crd::{OrlyRelay, OrlyRelayStatus, Phase};
@@ -268,7 +268,7 @@ async fn reconcile_relay(relay: &OrlyRelay, ctx: &Context) -> Result<Action> {
                     Err(error) => {
                         warn!(relay = %name, component = %component.component, error = %error, "applying component failed");
                         let state = ComponentState::Failed {
-                            desired: component.replicas,
+                            desired: component.initial_replicas(),
                             message: error.to_string(),
                         };
                         errors.push(error);
@@ -812,24 +812,25 @@ pub async fn run(
         .reflect(writers.config_maps)
         .touched_objects(),
     )
+    // Full objects where a decision reads their content, cut down to that content.
     .owns_stream(
         watcher(scoped_api::<Service>(&client, ns), children.clone())
             .default_backoff()
-            .modify(drop_managed_fields)
+            .modify(slim_service)
             .reflect(writers.services)
             .touched_objects(),
     )
-    // managedFields stay: they tell who owns an autoscaled Deployment's replicas.
     .owns_stream(
         watcher(scoped_api::<Deployment>(&client, ns), children.clone())
             .default_backoff()
+            .modify(slim_deployment)
             .reflect(writers.deployments)
             .touched_objects(),
     )
     .owns_stream(
         watcher(scoped_api::<StatefulSet>(&client, ns), children.clone())
             .default_backoff()
-            .modify(drop_managed_fields)
+            .modify(slim_stateful_set)
             .reflect(writers.stateful_sets)
             .touched_objects(),
     )
@@ -900,6 +901,25 @@ mod tests {
         assert!(conflicts_on_replicas(two));
         let image = "Apply failed with 1 conflict: conflict with \"kubectl-edit\" using apps/v1: .spec.template.spec.containers[name=\"orly\"].image";
         assert!(!conflicts_on_replicas(image));
+    }
+
+    #[test]
+    fn only_a_true_annotation_pauses() {
+        let meta = |value: Option<&str>| ObjectMeta {
+            annotations: value.map(|v| {
+                [(
+                    orly_consts::RECONCILE_PAUSED_ANNOTATION.to_string(),
+                    v.to_string(),
+                )]
+                .into()
+            }),
+            ..ObjectMeta::default()
+        };
+        assert!(is_paused(&meta(Some("true"))));
+        assert!(is_paused(&meta(Some(" True "))));
+        assert!(!is_paused(&meta(Some("false"))));
+        assert!(!is_paused(&meta(Some(""))));
+        assert!(!is_paused(&meta(None)));
     }
 
     #[test]

@@ -119,6 +119,13 @@ impl ComponentPlan {
         child_name(relay, self.component)
     }
 
+    /// The count a new workload starts with: the lower bound when autoscaled.
+    pub fn initial_replicas(&self) -> i32 {
+        self.autoscaling
+            .as_ref()
+            .map_or(self.replicas, |a| a.min_replicas)
+    }
+
     /// The largest replica count this component can run with, for PDB decisions.
     pub fn max_replicas(&self) -> i32 {
         self.autoscaling

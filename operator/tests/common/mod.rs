@@ -18,7 +18,9 @@ use kube::core::error_boundary::DeserializeGuard;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use kube::Resource;
-use orly_operator::children::{child_stores, ChildWriters};
+use orly_operator::children::{
+    child_stores, slim_deployment, slim_service, slim_stateful_set, ChildWriters,
+};
 use orly_operator::controller::{reconcile, reporter, Context};
 use orly_operator::crd::{OrlyRelay, OrlyRelaySpec};
 use orly_operator::plan::OperatorDefaults;
@@ -47,31 +49,51 @@ pub struct Harness {
     writers: Mutex<ChildWriters>,
 }
 
-/// Replace one cache's content with what the fake holds (a watch's re-list).
-fn relist<K>(writer: &mut Writer<K>, objects: Vec<serde_json::Value>)
+/// Replace one cache's content with what the fake holds (a watch's re-list), each object
+/// cut down by `slim` as the controller's watch does.
+fn relist<K>(writer: &mut Writer<K>, objects: Vec<serde_json::Value>, slim: fn(&mut K))
 where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone + 'static,
 {
     writer.apply_watcher_event(&watcher::Event::Init);
     for object in objects {
-        let object: K = serde_json::from_value(object).expect("cached object deserializes");
+        let mut object: K = serde_json::from_value(object).expect("cached object deserializes");
+        slim(&mut object);
         writer.apply_watcher_event(&watcher::Event::InitApply(object));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
 }
 
+fn keep<K>(_: &mut K) {}
+
 impl Harness {
     /// Fill every child cache from the fake's current objects.
     pub fn sync(&self, fake: &FakeApi) {
         let mut w = self.writers.lock().unwrap();
-        relist(&mut w.config_maps, fake.all_json::<ConfigMap>());
-        relist(&mut w.services, fake.all_json::<Service>());
-        relist(&mut w.deployments, fake.all_json::<Deployment>());
-        relist(&mut w.stateful_sets, fake.all_json::<StatefulSet>());
-        relist(&mut w.pdbs, fake.all_json::<PodDisruptionBudget>());
-        relist(&mut w.hpas, fake.all_json::<HorizontalPodAutoscaler>());
-        relist(&mut w.network_policies, fake.all_json::<NetworkPolicy>());
-        relist(&mut w.secrets, fake.all_json::<Secret>());
+        relist(&mut w.config_maps, fake.all_json::<ConfigMap>(), keep);
+        relist(&mut w.services, fake.all_json::<Service>(), slim_service);
+        relist(
+            &mut w.deployments,
+            fake.all_json::<Deployment>(),
+            slim_deployment,
+        );
+        relist(
+            &mut w.stateful_sets,
+            fake.all_json::<StatefulSet>(),
+            slim_stateful_set,
+        );
+        relist(&mut w.pdbs, fake.all_json::<PodDisruptionBudget>(), keep);
+        relist(
+            &mut w.hpas,
+            fake.all_json::<HorizontalPodAutoscaler>(),
+            keep,
+        );
+        relist(
+            &mut w.network_policies,
+            fake.all_json::<NetworkPolicy>(),
+            keep,
+        );
+        relist(&mut w.secrets, fake.all_json::<Secret>(), keep);
     }
 }
 
