@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nostr::{Event, EventId, Filter, Timestamp};
 use orly_db::SharedStore;
-use orly_sync_negentropy::engine::build_storage;
+use orly_sync_negentropy::set::build_storage;
 use orly_sync_negentropy::{EngineSettings, NegentropyEngine, SyncManager, SyncSettings};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

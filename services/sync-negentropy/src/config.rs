@@ -18,11 +18,22 @@ pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Default `ORLY_SYNC_NEGENTROPY_MAX_RECORDS`: the most events one session (or one peer sync)
 /// may reconcile.
 pub const DEFAULT_MAX_RECORDS: usize = 1_000_000;
+/// Default `ORLY_SYNC_NEGENTROPY_MAX_SESSIONS`: NIP-77 sessions open at once in one process.
+pub const DEFAULT_MAX_SESSIONS: usize = 1024;
+/// Default `ORLY_SYNC_NEGENTROPY_MAX_TOTAL_RECORDS`: records held by all open sessions
+/// together (about 40 bytes each: 400 MB).
+pub const DEFAULT_MAX_TOTAL_RECORDS: usize = 10_000_000;
 /// Largest negentropy message accepted from a client, in bytes (before hex: twice that). Clients
 /// choose their own frame size (nostr-sdk uses 60,000), so this is far above ours.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 512 * 1024;
 /// Default `ORLY_SYNC_NEGENTROPY_INTERVAL`.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+/// Default `ORLY_SYNC_NEGENTROPY_RECENT`: windows reaching into this recent past are
+/// reconciled with peers every pass.
+pub const DEFAULT_WINDOW_RECENT: Duration = Duration::from_secs(3600);
+/// Default `ORLY_SYNC_NEGENTROPY_RECHECK`: older windows are reconciled again this long after
+/// their last reconciliation.
+pub const DEFAULT_WINDOW_RECHECK: Duration = Duration::from_secs(6 * 3600);
 
 /// How client sessions behave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +48,11 @@ pub struct EngineSettings {
     pub max_records: usize,
     /// Largest negentropy message accepted (bytes, after hex decoding).
     pub max_message_bytes: usize,
+    /// Sessions open (or opening) at once; a NEG-OPEN past it gets `blocked: …` (0: no cap).
+    pub max_sessions: usize,
+    /// Records held by all open sessions together; a NEG-OPEN whose set does not fit in what
+    /// is left gets `blocked: …` (0: no cap).
+    pub max_total_records: usize,
 }
 
 impl Default for EngineSettings {
@@ -47,6 +63,8 @@ impl Default for EngineSettings {
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             max_records: DEFAULT_MAX_RECORDS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_total_records: DEFAULT_MAX_TOTAL_RECORDS,
         }
     }
 }
@@ -87,8 +105,13 @@ pub struct SyncSettings {
     pub interval: Duration,
     /// Largest negentropy message we send to a peer.
     pub frame_size: u64,
-    /// The most events reconciled with one peer (0: no cap).
+    /// The most events reconciled with one peer at once (0: no cap): larger stores are synced
+    /// in time windows of at most half of it on our side.
     pub max_records: usize,
+    /// Windows reaching into this recent past are reconciled every pass.
+    pub window_recent: Duration,
+    /// Older windows are reconciled again this long after their last reconciliation.
+    pub window_recheck: Duration,
     /// The events synced: `Filter::new()` is everything.
     pub filter: Filter,
     /// Event ids per `REQ` when downloading, and events per upload batch.
@@ -107,11 +130,13 @@ impl Default for SyncSettings {
             interval: DEFAULT_INTERVAL,
             frame_size: DEFAULT_FRAME_SIZE,
             max_records: DEFAULT_MAX_RECORDS,
+            window_recent: DEFAULT_WINDOW_RECENT,
+            window_recheck: DEFAULT_WINDOW_RECHECK,
             filter: Filter::new(),
             batch_size: 500,
             peer_timeout: Duration::from_secs(30),
             lease_ttl: Duration::from_secs(120),
-            holder: format!("negentropy-{:016x}", rand::random::<u64>()),
+            holder: orly_peering::default_holder(),
         }
     }
 }
@@ -128,6 +153,9 @@ impl SyncSettings {
                 "batch size must be between 1 and {}",
                 orly_db::grpc_server::MAX_IDS_PER_REQUEST
             ));
+        }
+        if self.max_records == 1 {
+            return Err("max records must be 0 (no cap) or at least 2".into());
         }
         if self.lease_ttl < Duration::from_secs(3) {
             return Err("lease ttl must be at least 3s".into());

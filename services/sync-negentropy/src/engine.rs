@@ -4,6 +4,12 @@
 //!
 //! Lifecycle: NEG-OPEN builds (or replaces) a session; NEG-MSG advances it; NEG-CLOSE, the end
 //! of the connection, any error, or [`EngineSettings::session_timeout`] of inactivity remove it.
+//!
+//! Bounds: at most [`EngineSettings::max_sessions`] sessions open (or opening) in the process,
+//! at most [`EngineSettings::max_records`] records in one, and at most
+//! [`EngineSettings::max_total_records`] records held by all of them together (a set loads at
+//! most what is left, takes its records from the budget once loaded, and gives them back when
+//! its session goes); a NEG-OPEN past a bound gets `blocked: …` and changes nothing.
 //! A session removed for inactivity leaves a tombstone (kept at least ten minutes, at most
 //! 65,536 of them) so a late NEG-MSG learns *why* (`closed: session timed out …`) rather than
 //! just `closed: unknown negentropy session`.
@@ -11,16 +17,17 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use negentropy::{Id, Negentropy, NegentropyStorageVector};
-use nostr::{EventId, Filter, Timestamp};
+use negentropy::{Negentropy, NegentropyStorageVector};
+use nostr::Filter;
 use orly_db::SharedStore;
 use parking_lot::Mutex;
 
 use crate::config::EngineSettings;
 use crate::handler::{NegError, NegReply, NegentropyHandler};
+use crate::set::{build_storage, load_items, LoadError};
 use crate::PROTOCOL_VERSION;
 
 /// Longest subscription id accepted (NIP-01).
@@ -33,9 +40,67 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 type SessionKey = (String, String);
 type Responder = Negentropy<'static, NegentropyStorageVector>;
 
+/// Records held by every open session, against [`EngineSettings::max_total_records`].
+struct RecordBudget {
+    /// 0: no limit.
+    total: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+/// Records taken from the budget; given back when dropped (with the session holding them).
+struct Reservation {
+    budget: Arc<RecordBudget>,
+    n: usize,
+}
+
+impl RecordBudget {
+    /// Reserves `n` records, unless fewer than that are left.
+    fn try_reserve(self: &Arc<Self>, n: usize) -> Option<Reservation> {
+        use std::sync::atomic::Ordering;
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = used.checked_add(n)?;
+            if self.total > 0 && next > self.total {
+                return None;
+            }
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Some(Reservation {
+                        budget: self.clone(),
+                        n,
+                    })
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Records not held yet (`None`: no limit).
+    fn left(&self) -> Option<usize> {
+        (self.total > 0).then(|| self.total.saturating_sub(self.used()))
+    }
+
+    fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 struct Session {
     neg: Responder,
     records: usize,
+    /// The session's share of the record budget (its records).
+    _reserved: Reservation,
     created_at: i64,
     last_activity: Instant,
     last_activity_unix: i64,
@@ -70,6 +135,34 @@ pub struct NegentropyEngine {
     /// loading removes the entry, and the finished open then does not install its session.
     opening: Mutex<HashMap<SessionKey, u64>>,
     next_token: std::sync::atomic::AtomicU64,
+    budget: Arc<RecordBudget>,
+}
+
+/// Removes a NEG-OPEN's entry from `opening` however the open ends (an abandoned request
+/// included), unless a newer NEG-OPEN or a close already took it.
+struct Opening<'a> {
+    opening: &'a Mutex<HashMap<SessionKey, u64>>,
+    key: SessionKey,
+    token: u64,
+}
+
+impl Opening<'_> {
+    /// True (and the entry gone) when this open is still the current one for its key.
+    fn finish(&self) -> bool {
+        let mut opening = self.opening.lock();
+        if opening.get(&self.key) == Some(&self.token) {
+            opening.remove(&self.key);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 impl std::fmt::Debug for NegentropyEngine {
@@ -79,52 +172,6 @@ impl std::fmt::Debug for NegentropyEngine {
             .field("sessions", &self.sessions.lock().len())
             .finish()
     }
-}
-
-/// Why the set for a filter could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("the filter matches more than {0} events")]
-    TooMany(usize),
-    #[error("storage: {0}")]
-    Store(#[from] orly_db::StoreError),
-}
-
-/// The `(created_at, id)` set of `filter`, refusing more than `max_records` (0: no cap) without
-/// reading past the cap: a filter with no limit, or one above the cap, is asked for cap + 1.
-pub async fn load_items(
-    store: &SharedStore,
-    filter: &Filter,
-    max_records: usize,
-) -> Result<Vec<(Timestamp, EventId)>, LoadError> {
-    let mut f = filter.clone();
-    if max_records > 0 && f.limit.is_none_or(|l| l > max_records) {
-        f.limit = Some(max_records.saturating_add(1));
-    }
-    let items = store.negentropy_items(std::slice::from_ref(&f)).await?;
-    if max_records > 0 && items.len() > max_records {
-        return Err(LoadError::TooMany(max_records));
-    }
-    Ok(items)
-}
-
-/// A sealed negentropy storage holding `items`.
-pub fn build_storage(
-    items: &[(Timestamp, EventId)],
-) -> Result<NegentropyStorageVector, negentropy::Error> {
-    let mut storage = NegentropyStorageVector::with_capacity(items.len());
-    for (ts, id) in items {
-        storage.insert(ts.as_secs(), Id::from_byte_array(id.to_bytes()))?;
-    }
-    storage.seal()?;
-    Ok(storage)
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn malformed(e: impl std::fmt::Display) -> NegError {
@@ -164,11 +211,15 @@ impl NegentropyEngine {
         settings.validate()?;
         Ok(Arc::new(Self {
             store,
-            settings,
             sessions: Mutex::new(HashMap::new()),
             tombstones: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             next_token: std::sync::atomic::AtomicU64::new(1),
+            budget: Arc::new(RecordBudget {
+                total: settings.max_total_records,
+                used: std::sync::atomic::AtomicUsize::new(0),
+            }),
+            settings,
         }))
     }
 
@@ -220,6 +271,12 @@ impl NegentropyEngine {
 
     fn record_gauge(&self) {
         metrics::gauge!("orly_negentropy_sessions").set(self.sessions.lock().len() as f64);
+        metrics::gauge!("orly_negentropy_session_records").set(self.budget.used() as f64);
+    }
+
+    /// Records held by the open sessions (and reserved by those opening).
+    pub fn records_held(&self) -> usize {
+        self.budget.used()
     }
 
     fn count_error(e: &NegError) {
@@ -278,16 +335,30 @@ impl NegentropyEngine {
         let token = self
             .next_token
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.opening.lock().insert(key.clone(), token);
+        let opening = {
+            let mut opening = self.opening.lock();
+            let max = self.settings.max_sessions;
+            // Sessions open and opening, counted under the `opening` lock so that concurrent
+            // NEG-OPENs cannot all pass at the last free place.
+            let count = self.sessions.lock().len() + opening.len();
+            if max > 0 && count >= max {
+                return Err(NegError::Blocked(format!(
+                    "too many negentropy sessions open ({count}, the most is {max}); try again later"
+                )));
+            }
+            opening.insert(key.clone(), token);
+            Opening {
+                opening: &self.opening,
+                key: key.clone(),
+                token,
+            }
+        };
         let result = self.build_session(filter, initial_message).await;
-        let mut opening = self.opening.lock();
-        if opening.get(&key) != Some(&token) {
+        if !opening.finish() {
             return Err(NegError::Closed(
                 "the session was closed or replaced while it opened".into(),
             ));
         }
-        opening.remove(&key);
-        drop(opening);
         let (session, reply) = result?;
         let records = session.records;
         self.sessions
@@ -305,15 +376,36 @@ impl NegentropyEngine {
         Ok(NegReply::new(reply))
     }
 
-    /// Loads the set for `filter` and answers the initial message.
+    /// Loads the set for `filter` within the per-session cap and what is left of the record
+    /// budget, and answers the initial message.
     async fn build_session(
         &self,
         filter: &Filter,
         initial_message: &[u8],
     ) -> Result<(Session, Vec<u8>), NegError> {
-        let items = load_items(&self.store, filter, self.settings.max_records)
+        let cap = self.settings.max_records;
+        let busy = |held: usize| {
+            NegError::Blocked(format!(
+                "the open negentropy sessions hold {held} records, the most this relay keeps at once; try again later"
+            ))
+        };
+        // The set may not be larger than what the budget has left now; whether it still fits
+        // once loaded is decided when its records are reserved below.
+        let left = self.budget.left();
+        let load_cap = match (cap, left) {
+            (0, None) => 0,
+            (0, Some(left)) => left,
+            (cap, None) => cap,
+            (cap, Some(left)) => cap.min(left),
+        };
+        let budget_bound = left.is_some_and(|l| cap == 0 || l < cap);
+        if budget_bound && load_cap == 0 {
+            return Err(busy(self.budget.used()));
+        }
+        let items = load_items(&self.store, filter, load_cap)
             .await
             .map_err(|e| match e {
+                LoadError::TooMany(_) if budget_bound => busy(self.budget.used()),
                 LoadError::TooMany(n) => NegError::Blocked(format!(
                     "the filter matches more than {n} events; narrow it (since/until, kinds, authors)"
                 )),
@@ -323,6 +415,10 @@ impl NegentropyEngine {
                 }
             })?;
         let records = items.len();
+        let reserved = self
+            .budget
+            .try_reserve(records)
+            .ok_or_else(|| busy(self.budget.used()))?;
         let frame_size = self.settings.frame_size;
         let query = initial_message.to_vec();
         let (neg, reply) = blocking(move || {
@@ -335,10 +431,11 @@ impl NegentropyEngine {
         })
         .await?;
 
-        let now = unix_now();
+        let now = orly_common::time::now_secs_i64();
         let session = Session {
             neg,
             records,
+            _reserved: reserved,
             created_at: now,
             last_activity: Instant::now(),
             last_activity_unix: now,
@@ -398,7 +495,7 @@ impl NegentropyEngine {
             let reply = s.neg.reconcile(&query).map_err(malformed)?;
             s.rounds = s.rounds.saturating_add(1);
             s.last_activity = Instant::now();
-            s.last_activity_unix = unix_now();
+            s.last_activity_unix = orly_common::time::now_secs_i64();
             Ok(reply)
         })
         .await;
@@ -583,7 +680,7 @@ impl NegentropyHandler for NegentropyEngine {
 mod tests {
     use std::collections::BTreeSet;
 
-    use nostr::{Event, EventBuilder, Keys, Kind};
+    use nostr::{Event, EventBuilder, EventId, Keys, Kind, Timestamp};
     use orly_db::sqlite::SqliteStore;
 
     use super::*;
@@ -997,5 +1094,156 @@ mod tests {
         assert_eq!(engine.close_matching("", "other"), 1);
         assert!(engine.list_sessions().is_empty());
         assert!(!engine.close_session("d", "other"));
+    }
+
+    #[tokio::test]
+    async fn sessions_past_the_process_cap_are_blocked() {
+        let (_dir, store) = store().await;
+        let keys = Keys::generate();
+        save(&store, &events(&keys, 1, 20, 1_700_000_000)).await;
+        let engine = engine_with(&store, |s| s.max_sessions = 3);
+        let initial = [PROTOCOL_VERSION];
+        for sub in ["a", "b", "c"] {
+            engine
+                .open_session("c1", sub, &notes(), &initial)
+                .await
+                .unwrap();
+        }
+        let e = engine
+            .open_session("c2", "d", &notes(), &initial)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NegError::Blocked(_)), "{e:?}");
+        assert!(
+            e.reason()
+                .starts_with("blocked: too many negentropy sessions open (3"),
+            "{e:?}"
+        );
+        assert_eq!(
+            engine.list_sessions().len(),
+            3,
+            "a refused NEG-OPEN changes nothing"
+        );
+        // Re-opening an open subscription replaces it: no new place needed.
+        engine
+            .open_session("c1", "a", &notes(), &initial)
+            .await
+            .unwrap();
+        assert!(engine.close_session("c1", "b"));
+        engine
+            .open_session("c2", "d", &notes(), &initial)
+            .await
+            .unwrap();
+        assert_eq!(engine.list_sessions().len(), 3);
+    }
+
+    /// Regression: a NEG-OPEN abandoned while its set loaded (its gRPC call cancelled at the
+    /// relay's deadline, the connection still open) left its entry among the sessions opening
+    /// until the connection ended: with a cap on sessions, each such open took a place.
+    #[tokio::test]
+    async fn an_abandoned_open_gives_its_place_back() {
+        let (_dir, store) = store().await;
+        let keys = Keys::generate();
+        save(&store, &events(&keys, 1, 200, 1_700_000_000)).await;
+        let engine = engine_with(&store, |s| s.max_sessions = 1);
+        let initial = [PROTOCOL_VERSION];
+        let filter = notes();
+        for i in 0..5 {
+            let sub = format!("gone{i}");
+            let open = engine.open_session("c", &sub, &filter, &initial);
+            // Polled once (it then waits for the store), then dropped.
+            assert!(futures::FutureExt::now_or_never(open).is_none());
+        }
+        assert!(engine.list_sessions().is_empty());
+        assert_eq!(engine.records_held(), 0);
+        engine
+            .open_session("c", "live", &notes(), &initial)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_records_budget_bounds_all_sessions_together() {
+        let (_dir, store) = store().await;
+        let keys = Keys::generate();
+        save(&store, &events(&keys, 1, 10, 1_700_000_000)).await;
+        let engine = engine_with(&store, |s| {
+            s.max_records = 10;
+            s.max_total_records = 25;
+        });
+        let initial = [PROTOCOL_VERSION];
+        for sub in ["s1", "s2"] {
+            engine
+                .open_session("c", sub, &notes(), &initial)
+                .await
+                .unwrap();
+        }
+        assert_eq!(engine.records_held(), 20);
+        // Ten more do not fit in the five left.
+        let e = engine
+            .open_session("c", "s3", &notes(), &initial)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NegError::Blocked(_)), "{e:?}");
+        assert!(
+            e.reason()
+                .starts_with("blocked: the open negentropy sessions hold 20 records"),
+            "{e:?}"
+        );
+        assert_eq!(engine.records_held(), 20, "the refused open holds nothing");
+        assert_eq!(engine.list_sessions().len(), 2);
+        // Five do.
+        engine
+            .open_session("c", "s3", &notes().limit(5), &initial)
+            .await
+            .unwrap();
+        assert_eq!(engine.records_held(), 25);
+        let e = engine
+            .open_session("c", "s4", &notes().limit(1), &initial)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NegError::Blocked(_)), "{e:?}");
+        // Closing gives records back; so does a session ended by an error.
+        assert!(engine.close_session("c", "s1"));
+        assert_eq!(engine.records_held(), 15);
+        engine
+            .open_session("c", "s4", &notes(), &initial)
+            .await
+            .unwrap();
+        assert_eq!(engine.records_held(), 25);
+        let _ = engine
+            .session_message("c", "s4", &[0x61, 0x00, 0x00, 0x09])
+            .await
+            .unwrap_err();
+        assert_eq!(engine.records_held(), 15);
+        assert_eq!(engine.close_connection_sessions("c"), 2);
+        assert_eq!(engine.records_held(), 0);
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_give_their_records_back() {
+        let (_dir, store) = store().await;
+        let keys = Keys::generate();
+        save(&store, &events(&keys, 1, 30, 1_700_000_000)).await;
+        let engine = engine_with(&store, |s| {
+            s.session_timeout = Duration::from_millis(100);
+            s.max_total_records = 30;
+        });
+        let initial = [PROTOCOL_VERSION];
+        engine
+            .open_session("c", "a", &notes(), &initial)
+            .await
+            .unwrap();
+        assert!(engine
+            .open_session("c", "b", &notes(), &initial)
+            .await
+            .is_err());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(engine.reap_idle(), 1);
+        assert_eq!(engine.records_held(), 0);
+        engine
+            .open_session("c", "b", &notes(), &initial)
+            .await
+            .unwrap();
     }
 }

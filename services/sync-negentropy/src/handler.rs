@@ -135,7 +135,7 @@ pub async fn reconcile_as_client(
     frame_size: u64,
 ) -> Result<ClientOutcome, NegError> {
     let internal = |e: negentropy::Error| NegError::Internal(format!("client negentropy: {e}"));
-    let storage = crate::engine::build_storage(items).map_err(internal)?;
+    let storage = crate::set::build_storage(items).map_err(internal)?;
     let mut client = negentropy::Negentropy::owned(storage, frame_size).map_err(internal)?;
     let initial = client.initiate().map_err(internal)?;
     let mut out = ClientOutcome {

@@ -1,29 +1,35 @@
 //! Relay-to-relay sync over time: [`SyncManager`] runs a pass over all peers every interval
-//! (between `Start` and `Stop`), on `TriggerSync`, and for `SyncWithPeer`; it takes the peer's
-//! store lease first so that among several replicas each peer is synced by one at a time (a
-//! replica that dies stops renewing, and the lease passes to a survivor after its ttl), and
-//! records the outcome in the peer's [`PeerState`].
+//! (between `Start` and `Stop`), on `TriggerSync`, and for `SyncWithPeer`. Each sync runs under
+//! the peer's store lease (`orly_peering::Lease`, the scheme the other peer syncs share): among
+//! several replicas each peer is synced by one at a time, a sync whose renewals fail or come
+//! late (the store unreachable) is stopped before the lease can pass to another replica, and
+//! the peer's state and window plan are written only while the lease holds. A replica that
+//! dies stops renewing, and the lease passes to a survivor after its ttl. A pass reconciles the
+//! windows of the peer's plan that are due ([`crate::windows`]) and records the outcome in the
+//! peer's [`PeerState`].
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Weak};
 
+use async_trait::async_trait;
 use nostr::{Filter, Timestamp};
 use orly_db::SharedStore;
+use orly_peering::{Acquired, FencedPeer};
 use parking_lot::Mutex;
 use rand::seq::SliceRandom;
 
 use crate::config::SyncSettings;
-use crate::peer_sync::{sync_with_peer, SyncError, SyncOptions, SyncReport};
+use crate::peer_sync::{sync_windows, Discard, PlanSink, SyncError, SyncOptions, SyncReport};
 use crate::peers::{
-    normalize_peer_url, now_secs, PeerBook, PeerError, PeerState, LEASE_PREFIX, STATUS_ERROR,
-    STATUS_IDLE, STATUS_SYNCING,
+    normalize_peer_url, PeerError, PeerState, Peers, STATUS_ERROR, STATUS_IDLE, STATUS_SYNCING,
 };
+use crate::windows::{WindowPlan, KIND_WINDOWS};
 
 /// Peer list, per-peer state and the periodic sync loop.
 pub struct SyncManager {
     store: SharedStore,
-    book: PeerBook,
+    peers: Peers,
     settings: SyncSettings,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     last_sync: AtomicI64,
@@ -57,7 +63,7 @@ impl SyncManager {
     pub fn new(store: SharedStore, settings: SyncSettings) -> Result<Arc<Self>, String> {
         settings.validate()?;
         Ok(Arc::new(Self {
-            book: PeerBook::new(store.clone()),
+            peers: Peers::new(store.clone()),
             store,
             settings,
             task: Mutex::new(None),
@@ -72,8 +78,8 @@ impl SyncManager {
     }
 
     /// The persistent peer list and states.
-    pub fn peers(&self) -> &PeerBook {
-        &self.book
+    pub fn peers(&self) -> &Peers {
+        &self.peers
     }
 
     /// True while the periodic loop runs.
@@ -134,7 +140,7 @@ impl SyncManager {
         &self,
         filter: Option<Filter>,
     ) -> Vec<(String, Result<SyncReport, SyncError>)> {
-        let mut peers = match self.book.list().await {
+        let mut peers = match self.peers.list().await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the peer list");
@@ -176,7 +182,8 @@ impl SyncManager {
     }
 
     /// Syncs with one peer now, under its lease, recording the outcome in its state. `filter`
-    /// replaces the configured filter for this sync.
+    /// replaces the configured filter for this sync (then every window of a fresh plan is
+    /// reconciled and the plan is not kept); without it the peer's stored plan is followed.
     pub async fn sync_peer(
         &self,
         url: &str,
@@ -191,73 +198,94 @@ impl SyncManager {
             set: &self.in_flight,
             url: url.clone(),
         };
-
-        let lease = format!("{LEASE_PREFIX}{url}");
-        let holder = self.settings.holder.clone();
-        let ttl_ms = self.settings.lease_ttl.as_millis() as i64;
-        let state = self.store.acquire_lease(&lease, &holder, ttl_ms).await?;
-        if !state.acquired {
-            return Err(SyncError::Busy(format!(
-                "{url} is being synced by {}",
-                state.holder
-            )));
-        }
+        let lease = match self
+            .peers
+            .book()
+            .acquire(&url, &self.settings.holder, self.settings.lease_ttl)
+            .await?
+        {
+            Acquired::Held(lease) => lease,
+            Acquired::Busy { holder, .. } => {
+                return Err(SyncError::Busy(format!(
+                    "{url} is being synced by {holder}"
+                )))
+            }
+        };
         self.leased.lock().insert(url.clone());
         let leased = InFlight {
             set: &self.leased,
             url: url.clone(),
         };
-        // Aborted when this sync ends or is cut off (its future dropped, e.g. by `stop`): a
-        // detached renewal would hold the peer's lease forever.
-        let renew = AbortOnDrop({
-            let store = self.store.clone();
-            let (lease, holder) = (lease.clone(), holder.clone());
-            let period = self.settings.lease_ttl / 3;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(period).await;
-                    match store.acquire_lease(&lease, &holder, ttl_ms).await {
-                        Ok(s) if s.acquired => {}
-                        Ok(s) => tracing::warn!(%lease, holder = %s.holder, "lost the peer lease"),
-                        Err(e) => tracing::warn!(%lease, error = %e, "cannot renew the peer lease"),
-                    }
-                }
-            })
-        });
+        let fenced = self.peers.book().fenced(&url, lease.clone());
+        // Dropped — wherever it is — once the lease lapses without a renewal.
+        let result = lease
+            .hold(self.sync_leased(&fenced, filter, progress))
+            .await;
+        drop(leased);
+        lease.release().await;
+        let result = result.map_err(SyncError::from).and_then(|r| r);
+        if let Err(e @ SyncError::LeaseLost(_)) = &result {
+            metrics::counter!("orly_negentropy_peer_syncs_total", "result" => "lease_lost")
+                .increment(1);
+            tracing::warn!(peer = %url, error = %e, "peer sync stopped");
+        }
+        result
+    }
 
-        let mut peer_state = match self.book.state(&url).await {
+    /// The sync of the peer of `fenced`, its lease held.
+    async fn sync_leased(
+        &self,
+        fenced: &FencedPeer,
+        filter: Option<Filter>,
+        progress: &mut (dyn FnMut(&SyncReport) + Send),
+    ) -> Result<SyncReport, SyncError> {
+        let url = fenced.url();
+        let mut peer_state = match self.peers.book().state::<PeerState>(url).await {
             Ok(Some(s)) => s,
-            Ok(None) => PeerState {
-                peer_url: url.clone(),
-                ..PeerState::default()
-            },
+            Ok(None) => PeerState::default(),
             Err(e) => {
                 tracing::warn!(peer = %url, error = %e, "unreadable peer state; starting afresh");
-                PeerState {
-                    peer_url: url.clone(),
-                    ..PeerState::default()
-                }
+                PeerState::default()
             }
         };
+        peer_state.peer_url = url.to_string();
         peer_state.status = STATUS_SYNCING.into();
-        peer_state.last_attempt = now_secs();
-        peer_state.holder = holder.clone();
-        self.save_state(&peer_state).await;
+        peer_state.last_attempt = orly_common::time::now_secs_i64();
+        peer_state.holder = fenced.lease().holder().to_string();
+        self.save_state(fenced, &peer_state).await?;
 
         let mut opts = SyncOptions::from_settings(&self.settings);
-        if let Some(f) = filter {
-            opts.filter = f;
-        }
-        let result = sync_with_peer(&self.store, &url, &opts, progress).await;
-        drop(renew);
+        let result = match filter {
+            Some(f) => {
+                opts.filter = f;
+                opts.all_windows = true;
+                let mut plan = WindowPlan::new(&opts.filter);
+                sync_windows(&self.store, url, &opts, &mut plan, &mut Discard, progress).await
+            }
+            None => {
+                let mut plan = self.plan(url).await;
+                let mut sink = FencedPlan(fenced);
+                sync_windows(&self.store, url, &opts, &mut plan, &mut sink, progress).await
+            }
+        };
 
         match &result {
             Ok(r) => {
-                let now = now_secs();
-                peer_state.status = STATUS_IDLE.into();
+                let now = orly_common::time::now_secs_i64();
                 peer_state.last_sync = now;
-                peer_state.last_error.clear();
-                peer_state.consecutive_failures = 0;
+                if r.windows_failed > 0 {
+                    peer_state.status = STATUS_ERROR.into();
+                    peer_state.last_error = format!(
+                        "{} window(s) could not be reconciled: {}",
+                        r.windows_failed, r.window_error
+                    );
+                    peer_state.consecutive_failures =
+                        peer_state.consecutive_failures.saturating_add(1);
+                } else {
+                    peer_state.status = STATUS_IDLE.into();
+                    peer_state.last_error.clear();
+                    peer_state.consecutive_failures = 0;
+                }
                 peer_state.events_synced += (r.fetched + r.sent) as i64;
                 peer_state.have_count = r.have_count as i64;
                 peer_state.need_count = r.need_count as i64;
@@ -268,10 +296,16 @@ impl SyncManager {
                 peer_state.reconcile_bytes_received = r.reconcile_bytes_received as i64;
                 peer_state.bytes_sent = r.bytes_sent as i64;
                 peer_state.bytes_received = r.bytes_received as i64;
+                peer_state.windows = i64::from(r.windows);
+                peer_state.windows_reconciled = i64::from(r.windows_reconciled);
                 self.last_sync.fetch_max(now, Ordering::Relaxed);
                 metrics::counter!("orly_negentropy_peer_syncs_total", "result" => "ok")
                     .increment(1);
+                metrics::counter!("orly_negentropy_windows_reconciled_total")
+                    .increment(u64::from(r.windows_reconciled));
             }
+            // Deposed: nothing more is ours to record.
+            Err(SyncError::LeaseLost(_)) => return result,
             Err(e) => {
                 peer_state.status = STATUS_ERROR.into();
                 peer_state.last_error = e.to_string();
@@ -280,26 +314,61 @@ impl SyncManager {
                     .increment(1);
             }
         }
-        self.save_state(&peer_state).await;
-        drop(leased);
-        if let Err(e) = self.store.release_lease(&lease, &holder).await {
-            tracing::warn!(%lease, error = %e, "cannot release the peer lease");
-        }
+        self.save_state(fenced, &peer_state).await?;
         result
     }
 
-    async fn save_state(&self, state: &PeerState) {
-        if let Err(e) = self.book.save_state(state).await {
-            tracing::warn!(peer = %state.peer_url, error = %e, "cannot save peer state");
+    /// The stored window plan of `url` for the configured filter (a fresh one when there is
+    /// none, it is unreadable, or it was made for another filter).
+    async fn plan(&self, url: &str) -> WindowPlan {
+        let filter = &self.settings.filter;
+        match self
+            .peers
+            .book()
+            .json::<WindowPlan>(KIND_WINDOWS, url)
+            .await
+        {
+            Ok(Some(plan)) if plan.is_for(filter) => plan,
+            Ok(Some(_)) => {
+                tracing::info!(peer = %url, "the sync filter changed: windows planned afresh");
+                WindowPlan::new(filter)
+            }
+            Ok(None) => WindowPlan::new(filter),
+            Err(e) => {
+                tracing::warn!(peer = %url, error = %e, "unreadable window plan; planning afresh");
+                WindowPlan::new(filter)
+            }
+        }
+    }
+
+    /// Writes the peer's state; only a lost lease is an error (a store hiccup is logged).
+    async fn save_state(&self, fenced: &FencedPeer, state: &PeerState) -> Result<(), SyncError> {
+        match fenced.save_state(state).await {
+            Ok(()) => Ok(()),
+            Err(orly_peering::PeerError::Lost(l)) => Err(SyncError::LeaseLost(l)),
+            Err(e) => {
+                tracing::warn!(peer = %state.peer_url, error = %e, "cannot save peer state");
+                Ok(())
+            }
         }
     }
 
     /// Adds peers given at start-up (`ORLY_SYNC_NEGENTROPY_PEERS`).
     pub async fn add_peers(&self, urls: &[String]) -> Result<(), PeerError> {
         for url in urls {
-            self.book.add(url).await?;
+            self.peers.add(url).await?;
         }
         Ok(())
+    }
+}
+
+/// The plan of a regular pass goes to the peer's marker, while the lease holds.
+struct FencedPlan<'a>(&'a FencedPeer);
+
+#[async_trait]
+impl PlanSink for FencedPlan<'_> {
+    async fn save(&mut self, plan: &WindowPlan) -> Result<(), SyncError> {
+        Ok(self.0.set_json(KIND_WINDOWS, plan).await?)
     }
 }
 
@@ -309,14 +378,5 @@ pub fn with_since(filter: Filter, since: i64) -> Filter {
         filter.since(Timestamp::from(since as u64))
     } else {
         filter
-    }
-}
-
-/// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

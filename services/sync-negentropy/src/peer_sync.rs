@@ -1,22 +1,29 @@
 //! Relay-to-relay sync with one peer, as the negentropy initiator over the peer's NIP-77
-//! WebSocket endpoint: NEG-OPEN / NEG-MSG until our side has all have/need ids, NEG-CLOSE,
-//! then `REQ {"ids": …}` in batches for what we lack (each event verified — id and signature —
-//! and checked to be one we asked for before it reaches the store), and `EVENT` for what the
-//! peer lacks, counting its OKs.
+//! WebSocket endpoint, one time window after the other ([`crate::windows`]): per window
+//! NEG-OPEN / NEG-MSG until our side has all have/need ids, NEG-CLOSE, then `REQ {"ids": …}` in
+//! batches for what we lack (each event verified — id and signature — and checked to be one we
+//! asked for before it reaches the store), and `EVENT` for what the peer lacks, counting its
+//! OKs. A window over the cap on our side is cut where our data is, one the peer refuses with
+//! `blocked:` is halved, and the plan is handed to a [`PlanSink`] after every window so that a
+//! pass cut off anywhere resumes where it stopped.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use negentropy::{Id, Negentropy};
-use nostr::{ClientMessage, Event, EventId, Filter, JsonUtil, RelayMessage, SubscriptionId};
+use nostr::{
+    ClientMessage, Event, EventId, Filter, JsonUtil, RelayMessage, SubscriptionId, Timestamp,
+};
 use orly_db::{SaveOutcome, SharedStore};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::config::SyncSettings;
-use crate::engine::{build_storage, load_items, LoadError};
+use crate::set::{build_storage, LoadError};
+use crate::windows::{cut_for_our_side, cut_in_half, Cut, WindowPlan};
 
 /// What one sync does.
 #[derive(Debug, Clone)]
@@ -25,12 +32,18 @@ pub struct SyncOptions {
     pub filter: Filter,
     /// Largest negentropy message we send (0 or at least 4096).
     pub frame_size: u64,
-    /// Most events reconciled (0: no cap).
+    /// Most events reconciled at once, in one window (0: no cap, one window).
     pub max_records: usize,
     /// Ids per REQ and events per upload batch.
     pub batch_size: usize,
     /// Longest wait for any one answer from the peer.
     pub timeout: Duration,
+    /// Windows reaching into this recent past are reconciled every pass.
+    pub recent: Duration,
+    /// Older windows are re-checked once they were last reconciled this long ago.
+    pub recheck: Duration,
+    /// Reconcile every window, due or not.
+    pub all_windows: bool,
 }
 
 impl SyncOptions {
@@ -41,7 +54,27 @@ impl SyncOptions {
             max_records: s.max_records,
             batch_size: s.batch_size,
             timeout: s.peer_timeout,
+            recent: s.window_recent,
+            recheck: s.window_recheck,
+            all_windows: false,
         }
+    }
+}
+
+/// Where a pass puts the plan after each window (the manager: the peer's marker, fenced by
+/// its lease).
+#[async_trait]
+pub trait PlanSink: Send {
+    async fn save(&mut self, plan: &WindowPlan) -> Result<(), SyncError>;
+}
+
+/// A sink that keeps nothing (a one-off sync with its own filter).
+pub struct Discard;
+
+#[async_trait]
+impl PlanSink for Discard {
+    async fn save(&mut self, _: &WindowPlan) -> Result<(), SyncError> {
+        Ok(())
     }
 }
 
@@ -76,6 +109,14 @@ pub struct SyncReport {
     /// Wall time of the reconciliation alone and of the whole sync.
     pub reconcile_time: Duration,
     pub total_time: Duration,
+    /// Windows in the plan after the pass, reconciled this pass, cut this pass (each cut
+    /// makes one more), and left failed (they could not be cut small enough).
+    pub windows: u32,
+    pub windows_reconciled: u32,
+    pub windows_split: u32,
+    pub windows_failed: u32,
+    /// Why the last failed window failed.
+    pub window_error: String,
     /// True once the sync finished.
     pub complete: bool,
 }
@@ -101,6 +142,18 @@ pub enum SyncError {
     Negentropy(String),
     #[error("{0}")]
     Busy(String),
+    /// Our lease on the peer lapsed or was taken: the sync stopped, its writes were refused.
+    #[error(transparent)]
+    LeaseLost(#[from] orly_peering::LeaseLost),
+}
+
+impl From<orly_peering::PeerError> for SyncError {
+    fn from(e: orly_peering::PeerError) -> Self {
+        match e {
+            orly_peering::PeerError::Store(e) => Self::Store(e),
+            orly_peering::PeerError::Lost(l) => Self::LeaseLost(l),
+        }
+    }
 }
 
 impl From<LoadError> for SyncError {
@@ -211,52 +264,192 @@ fn sub_id(kind: &str) -> SubscriptionId {
     SubscriptionId::new(format!("orly-neg-{kind}-{:08x}", rand::random::<u32>()))
 }
 
-/// Syncs our store with the peer at `url` both ways; `progress` sees the counters after every
-/// negentropy round and every transfer batch.
+/// Syncs our store with the peer at `url` both ways over every window of a fresh plan (nothing
+/// kept); `progress` sees the counters after every negentropy round and every transfer batch.
 pub async fn sync_with_peer(
     store: &SharedStore,
     url: &str,
     opts: &SyncOptions,
     progress: &mut (dyn FnMut(&SyncReport) + Send),
 ) -> Result<SyncReport, SyncError> {
+    let mut plan = WindowPlan::new(&opts.filter);
+    let opts = SyncOptions {
+        all_windows: true,
+        ..opts.clone()
+    };
+    sync_windows(store, url, &opts, &mut plan, &mut Discard, progress).await
+}
+
+/// One pass over the windows of `plan` that are due: each reconciled, its differences
+/// transferred both ways, the plan handed to `sink` after each. With no window due no
+/// connection is made.
+pub async fn sync_windows(
+    store: &SharedStore,
+    url: &str,
+    opts: &SyncOptions,
+    plan: &mut WindowPlan,
+    sink: &mut dyn PlanSink,
+    progress: &mut (dyn FnMut(&SyncReport) + Send),
+) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     let mut report = SyncReport::default();
-    let mut ws = PeerSocket::connect(url, opts.timeout).await?;
-    let result = run(store, &mut ws, opts, &mut report, progress, started).await;
-    report.bytes_sent = ws.bytes_sent;
-    report.bytes_received = ws.bytes_received;
-    ws.close().await;
-    result?;
+    let now = orly_common::time::now_secs_i64();
+    let due = plan.due(now, opts.recent, opts.recheck, opts.all_windows);
+    plan.passes += 1;
+    if !due.is_empty() {
+        let mut ws = PeerSocket::connect(url, opts.timeout).await?;
+        let result = run(store, &mut ws, opts, plan, due, sink, &mut report, progress).await;
+        report.bytes_sent = ws.bytes_sent;
+        report.bytes_received = ws.bytes_received;
+        ws.close().await;
+        result?;
+    }
+    // Neighbours that ended up small are merged (a quarter of the cap: room to grow).
+    if opts.max_records > 0 {
+        plan.merge_small(opts.max_records as u64 / 4);
+    }
+    sink.save(plan).await?;
+    report.windows = u32::try_from(plan.windows.len()).unwrap_or(u32::MAX);
     report.total_time = started.elapsed();
     report.complete = true;
     progress(&report);
     Ok(report)
 }
 
+/// Our side of one window: its records, or the newest `cap + 1` when there are more.
+enum Ours {
+    Fit(Vec<(Timestamp, EventId)>),
+    Over(Vec<(Timestamp, EventId)>),
+}
+
+async fn load_window(store: &SharedStore, filter: &Filter, cap: usize) -> Result<Ours, SyncError> {
+    let mut f = filter.clone();
+    if cap > 0 && f.limit.is_none_or(|l| l > cap) {
+        f.limit = Some(cap.saturating_add(1));
+    }
+    let items = store.negentropy_items(std::slice::from_ref(&f)).await?;
+    Ok(if cap > 0 && items.len() > cap {
+        Ours::Over(items)
+    } else {
+        Ours::Fit(items)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     store: &SharedStore,
     ws: &mut PeerSocket,
     opts: &SyncOptions,
+    plan: &mut WindowPlan,
+    due: Vec<u64>,
+    sink: &mut dyn PlanSink,
     report: &mut SyncReport,
     progress: &mut (dyn FnMut(&SyncReport) + Send),
-    started: Instant,
 ) -> Result<(), SyncError> {
-    let (have, need) = reconcile(store, ws, opts, report, progress).await?;
-    report.reconcile_time = started.elapsed();
-    download(store, ws, opts, &need, report, progress).await?;
-    upload(store, ws, opts, &have, report, progress).await?;
+    let cap = opts.max_records;
+    // Windows to do, newest on top; a window cut from one on our side comes with its records.
+    let mut todo: Vec<(u64, Option<Vec<(Timestamp, EventId)>>)> =
+        due.into_iter().rev().map(|since| (since, None)).collect();
+    while let Some((since, preloaded)) = todo.pop() {
+        let Some(window) = plan.window(since).cloned() else {
+            continue;
+        };
+        let filter = window.filter(&opts.filter);
+        let ours = match preloaded {
+            Some(items) => Ours::Fit(items),
+            None => load_window(store, &filter, cap).await?,
+        };
+        let items = match ours {
+            Ours::Fit(items) => items,
+            Ours::Over(items) => {
+                match cut_for_our_side(&items, cap / 2, window.since) {
+                    Cut::At(at) => {
+                        let (older, newer) = plan.split(since, at).ok_or_else(|| {
+                            SyncError::Protocol(format!("cannot cut window {since} at {at}"))
+                        })?;
+                        report.windows_split += 1;
+                        let upper: Vec<_> = items
+                            .into_iter()
+                            .filter(|(t, _)| t.as_secs() > at)
+                            .collect();
+                        todo.push((older, None));
+                        todo.push((newer, Some(upper)));
+                    }
+                    Cut::Impossible => {
+                        let why = format!(
+                            "more than {cap} events at one second ({}); raise ORLY_SYNC_NEGENTROPY_MAX_RECORDS",
+                            window.since.max(items.last().map_or(0, |i| i.0.as_secs()))
+                        );
+                        tracing::warn!(since, %why, "window cannot be reconciled");
+                        plan.failed(since, why.clone());
+                        report.windows_failed += 1;
+                        report.window_error = why;
+                        sink.save(plan).await?;
+                    }
+                }
+                continue;
+            }
+        };
+        let ours_count = items.len() as u64;
+        let started = Instant::now();
+        let reconciled = reconcile(ws, &filter, items, opts, report, progress).await;
+        report.reconcile_time += started.elapsed();
+        let (have, need) = match reconciled? {
+            Reconciled::Done { have, need } => (have, need),
+            Reconciled::PeerBlocked(why) => {
+                let now = orly_common::time::now_secs();
+                match cut_in_half(&window, now) {
+                    Cut::At(at) => {
+                        let (older, newer) = plan.split(since, at).ok_or_else(|| {
+                            SyncError::Protocol(format!("cannot halve window {since} at {at}"))
+                        })?;
+                        tracing::debug!(since, at, %why, "the peer refused a window; halving it");
+                        report.windows_split += 1;
+                        todo.push((older, None));
+                        todo.push((newer, None));
+                    }
+                    Cut::Impossible => {
+                        let why = format!("the peer refused a one-second window: {why}");
+                        tracing::warn!(since, %why, "window cannot be reconciled");
+                        plan.failed(since, why.clone());
+                        report.windows_failed += 1;
+                        report.window_error = why;
+                        sink.save(plan).await?;
+                    }
+                }
+                continue;
+            }
+        };
+        report.windows_reconciled += 1;
+        let records = ours_count + need.len() as u64;
+        download(store, ws, opts, &need, report, progress).await?;
+        upload(store, ws, opts, &have, report, progress).await?;
+        plan.reconciled(since, records, orly_common::time::now_secs_i64());
+        sink.save(plan).await?;
+    }
     Ok(())
 }
 
-/// The negentropy exchange: returns (ids we have and the peer lacks, ids it has and we lack).
+/// How one window's exchange ended.
+enum Reconciled {
+    /// Ids we have and the peer lacks, ids it has and we lack.
+    Done {
+        have: Vec<EventId>,
+        need: Vec<EventId>,
+    },
+    /// The peer refused the window (`blocked:`: more records than it reconciles at once).
+    PeerBlocked(String),
+}
+
+/// The negentropy exchange over one window, whose records on our side are `items`.
 async fn reconcile(
-    store: &SharedStore,
     ws: &mut PeerSocket,
+    filter: &Filter,
+    items: Vec<(Timestamp, EventId)>,
     opts: &SyncOptions,
     report: &mut SyncReport,
     progress: &mut (dyn FnMut(&SyncReport) + Send),
-) -> Result<(Vec<EventId>, Vec<EventId>), SyncError> {
-    let items = load_items(store, &opts.filter, opts.max_records).await?;
+) -> Result<Reconciled, SyncError> {
     let frame_size = opts.frame_size;
     let (mut neg, initial) = tokio::task::spawn_blocking(move || {
         let storage = build_storage(&items).map_err(neg_err)?;
@@ -272,12 +465,13 @@ async fn reconcile(
     report.reconcile_bytes_sent += initial.len() as u64;
     ws.send(&ClientMessage::NegOpen {
         subscription_id: std::borrow::Cow::Borrowed(&sub),
-        filter: std::borrow::Cow::Borrowed(&opts.filter),
+        filter: std::borrow::Cow::Borrowed(filter),
         id_size: None,
         initial_message: std::borrow::Cow::Owned(hex::encode(&initial)),
     })
     .await?;
 
+    let (have_before, need_before) = (report.have_count, report.need_count);
     let mut have: Vec<Id> = Vec::new();
     let mut need: Vec<Id> = Vec::new();
     loop {
@@ -293,8 +487,8 @@ async fn reconcile(
                 let next = neg
                     .reconcile_with_ids(&query, &mut have, &mut need)
                     .map_err(neg_err)?;
-                report.have_count = have.len() as u64;
-                report.need_count = need.len() as u64;
+                report.have_count = have_before + have.len() as u64;
+                report.need_count = need_before + need.len() as u64;
                 progress(report);
                 match next {
                     Some(next) => {
@@ -312,6 +506,9 @@ async fn reconcile(
                 subscription_id,
                 message,
             } if *subscription_id == sub => {
+                if message.starts_with("blocked:") {
+                    return Ok(Reconciled::PeerBlocked(message.into_owned()));
+                }
                 return Err(SyncError::Refused(format!("NEG-ERR {message}")));
             }
             RelayMessage::Closed {
@@ -329,10 +526,10 @@ async fn reconcile(
     })
     .await?;
     let to_event = |id: Id| EventId::from_byte_array(id.to_bytes());
-    Ok((
-        have.into_iter().map(to_event).collect(),
-        need.into_iter().map(to_event).collect(),
-    ))
+    Ok(Reconciled::Done {
+        have: have.into_iter().map(to_event).collect(),
+        need: need.into_iter().map(to_event).collect(),
+    })
 }
 
 /// REQ by ids in batches; every event is checked and verified before it is stored.

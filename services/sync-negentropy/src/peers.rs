@@ -1,11 +1,16 @@
-//! Peers and their sync state, kept as store markers so every replica (and a restarted one)
-//! sees the same list: `negentropy:peer:<url>` marks a peer, `negentropy:state:<url>` holds its
-//! [`PeerState`] as JSON. The per-peer sync lease is named `negentropy:sync:<url>`.
+//! Peers and their sync state, kept as store markers (the shared [`orly_peering::PeerBook`],
+//! namespace `negentropy`) so every replica (and a restarted one) sees the same list:
+//! `negentropy:peer:<url>` marks a peer, `negentropy:state:<url>` holds its [`PeerState`] as
+//! JSON, `negentropy:windows:<url>` its window plan ([`crate::windows`]). The per-peer sync
+//! lease is named `negentropy:sync:<url>`.
 
-use nostr::Timestamp;
 use orly_db::{SharedStore, StoreError};
 use serde::{Deserialize, Serialize};
 
+use crate::windows::KIND_WINDOWS;
+
+/// Store namespace of the negentropy peers.
+pub const NS: &str = "negentropy";
 /// Marker prefix of the peer list.
 pub const PEER_PREFIX: &str = "negentropy:peer:";
 /// Marker prefix of per-peer state.
@@ -44,6 +49,9 @@ pub struct PeerState {
     pub reconcile_bytes_received: i64,
     pub bytes_sent: i64,
     pub bytes_received: i64,
+    /// Of the last successful pass: windows in the peer's plan, windows reconciled.
+    pub windows: i64,
+    pub windows_reconciled: i64,
     /// Replica that ran the last attempt.
     pub holder: String,
 }
@@ -76,74 +84,51 @@ pub fn parse_peer_list(s: &str) -> Result<Vec<String>, String> {
         .collect()
 }
 
-/// The peer list and per-peer state in a store.
-#[derive(Clone)]
-pub struct PeerBook {
-    store: SharedStore,
+/// The peer list and per-peer state: the shared book, with our URL rules and state type.
+#[derive(Clone, Debug)]
+pub struct Peers {
+    book: orly_peering::PeerBook,
 }
 
-impl PeerBook {
+impl Peers {
     pub fn new(store: SharedStore) -> Self {
-        Self { store }
+        Self {
+            book: orly_peering::PeerBook::new(store, NS).with_lease_prefix(LEASE_PREFIX),
+        }
+    }
+
+    /// The shared book underneath (leases, fenced writes).
+    pub fn book(&self) -> &orly_peering::PeerBook {
+        &self.book
     }
 
     /// Adds a peer (idempotent); returns its normalised URL.
     pub async fn add(&self, url: &str) -> Result<String, PeerError> {
         let url = normalize_peer_url(url).map_err(PeerError::InvalidUrl)?;
-        self.store
-            .set_marker(&format!("{PEER_PREFIX}{url}"), b"1")
-            .await?;
+        self.book.add(&url).await?;
         Ok(url)
     }
 
-    /// Removes a peer and its state. False if it was not a peer.
+    /// Removes a peer, its state and its windows. False if it was not a peer.
     pub async fn remove(&self, url: &str) -> Result<bool, PeerError> {
         let url = normalize_peer_url(url).map_err(PeerError::InvalidUrl)?;
-        let key = format!("{PEER_PREFIX}{url}");
-        let existed = self.store.get_marker(&key).await?.is_some();
-        self.store.delete_marker(&key).await?;
-        self.store
-            .delete_marker(&format!("{STATE_PREFIX}{url}"))
-            .await?;
-        Ok(existed)
+        Ok(self.book.remove(&url, &[KIND_WINDOWS]).await?)
     }
 
     /// Every peer, sorted.
     pub async fn list(&self) -> Result<Vec<String>, PeerError> {
-        Ok(self
-            .store
-            .list_markers(PEER_PREFIX)
-            .await?
-            .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix(PEER_PREFIX).map(str::to_string))
-            .collect())
+        Ok(self.book.list().await?)
     }
 
     pub async fn is_peer(&self, url: &str) -> Result<bool, PeerError> {
         let url = normalize_peer_url(url).map_err(PeerError::InvalidUrl)?;
-        Ok(self
-            .store
-            .get_marker(&format!("{PEER_PREFIX}{url}"))
-            .await?
-            .is_some())
+        Ok(self.book.contains(&url).await?)
     }
 
     /// The stored state of a peer.
     pub async fn state(&self, url: &str) -> Result<Option<PeerState>, PeerError> {
         let url = normalize_peer_url(url).map_err(PeerError::InvalidUrl)?;
-        let Some(raw) = self
-            .store
-            .get_marker(&format!("{STATE_PREFIX}{url}"))
-            .await?
-        else {
-            return Ok(None);
-        };
-        let state = serde_json::from_slice(&raw).map_err(|e| {
-            PeerError::Store(StoreError::Corrupt(format!(
-                "peer state of {url} is not valid JSON: {e}"
-            )))
-        })?;
-        Ok(Some(state))
+        Ok(self.book.state(&url).await?)
     }
 
     /// The state of every peer (a peer never synced gets an idle state).
@@ -159,20 +144,6 @@ impl PeerBook {
         }
         Ok(out)
     }
-
-    pub async fn save_state(&self, state: &PeerState) -> Result<(), PeerError> {
-        let raw = serde_json::to_vec(state)
-            .map_err(|e| PeerError::Store(StoreError::Corrupt(e.to_string())))?;
-        self.store
-            .set_marker(&format!("{STATE_PREFIX}{}", state.peer_url), &raw)
-            .await?;
-        Ok(())
-    }
-}
-
-/// Current time in unix seconds.
-pub fn now_secs() -> i64 {
-    Timestamp::now().as_secs() as i64
 }
 
 #[derive(Debug, thiserror::Error)]

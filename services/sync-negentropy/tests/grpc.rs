@@ -399,20 +399,21 @@ async fn sessions_spread_over_replicas_stay_pinned_and_fail_over() {
 
     // A replica dies: its sessions end with `closed:` (the client may reopen them); new
     // sessions go to the survivor.
-    neg.open("conn", "on-a", &Filter::new(), &empty)
-        .await
-        .unwrap();
-    neg.open("conn", "on-b", &Filter::new(), &empty)
-        .await
-        .unwrap();
-    let pinned_to_b = if b.engine.list_sessions().is_empty() {
-        "on-a"
-    } else {
-        "on-b"
-    };
+    // (The balancer may put several opens in a row on one replica: open until B holds one.)
+    let mut pinned_to_b = None;
+    for i in 0..20 {
+        neg.open("conn", &format!("held{i}"), &Filter::new(), &empty)
+            .await
+            .unwrap();
+        if let Some(s) = b.engine.list_sessions().first() {
+            pinned_to_b = Some(s.subscription_id.clone());
+            break;
+        }
+    }
+    let pinned_to_b = pinned_to_b.expect("a session lands on replica B");
     drop(b);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let e = neg.message("conn", pinned_to_b, &empty).await.unwrap_err();
+    let e = neg.message("conn", &pinned_to_b, &empty).await.unwrap_err();
     assert!(matches!(e, NegError::Closed(_)), "{e:?}");
     for i in 0..6 {
         let out = reconcile_as_client(
