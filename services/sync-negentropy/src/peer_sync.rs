@@ -362,18 +362,20 @@ async fn run(
         let items = match ours {
             Ours::Fit(items) => items,
             Ours::Over(items) => {
-                match cut_for_our_side(&items, cap / 2, window.since) {
+                match cut_for_our_side(&items, cap / 2, window.since, window.until) {
                     Cut::At(at) => {
                         let (older, newer) = plan.split(since, at).ok_or_else(|| {
                             SyncError::Protocol(format!("cannot cut window {since} at {at}"))
                         })?;
                         report.windows_split += 1;
+                        // The newer part's records are all loaded (they are the newest);
+                        // they are reused unless they too are over the cap.
                         let upper: Vec<_> = items
                             .into_iter()
                             .filter(|(t, _)| t.as_secs() > at)
                             .collect();
                         todo.push((older, None));
-                        todo.push((newer, Some(upper)));
+                        todo.push((newer, (upper.len() <= cap).then_some(upper)));
                     }
                     Cut::Impossible => {
                         let why = format!(

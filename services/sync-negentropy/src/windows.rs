@@ -192,9 +192,16 @@ impl WindowPlan {
     }
 }
 
-/// Where to cut a window whose newest records on our side (`items`, ascending, more than the
-/// cap) overflow it: so that the newer part holds at most `target` of them.
-pub fn cut_for_our_side(items: &[(Timestamp, EventId)], target: usize, since: u64) -> Cut {
+/// Where to cut the window `since..=until` whose newest records on our side (`items`,
+/// ascending, more than the cap) overflow it: so that the newer part holds at most `target` of
+/// them. When they all share one second, that second is cut off from what lies above it, then
+/// from what lies below it; a window of that one second alone cannot be cut.
+pub fn cut_for_our_side(
+    items: &[(Timestamp, EventId)],
+    target: usize,
+    since: u64,
+    until: Option<u64>,
+) -> Cut {
     let Some(last) = items.last() else {
         return Cut::Impossible;
     };
@@ -203,8 +210,9 @@ pub fn cut_for_our_side(items: &[(Timestamp, EventId)], target: usize, since: u6
     let t = items[below].0.as_secs();
     if t < top {
         Cut::At(t.max(since))
+    } else if until.is_none_or(|u| u > top) {
+        Cut::At(top)
     } else if top > since {
-        // Every loaded record is in the top second: cut just below it.
         Cut::At(top - 1)
     } else {
         Cut::Impossible
@@ -326,13 +334,16 @@ mod tests {
     fn windows_are_cut_where_the_data_is() {
         // Ten records at 100..=109, cap 6: the newer part keeps at most 3 of them.
         let items = ts(&[100, 101, 102, 103, 104, 105, 106, 107, 108, 109]);
-        assert_eq!(cut_for_our_side(&items, 3, 100), Cut::At(106));
-        // Ties: the cut never splits a second.
+        assert_eq!(cut_for_our_side(&items, 3, 100, None), Cut::At(106));
+        // Ties: the cut never splits a second; a crowded second is cut off from above first,
+        // then from below, and alone it cannot be cut.
         let items = ts(&[100, 100, 105, 105, 105, 105, 105]);
-        assert_eq!(cut_for_our_side(&items, 3, 100), Cut::At(104));
+        assert_eq!(cut_for_our_side(&items, 3, 100, None), Cut::At(105));
+        assert_eq!(cut_for_our_side(&items, 3, 100, Some(105)), Cut::At(104));
         let items = ts(&[100, 100, 100]);
-        assert_eq!(cut_for_our_side(&items, 1, 100), Cut::Impossible);
-        assert_eq!(cut_for_our_side(&items, 1, 99), Cut::At(99));
+        assert_eq!(cut_for_our_side(&items, 1, 100, Some(100)), Cut::Impossible);
+        assert_eq!(cut_for_our_side(&items, 1, 99, Some(100)), Cut::At(99));
+        assert_eq!(cut_for_our_side(&items, 1, 100, Some(200)), Cut::At(100));
         // In time: halves, down to one second.
         assert_eq!(cut_in_half(&Window::fresh(0, Some(9)), 0), Cut::At(4));
         assert_eq!(cut_in_half(&Window::fresh(0, None), 100), Cut::At(49));

@@ -466,3 +466,93 @@ async fn stopping_mid_sync_lets_the_peer_lease_expire() {
     assert!(taken, "the stopped replica still holds {lease}");
     holder.abort();
 }
+
+/// A replica whose lease renewals fail — its store became unreachable in the middle of a sync
+/// with a peer that takes its time — stops that sync before its lease expires, so no other
+/// replica can take the peer over while it still works on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_whose_renewals_fail_stops_before_its_lease_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let direct = store(&dir, "ours.db").await;
+    // The replica reaches its store through an orly-db server that will die.
+    let db_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let db_addr = listener.local_addr().unwrap();
+    let served = direct.clone();
+    db_rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let _ = orly_db::grpc_server::serve(listener, served, std::future::pending()).await;
+    });
+    let via_grpc: orly_db::SharedStore = std::sync::Arc::new(
+        orly_db::grpc_client::GrpcStore::with_options(
+            &db_addr.to_string(),
+            orly_common::ClientOptions::new("orly-db", Duration::from_millis(500)),
+        )
+        .unwrap(),
+    );
+    // A peer that accepts and never answers: the sync waits in its first read.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", hang.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let manager = SyncManager::new(
+        via_grpc,
+        SyncSettings {
+            lease_ttl: Duration::from_secs(3),
+            peer_timeout: Duration::from_secs(120),
+            ..settings()
+        },
+    )
+    .unwrap();
+    let sync = {
+        let (manager, url) = (manager.clone(), url.clone());
+        tokio::spawn(async move {
+            let result = manager.sync_peer(&url, None, &mut |_| {}).await;
+            (result, orly_common::time::now_ms_i64())
+        })
+    };
+    let mut syncing = false;
+    for _ in 0..200 {
+        if !manager.syncing().is_empty() {
+            syncing = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(syncing, "the sync with the silent peer started");
+
+    db_rt.shutdown_background();
+    let lease = format!(
+        "{LEASE_PREFIX}{}",
+        orly_sync_negentropy::peers::normalize_peer_url(&url).unwrap()
+    );
+    let probe = direct.acquire_lease(&lease, "probe", 1).await.unwrap();
+    assert!(
+        !probe.acquired,
+        "the lease is still held when the store goes away"
+    );
+    let expires_at = orly_common::time::now_ms_i64() + probe.remaining_ms;
+
+    let (result, stopped_at) = tokio::time::timeout(Duration::from_secs(30), sync)
+        .await
+        .expect("the sync stops")
+        .unwrap();
+    let e = result.unwrap_err();
+    assert!(matches!(e, SyncError::LeaseLost(_)), "{e:?}");
+    // SQLite's clock is this machine's clock, so the two compare.
+    assert!(
+        stopped_at < expires_at,
+        "stopped at {stopped_at}, the lease expired at {expires_at}"
+    );
+    assert!(manager.syncing().is_empty());
+    holder.abort();
+}

@@ -36,12 +36,26 @@ pub fn events(keys: &Keys, kind: u16, n: usize, base: u64) -> Vec<Event> {
 }
 
 pub async fn save(store: &SharedStore, events: &[Event]) {
-    for e in events {
-        assert!(matches!(
-            store.save_event(e).await.unwrap(),
-            SaveOutcome::Stored { .. }
-        ));
+    // Concurrently, in chunks: the store's group commit takes each chunk in few transactions.
+    for chunk in events.chunks(256) {
+        for outcome in futures::future::join_all(chunk.iter().map(|e| store.save_event(e))).await {
+            assert!(matches!(outcome.unwrap(), SaveOutcome::Stored { .. }));
+        }
     }
+}
+
+/// `n` signed kind-1 events with the given `created_at`s.
+pub fn events_at(keys: &Keys, times: impl IntoIterator<Item = u64>) -> Vec<Event> {
+    times
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            EventBuilder::new(Kind::TextNote, format!("at {t} #{i}"))
+                .custom_created_at(Timestamp::from(t))
+                .sign_with_keys(keys)
+                .unwrap()
+        })
+        .collect()
 }
 
 pub fn items(events: &[&[Event]]) -> Vec<(Timestamp, EventId)> {
@@ -123,7 +137,16 @@ impl Drop for TestPeer {
 }
 
 pub async fn spawn_peer(store: SharedStore, mode: PeerMode) -> TestPeer {
-    let engine = NegentropyEngine::new(store.clone(), EngineSettings::default()).unwrap();
+    spawn_peer_with(store, mode, EngineSettings::default()).await
+}
+
+/// [`spawn_peer`] whose engine has `settings` (a small record cap, say).
+pub async fn spawn_peer_with(
+    store: SharedStore,
+    mode: PeerMode,
+    settings: EngineSettings,
+) -> TestPeer {
+    let engine = NegentropyEngine::new(store.clone(), settings).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}", listener.local_addr().unwrap());
     let conns = Arc::new(AtomicU64::new(0));
