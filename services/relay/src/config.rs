@@ -165,6 +165,12 @@ pub struct Cli {
         default_value_t = 1_000_000
     )]
     pub negentropy_max_records: usize,
+    /// Most NIP-77 sessions open at once; more get NEG-ERR "blocked: …" (local sync; 0: no cap).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_MAX_SESSIONS", default_value_t = orly_sync_negentropy::config::DEFAULT_MAX_SESSIONS)]
+    pub negentropy_max_sessions: usize,
+    /// Most events held by all open NIP-77 sessions together (local sync; 0: no cap).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_MAX_TOTAL_RECORDS", default_value_t = orly_sync_negentropy::config::DEFAULT_MAX_TOTAL_RECORDS)]
+    pub negentropy_max_total_records: usize,
     /// Peer relays (WebSocket URLs, comma-separated) to sync with over NIP-77 (local sync).
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_PEERS", default_value = "")]
     pub negentropy_peers: String,
@@ -372,6 +378,8 @@ impl Cli {
             id_size: self.negentropy_id_size,
             session_timeout: self.negentropy_session_timeout,
             max_records: self.negentropy_max_records,
+            max_sessions: self.negentropy_max_sessions,
+            max_total_records: self.negentropy_max_total_records,
             ..Default::default()
         };
         let sync = orly_sync_negentropy::SyncSettings {
@@ -434,6 +442,8 @@ const LOCAL_NEGENTROPY_VARS: &[&str] = &[
     "ORLY_SYNC_NEGENTROPY_ID_SIZE",
     "ORLY_SYNC_NEGENTROPY_SESSION_TIMEOUT",
     "ORLY_SYNC_NEGENTROPY_MAX_RECORDS",
+    "ORLY_SYNC_NEGENTROPY_MAX_SESSIONS",
+    "ORLY_SYNC_NEGENTROPY_MAX_TOTAL_RECORDS",
     "ORLY_SYNC_NEGENTROPY_PEERS",
     "ORLY_SYNC_NEGENTROPY_INTERVAL",
 ];

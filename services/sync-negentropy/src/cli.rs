@@ -72,6 +72,18 @@ pub struct Args {
         default_value_t = 1_000_000
     )]
     pub max_records: usize,
+    /// Most NIP-77 sessions open at once in this process (NEG-ERR "blocked: …" above); 0: no cap.
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_MAX_SESSIONS", default_value_t = crate::config::DEFAULT_MAX_SESSIONS)]
+    pub max_sessions: usize,
+    /// Most events held by all open NIP-77 sessions together (NEG-ERR "blocked: …" above); 0: no cap.
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_MAX_TOTAL_RECORDS", default_value_t = crate::config::DEFAULT_MAX_TOTAL_RECORDS)]
+    pub max_total_records: usize,
+    /// Peer sync windows reaching into this recent past are reconciled every pass (e.g. 1h).
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_RECENT", default_value = "1h", value_parser = orly_common::parse_duration)]
+    pub recent: Duration,
+    /// Older peer sync windows are reconciled again this long after their last reconciliation.
+    #[arg(long, env = "ORLY_SYNC_NEGENTROPY_RECHECK", default_value = "6h", value_parser = orly_common::parse_duration)]
+    pub recheck: Duration,
     /// Events synced with peers, as a NIP-01 filter in JSON (default: everything).
     #[arg(long, env = "ORLY_SYNC_NEGENTROPY_FILTER", default_value = "")]
     pub filter: String,
@@ -113,6 +125,8 @@ async fn run(matches: ArgMatches) -> anyhow::Result<()> {
         id_size: args.id_size,
         session_timeout: args.session_timeout,
         max_records: args.max_records,
+        max_sessions: args.max_sessions,
+        max_total_records: args.max_total_records,
         ..EngineSettings::default()
     };
     let filter = match args.filter.trim() {
@@ -124,6 +138,8 @@ async fn run(matches: ArgMatches) -> anyhow::Result<()> {
         interval: args.interval,
         frame_size: args.frame_size,
         max_records: args.max_records,
+        window_recent: args.recent,
+        window_recheck: args.recheck,
         filter,
         ..SyncSettings::default()
     };
@@ -196,5 +212,13 @@ mod tests {
         assert_eq!(args.listen, orly_consts::SYNC_NEGENTROPY_LISTEN);
         assert_eq!(args.db_server, orly_consts::DB_LISTEN);
         assert!(args.autostart);
+        // The documented defaults are the library's.
+        assert_eq!(args.max_sessions, crate::config::DEFAULT_MAX_SESSIONS);
+        assert_eq!(
+            args.max_total_records,
+            crate::config::DEFAULT_MAX_TOTAL_RECORDS
+        );
+        assert_eq!(args.recent, crate::config::DEFAULT_WINDOW_RECENT);
+        assert_eq!(args.recheck, crate::config::DEFAULT_WINDOW_RECHECK);
     }
 }
