@@ -8,7 +8,10 @@
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use futures::StreamExt;
 use nostr::{Event, EventId, Filter, PublicKey, Timestamp};
 use orly_common::{CallError, ClientOptions, GrpcChannel};
 use orly_proto::orlydb::v1 as pb;
@@ -16,7 +19,10 @@ use pb::database_service_client::DatabaseServiceClient;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::grpc_server::{MAX_IDS_PER_REQUEST, MAX_MESSAGE_SIZE, MAX_SERIAL_PAGE};
-use crate::{EventStore, LeaseState, Result, SaveOutcome, SerialEntry, StoreError};
+use crate::{
+    EventStore, Feed, LeaseState, QueryStream, RawEvent, Result, SaveOutcome, SerialEntry,
+    StoreError,
+};
 
 type Client = DatabaseServiceClient<GrpcChannel>;
 
@@ -138,6 +144,80 @@ fn query_request(filters: &[Filter]) -> pb::QueryEventsRequest {
     pb::QueryEventsRequest {
         filter: None,
         filters: filters.iter().map(pb::Filter::from).collect(),
+        raw: false,
+    }
+}
+
+fn raw_from(p: pb::RawEvent) -> Result<RawEvent> {
+    let bad = |what: &str| StoreError::Corrupt(format!("event from orly-db: bad {what}"));
+    let json = String::from_utf8(p.json).map_err(|_| bad("JSON"))?;
+    Ok(RawEvent {
+        serial: p.serial,
+        id: p.id.as_slice().try_into().map_err(|_| bad("id"))?,
+        pubkey: p.pubkey.as_slice().try_into().map_err(|_| bad("pubkey"))?,
+        created_at: u64::try_from(p.created_at).map_err(|_| bad("created_at"))?,
+        kind: u16::try_from(p.kind).map_err(|_| bad("kind"))?,
+        json: Arc::from(json),
+    })
+}
+
+/// Items buffered between the watch task and its consumer.
+const WATCH_BUFFER: usize = 1024;
+
+/// Keeps one `Watch` stream open, reopening it after any failure from the last serial seen —
+/// orly-db (or whichever replica answers) replays what came since: no gap, no duplicate.
+/// Ephemeral events are live only, so those sent while the stream was down are not seen.
+async fn watch_loop(store: GrpcStore, after: u64, tx: tokio::sync::mpsc::Sender<Arc<RawEvent>>) {
+    let mut last = after;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let request = pb::WatchRequest { after: last };
+        let opened = store
+            .channel
+            .once("Watch", store.client.clone().watch(Request::new(request)))
+            .await;
+        match opened {
+            Ok(mut stream) => {
+                backoff = Duration::from_millis(100);
+                loop {
+                    match stream.message().await {
+                        Ok(Some(batch)) => {
+                            for p in batch.events {
+                                let e = match raw_from(p) {
+                                    Ok(e) => e,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "bad feed item from orly-db");
+                                        continue;
+                                    }
+                                };
+                                if e.serial != 0 {
+                                    if e.serial <= last {
+                                        continue;
+                                    }
+                                    last = e.serial;
+                                }
+                                if tx.send(Arc::new(e)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(s) => {
+                            tracing::debug!(error = %s, "orly-db feed broke; reopening");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %store.channel.describe(&e), "cannot open the orly-db feed; retrying");
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -185,9 +265,11 @@ impl EventStore for GrpcStore {
         }
     }
 
-    async fn save_event(&self, event: &Event) -> Result<SaveOutcome> {
+    async fn save_json(&self, event: &Event, json: &str) -> Result<SaveOutcome> {
+        let _ = event; // the server parses the JSON it stores
         let msg = pb::SaveEventRequest {
-            event: Some(pb::Event::from(event)),
+            event: None,
+            json: json.as_bytes().to_vec(),
         };
         let resp = self
             .unary(
@@ -210,22 +292,86 @@ impl EventStore for GrpcStore {
         })
     }
 
-    async fn query(&self, filters: &[Filter]) -> Result<Vec<Event>> {
+    async fn publish_ephemeral(&self, event: RawEvent) -> Result<()> {
+        let msg = pb::PublishEphemeralRequest {
+            json: event.json.as_bytes().to_vec(),
+        };
+        self.unary("PublishEphemeral", msg, |mut c, r| async move {
+            c.publish_ephemeral(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    fn watch(&self, after: u64) -> Feed {
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(watch_loop(self.clone(), after, tx));
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    async fn query_stream(&self, filters: &[Filter]) -> Result<QueryStream> {
+        let mut req = query_request(filters);
+        req.raw = true;
         let mut stream = self
-            .open_stream(
-                "QueryEvents",
-                query_request(filters),
-                |mut c, r| async move { c.query_events(r).await },
-            )
+            .open_stream("QueryEvents", req, |mut c, r| async move {
+                c.query_events(r).await
+            })
             .await?;
-        let mut out = Vec::new();
-        while let Some(batch) = self.next_message("QueryEvents", &mut stream).await? {
-            out.reserve(batch.events.len());
-            for p in batch.events {
-                out.push(event_from(p)?);
+        let head = self
+            .next_message("QueryEvents", &mut stream)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "orly-db at {}: the query stream ended before its first batch",
+                    self.addr()
+                ))
+            })?;
+        let serial = head.serial;
+        let first: Vec<Result<RawEvent>> = head.raw.into_iter().map(raw_from).collect();
+        let client = self.clone();
+        let rest = futures::stream::unfold(Some(stream), move |state| {
+            let client = client.clone();
+            async move {
+                let mut stream = state?;
+                match client.next_message("QueryEvents", &mut stream).await {
+                    Ok(Some(batch)) => Some((
+                        futures::stream::iter(
+                            batch.raw.into_iter().map(raw_from).collect::<Vec<_>>(),
+                        ),
+                        Some(stream),
+                    )),
+                    Ok(None) => None,
+                    Err(e) => Some((futures::stream::iter(vec![Err(e)]), None)),
+                }
             }
+        })
+        .flatten();
+        Ok(QueryStream {
+            serial,
+            events: futures::stream::iter(first).chain(rest).boxed(),
+        })
+    }
+
+    async fn events_by_serial_range(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<RawEvent>> {
+        if from > to || limit == 0 {
+            return Ok(vec![]);
         }
-        Ok(out)
+        let msg = pb::SerialRangeRequest {
+            from,
+            to,
+            limit: limit.min(MAX_SERIAL_PAGE),
+        };
+        let resp = self
+            .unary("GetEventsBySerialRange", msg, |mut c, r| async move {
+                c.get_events_by_serial_range(r).await
+            })
+            .await?;
+        resp.events.into_iter().map(raw_from).collect()
     }
 
     async fn count(&self, filters: &[Filter]) -> Result<u64> {

@@ -9,10 +9,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use nostr::{Event, EventId, Filter};
+use futures::StreamExt;
+use nostr::{Event, EventId, Filter, JsonUtil};
 use orly_proto::orlydb::v1 as pb;
 use pb::database_service_server::{DatabaseService, DatabaseServiceServer};
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -35,6 +35,8 @@ pub const ITEMS_PER_BATCH: usize = 10_000;
 pub const STREAM_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Batches buffered ahead of a slow reader.
 const STREAM_BUFFER: usize = 4;
+/// Most feed items in one `WatchBatch`.
+const WATCH_BATCH: usize = 256;
 
 type GrpcResult<T> = Result<Response<T>, Status>;
 
@@ -137,6 +139,20 @@ fn filters(req: pb::QueryEventsRequest) -> Result<Vec<Filter>, Status> {
         .collect()
 }
 
+fn check_range(from: u64, to: u64, limit: u32) -> Result<(), Status> {
+    if from > to {
+        return Err(Status::invalid_argument(format!(
+            "invalid serial range: from {from} is greater than to {to}"
+        )));
+    }
+    if limit > MAX_SERIAL_PAGE {
+        return Err(Status::invalid_argument(format!(
+            "limit {limit} too large (at most {MAX_SERIAL_PAGE} per page)"
+        )));
+    }
+    Ok(())
+}
+
 fn marker_key(key: &str) -> Result<(), Status> {
     if key.is_empty() {
         return Err(Status::invalid_argument("marker key must not be empty"));
@@ -153,30 +169,54 @@ fn lease_names(name: &str, holder: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// Splits events into batches of at most [`EVENTS_PER_BATCH`] events and roughly
-/// [`STREAM_BATCH_BYTES`] bytes (a single larger event still gets its own batch).
-fn event_batches(events: Vec<Event>) -> Vec<pb::EventBatch> {
-    let mut out = Vec::new();
-    let mut batch = Vec::new();
-    let mut bytes = 0usize;
-    for e in &events {
-        let p = pb::Event::from(e);
-        let len = p.encoded_len() + 8;
-        if !batch.is_empty()
-            && (batch.len() >= EVENTS_PER_BATCH || bytes + len > STREAM_BATCH_BYTES)
-        {
-            out.push(pb::EventBatch {
-                events: std::mem::take(&mut batch),
-            });
-            bytes = 0;
+/// A stored event as it travels.
+pub fn raw_to_pb(e: &crate::RawEvent) -> pb::RawEvent {
+    pb::RawEvent {
+        serial: e.serial,
+        id: e.id.to_vec(),
+        pubkey: e.pubkey.to_vec(),
+        created_at: i64::try_from(e.created_at).unwrap_or(i64::MAX),
+        kind: u32::from(e.kind),
+        json: e.json.as_bytes().to_vec(),
+    }
+}
+
+/// Fills batches of at most [`EVENTS_PER_BATCH`] events and roughly [`STREAM_BATCH_BYTES`]
+/// bytes (a single larger event still gets its own batch).
+#[derive(Default)]
+struct Batcher {
+    batch: pb::EventBatch,
+    count: usize,
+    bytes: usize,
+}
+
+impl Batcher {
+    /// Adds an event; returns a full batch to send first when this one does not fit.
+    fn push(&mut self, e: crate::RawEvent, raw: bool) -> Option<pb::EventBatch> {
+        let len = e.json.len() + 128;
+        let full = (self.count >= EVENTS_PER_BATCH || self.bytes + len > STREAM_BATCH_BYTES)
+            .then(|| self.take())
+            .flatten();
+        if raw {
+            self.batch.raw.push(raw_to_pb(&e));
+        } else {
+            match e.parse() {
+                Ok(ev) => self.batch.events.push(pb::Event::from(&ev)),
+                Err(err) => tracing::warn!(error = %err, "stored event JSON does not parse"),
+            }
         }
-        bytes += len;
-        batch.push(p);
+        self.count += 1;
+        self.bytes += len;
+        full
     }
-    if !batch.is_empty() {
-        out.push(pb::EventBatch { events: batch });
+
+    fn take(&mut self) -> Option<pb::EventBatch> {
+        (self.count > 0).then(|| {
+            self.count = 0;
+            self.bytes = 0;
+            std::mem::take(&mut self.batch)
+        })
     }
-    out
 }
 
 /// Streams `batches` through a bounded channel: the producer waits for a slow reader, and
@@ -216,19 +256,31 @@ impl DatabaseService for DbService {
         &self,
         request: Request<pb::SaveEventRequest>,
     ) -> GrpcResult<pb::SaveEventResponse> {
-        let p = request
-            .into_inner()
-            .event
-            .ok_or_else(|| Status::invalid_argument("missing event"))?;
-        let event = Event::try_from(p)
-            .map_err(|e| Status::invalid_argument(format!("invalid event: {e}")))?;
-        if !event.verify_id() {
-            return Err(Status::invalid_argument(format!(
-                "invalid event: id {} does not match its content",
-                event.id
-            )));
+        let req = request.into_inner();
+        let outcome = if !req.json.is_empty() {
+            // Ours: the relay verified the event and sends the JSON it keeps; it is parsed
+            // for the storage rules and stored as is, with no second hash of the id here.
+            let json = String::from_utf8(req.json)
+                .map_err(|_| Status::invalid_argument("invalid event: JSON is not UTF-8"))?;
+            let event = Event::from_json(&json)
+                .map_err(|e| Status::invalid_argument(format!("invalid event: {e}")))?;
+            self.store.save_json(&event, &json).await
+        } else {
+            // ORLY's form: a structured event; its JSON is made here, so its id is checked.
+            let p = req
+                .event
+                .ok_or_else(|| Status::invalid_argument("missing event"))?;
+            let event = Event::try_from(p)
+                .map_err(|e| Status::invalid_argument(format!("invalid event: {e}")))?;
+            if !event.verify_id() {
+                return Err(Status::invalid_argument(format!(
+                    "invalid event: id {} does not match its content",
+                    event.id
+                )));
+            }
+            self.store.save_event(&event).await
         }
-        let outcome = self.store.save_event(&event).await.map_err(store_status)?;
+        .map_err(store_status)?;
         let resp = match outcome {
             SaveOutcome::Stored { serial } => pb::SaveEventResponse {
                 exists: false,
@@ -258,9 +310,98 @@ impl DatabaseService for DbService {
         &self,
         request: Request<pb::QueryEventsRequest>,
     ) -> GrpcResult<Self::QueryEventsStream> {
-        let filters = filters(request.into_inner())?;
-        let events = self.store.query(&filters).await.map_err(store_status)?;
-        Ok(Response::new(stream_batches(event_batches(events))))
+        let req = request.into_inner();
+        let raw = req.raw;
+        let filters = filters(req)?;
+        let q = self
+            .store
+            .query_stream(&filters)
+            .await
+            .map_err(store_status)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            // First the serial the query saw, then batches as rows come off the cursor.
+            let head = pb::EventBatch {
+                serial: q.serial,
+                ..Default::default()
+            };
+            if raw && tx.send(Ok(head)).await.is_err() {
+                return;
+            }
+            let mut events = q.events;
+            let mut batch = Batcher::default();
+            while let Some(item) = events.next().await {
+                match item {
+                    Ok(e) => {
+                        if let Some(full) = batch.push(e, raw) {
+                            if tx.send(Ok(full)).await.is_err() {
+                                return; // the client went away
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(part) = batch.take() {
+                            let _ = tx.send(Ok(part)).await;
+                        }
+                        let _ = tx.send(Err(store_status(e))).await;
+                        return;
+                    }
+                }
+            }
+            if let Some(last) = batch.take() {
+                let _ = tx.send(Ok(last)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WatchBatch, Status>> + Send>>;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> GrpcResult<Self::WatchStream> {
+        let after = request.into_inner().after;
+        // Whatever is ready goes in one message; a quiet feed sends each event at once.
+        let feed = self
+            .store
+            .watch(after)
+            .ready_chunks(WATCH_BATCH)
+            .map(|chunk| {
+                Ok(pb::WatchBatch {
+                    events: chunk.iter().map(|e| raw_to_pb(e)).collect(),
+                })
+            });
+        Ok(Response::new(Box::pin(feed)))
+    }
+
+    async fn publish_ephemeral(
+        &self,
+        request: Request<pb::PublishEphemeralRequest>,
+    ) -> GrpcResult<pb::Empty> {
+        let json = String::from_utf8(request.into_inner().json)
+            .map_err(|_| Status::invalid_argument("invalid event: JSON is not UTF-8"))?;
+        let event = crate::RawEvent::from_json(0, json)
+            .map_err(|e| Status::invalid_argument(format!("invalid event: {e}")))?;
+        self.store
+            .publish_ephemeral(event)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_events_by_serial_range(
+        &self,
+        request: Request<pb::SerialRangeRequest>,
+    ) -> GrpcResult<pb::RawEventList> {
+        let req = request.into_inner();
+        check_range(req.from, req.to, req.limit)?;
+        let events = self
+            .store
+            .events_by_serial_range(req.from, req.to, req.limit)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::RawEventList {
+            events: events.iter().map(raw_to_pb).collect(),
+        }))
     }
 
     async fn count_events(
@@ -286,6 +427,7 @@ impl DatabaseService for DbService {
         let events = self.store.fetch_by_ids(&ids).await.map_err(store_status)?;
         Ok(Response::new(pb::EventBatch {
             events: events.iter().map(pb::Event::from).collect(),
+            ..Default::default()
         }))
     }
 
@@ -343,18 +485,7 @@ impl DatabaseService for DbService {
         request: Request<pb::SerialRangeRequest>,
     ) -> GrpcResult<pb::IdPkTsList> {
         let req = request.into_inner();
-        if req.from > req.to {
-            return Err(Status::invalid_argument(format!(
-                "invalid serial range: from {} is greater than to {}",
-                req.from, req.to
-            )));
-        }
-        if req.limit > MAX_SERIAL_PAGE {
-            return Err(Status::invalid_argument(format!(
-                "limit {} too large (at most {MAX_SERIAL_PAGE} per page)",
-                req.limit
-            )));
-        }
+        check_range(req.from, req.to, req.limit)?;
         let entries = self
             .store
             .ids_by_serial_range(req.from, req.to, req.limit)
@@ -422,8 +553,18 @@ impl DatabaseService for DbService {
 
     async fn get_or_create_relay_identity_secret(
         &self,
-        _: Request<pb::Empty>,
+        request: Request<pb::Empty>,
     ) -> GrpcResult<pb::GetRelayIdentitySecretResponse> {
+        // Without a token anyone who can reach the port is "authenticated": then the key goes
+        // only to callers on this host.
+        let open = orly_common::security::process().map_or(true, |s| s.token().is_none());
+        let local = request.remote_addr().is_some_and(|a| a.ip().is_loopback());
+        if open && !local {
+            return Err(Status::permission_denied(
+                "the relay's identity key is handed only to authenticated callers: \
+                 set ORLY_GRPC_AUTH_TOKEN on orly-db and its clients",
+            ));
+        }
         let secret = self
             .store
             .relay_identity_secret()

@@ -4,17 +4,22 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nostr::{Event, EventId, Filter, Timestamp};
+use futures::stream::BoxStream;
+use futures::TryStreamExt;
+use nostr::{Event, EventId, Filter, JsonUtil, Timestamp};
 
 pub mod cli;
 pub mod config;
+pub mod feed;
 pub mod grpc_client;
 pub mod grpc_server;
 pub mod postgres;
+pub mod query;
 pub mod rules;
 pub mod sqlite;
 
 pub use config::{open_store, StoreConfig, StoreKind};
+pub use feed::{Feed, FeedHub};
 
 /// Errors of a store. Input errors (a malformed event) are not errors: they are
 /// [`SaveOutcome::Rejected`] with a reason for the client.
@@ -47,6 +52,96 @@ pub enum SaveOutcome {
     /// Refused by the storage rules; the message carries its NIP-01 prefix
     /// (`duplicate:`, `blocked:`, `invalid:`), ready to send in an OK.
     Rejected(String),
+}
+
+/// One event as the store keeps it: the JSON written at ingest — what a REQ, the feed and the
+/// sync services send, byte for byte — and the few fields routing and privileged-kind gating
+/// need without parsing it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RawEvent {
+    /// Position in the serial order; 0 for an ephemeral event (never stored).
+    pub serial: u64,
+    pub id: [u8; 32],
+    pub pubkey: [u8; 32],
+    pub created_at: u64,
+    pub kind: u16,
+    pub json: Arc<str>,
+}
+
+impl std::fmt::Debug for RawEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawEvent")
+            .field("serial", &self.serial)
+            .field("id", &hex::encode(self.id))
+            .field("kind", &self.kind)
+            .field("created_at", &self.created_at)
+            .field("bytes", &self.json.len())
+            .finish()
+    }
+}
+
+impl RawEvent {
+    /// `event` with the JSON it is kept as.
+    pub fn new(serial: u64, event: &Event, json: impl Into<Arc<str>>) -> Self {
+        Self {
+            serial,
+            id: event.id.to_bytes(),
+            pubkey: event.pubkey.to_bytes(),
+            created_at: event.created_at.as_secs(),
+            kind: event.kind.as_u16(),
+            json: json.into(),
+        }
+    }
+
+    /// `event` serialized once, here.
+    pub fn from_event(serial: u64, event: &Event) -> Self {
+        Self::new(serial, event, event.as_json())
+    }
+
+    /// Reads the routing fields out of event JSON (not verified: the JSON was checked when it
+    /// was accepted).
+    pub fn from_json(serial: u64, json: impl Into<Arc<str>>) -> Result<Self> {
+        let json: Arc<str> = json.into();
+        let head: rules::EventHead = serde_json::from_str(&json)
+            .map_err(|e| StoreError::Corrupt(format!("event JSON: {e}")))?;
+        Ok(Self {
+            serial,
+            id: head.id.to_bytes(),
+            pubkey: head.pubkey.to_bytes(),
+            created_at: head.created_at,
+            kind: head.kind,
+            json,
+        })
+    }
+
+    /// The whole event, parsed from its JSON.
+    pub fn parse(&self) -> Result<Event> {
+        rules::parse_event(&self.json)
+    }
+
+    pub fn event_id(&self) -> EventId {
+        EventId::from_byte_array(self.id)
+    }
+
+    pub fn is_ephemeral(&self) -> bool {
+        self.serial == 0
+    }
+}
+
+/// The answer to a query, streamed from the database cursor: the highest serial the query's
+/// snapshot saw (everything at or below it that matches is in `events`; a live subscription
+/// goes on from the next one), then the events newest first.
+pub struct QueryStream {
+    pub serial: u64,
+    pub events: BoxStream<'static, Result<RawEvent>>,
+}
+
+impl std::fmt::Debug for QueryStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryStream")
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One event's place in the serial sequence.
@@ -86,13 +181,42 @@ pub trait EventStore: Send + Sync + 'static {
     /// Checks that the backing database answers.
     async fn ping(&self) -> Result<()>;
 
-    /// Stores a verified event, applying the NIP-01 replaceable/addressable rules, NIP-09
-    /// deletions (kind 5: author-only; `e` and `a` targets) and NIP-40 expiration. Ephemeral
-    /// kinds (20000-29999) are refused. The caller has verified id and signature.
-    async fn save_event(&self, event: &Event) -> Result<SaveOutcome>;
+    /// Stores a verified event as `json` (its canonical JSON, kept and served byte for byte),
+    /// applying the NIP-01 replaceable/addressable rules, NIP-09 deletions (kind 5: the
+    /// author's own `e` and `a` targets; targets of other authors are ignored) and NIP-40
+    /// expiration. Ephemeral kinds (20000-29999) are refused: see
+    /// [`EventStore::publish_ephemeral`]. The caller has verified id and signature. A stored
+    /// event enters the feed once committed.
+    async fn save_json(&self, event: &Event, json: &str) -> Result<SaveOutcome>;
 
-    /// Events matching any of the filters (see the trait docs for ordering).
-    async fn query(&self, filters: &[Filter]) -> Result<Vec<Event>>;
+    /// [`EventStore::save_json`] with the event serialized here.
+    async fn save_event(&self, event: &Event) -> Result<SaveOutcome> {
+        self.save_json(event, &event.as_json()).await
+    }
+
+    /// Puts an ephemeral event on the feed of every process watching this store (not stored;
+    /// live only).
+    async fn publish_ephemeral(&self, event: RawEvent) -> Result<()>;
+
+    /// The feed (see [`feed`]): stored events with a serial above `after`, in serial order,
+    /// then every new stored or ephemeral event as it comes. Never ends while the store lives;
+    /// call inside a tokio runtime.
+    fn watch(&self, after: u64) -> Feed;
+
+    /// Events matching any of the filters (see the trait docs for ordering), streamed, with
+    /// the serial the query saw.
+    async fn query_stream(&self, filters: &[Filter]) -> Result<QueryStream>;
+
+    /// [`EventStore::query_stream`] collected and parsed.
+    async fn query(&self, filters: &[Filter]) -> Result<Vec<Event>> {
+        let q = self.query_stream(filters).await?;
+        let raw: Vec<RawEvent> = q.events.try_collect().await?;
+        raw.iter().map(RawEvent::parse).collect()
+    }
+
+    /// Stored events with `from <= serial <= to`, ascending, at most `limit`, whole.
+    async fn events_by_serial_range(&self, from: u64, to: u64, limit: u32)
+        -> Result<Vec<RawEvent>>;
 
     /// How many events match any of the filters (each filter's `limit` is ignored).
     async fn count(&self, filters: &[Filter]) -> Result<u64>;
@@ -153,3 +277,37 @@ pub trait EventStore: Send + Sync + 'static {
 
 /// A store shared between tasks.
 pub type SharedStore = Arc<dyn EventStore>;
+
+/// The lease whose holder purges expired events: one purger for every process sharing a
+/// store, whichever it is.
+pub const PURGE_LEASE: &str = "store:purge-expired";
+
+/// Purges expired (NIP-40) events every `interval` while this process holds
+/// [`PURGE_LEASE`] (`holder` names it), so replicas sharing a store do not all purge.
+pub fn spawn_purger(
+    store: SharedStore,
+    holder: String,
+    interval: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let ttl = i64::try_from(interval.as_millis().saturating_mul(3)).unwrap_or(i64::MAX);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match store.acquire_lease(PURGE_LEASE, &holder, ttl).await {
+                Ok(l) if l.acquired => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "purge lease unavailable");
+                    continue;
+                }
+            }
+            match store.delete_expired().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "purged expired events"),
+                Err(e) => tracing::warn!(error = %e, "purging expired events failed"),
+            }
+        }
+    })
+}

@@ -11,18 +11,32 @@
 //! check-then-insert rules (duplicates, replacement, deletions) race-free under READ COMMITTED.
 //! `latest_serial` reads `serial_state`, written in the same transaction, so it never reports a
 //! serial that is not committed yet.
+//!
+//! The feed ([`crate::feed`]): every save transaction sends `NOTIFY orly_events, '<highest
+//! serial>'`, delivered at commit to every process that listens — every relay and orly-db
+//! replica on this database — each of which reads the new range and puts it on its own feed
+//! (its own writer's commits go there at once). Ephemeral events travel as `NOTIFY
+//! orly_ephemeral` payloads (through a short-lived table when too large), so every replica
+//! delivers each one once. A listener that lost its connection reads what it missed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nostr::{Event, EventId, Filter, JsonUtil, Timestamp};
+use futures::StreamExt;
+use nostr::{Event, EventId, Filter, Timestamp};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
-use crate::rules::{self, BatchSaver, LimitMode, NormFilter, RawRow, SaveRequest};
-use crate::{EventStore, LeaseState, Result, SaveOutcome, SerialEntry, StoreError};
+use crate::feed::{Feed, FeedHub, SerialSource};
+use crate::query::{self, Bind};
+use crate::rules::{self, BatchSaver, LimitMode, Pending, SaveRequest};
+use crate::{
+    EventStore, LeaseState, QueryStream, RawEvent, Result, SaveOutcome, SerialEntry, StoreError,
+};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -33,9 +47,30 @@ const PG_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 /// The same at the start of the statement (constant within it).
 const PG_STMT_MS: &str = "(extract(epoch from now()) * 1000)::bigint";
 
+/// Rows a streamed query reads ahead of its consumer.
+const STREAM_AHEAD: usize = 64;
+/// Channel of committed serials.
+const EVENTS_CHANNEL: &str = "orly_events";
+/// Channel of ephemeral events.
+const EPHEMERAL_CHANNEL: &str = "orly_ephemeral";
+/// Largest ephemeral event sent inline in a NOTIFY payload (PostgreSQL's limit is 8000 bytes).
+const MAX_INLINE_NOTIFY: usize = 7900;
+/// Prefix of a payload naming a row of `ephemeral_events` instead of carrying the event.
+const EPHEMERAL_REF: char = '@';
+/// How long a large ephemeral event waits in `ephemeral_events`.
+const EPHEMERAL_KEEP_MS: i64 = 60_000;
+
 pub struct PostgresStore {
     pool: PgPool,
     writer: mpsc::Sender<SaveRequest>,
+    hub: Arc<FeedHub>,
+    reader: Arc<Reader>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+/// The read side the feed catches up from.
+struct Reader {
+    pool: PgPool,
 }
 
 impl PostgresStore {
@@ -47,9 +82,124 @@ impl PostgresStore {
             .connect(url)
             .await?;
         MIGRATOR.run(&pool).await?;
-        let writer = rules::spawn_writer(PgSaver { pool: pool.clone() });
-        Ok(PostgresStore { pool, writer })
+        let reader = Arc::new(Reader { pool: pool.clone() });
+        // Listen before reading the latest serial, so no commit falls between the two.
+        let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+        listener
+            .listen_all([EVENTS_CHANNEL, EPHEMERAL_CHANNEL])
+            .await?;
+        let hub = FeedHub::new(latest_serial(&pool).await?);
+        let writer = rules::spawn_writer(PgSaver { pool: pool.clone() }, hub.clone());
+        let listener = tokio::spawn(listen(listener, hub.clone(), reader.clone()));
+        Ok(PostgresStore {
+            pool,
+            writer,
+            hub,
+            reader,
+            listener,
+        })
     }
+
+    /// This store's feed hub.
+    pub fn hub(&self) -> &Arc<FeedHub> {
+        &self.hub
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+async fn latest_serial<'c, E: sqlx::PgExecutor<'c>>(conn: E) -> Result<u64> {
+    let s: Option<i64> = sqlx::query_scalar("SELECT latest FROM serial_state WHERE id = 1")
+        .fetch_optional(conn)
+        .await?;
+    rules::u64_of(s.unwrap_or(0), "serial")
+}
+
+/// Puts what other processes committed (and every ephemeral event) on the hub.
+async fn listen(mut listener: sqlx::postgres::PgListener, hub: Arc<FeedHub>, reader: Arc<Reader>) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => {
+                let target = n.payload().trim().parse::<u64>().unwrap_or(0);
+                publish_up_to(&hub, &reader, target).await;
+            }
+            Ok(Some(n)) => {
+                let payload = n.payload();
+                let json = match payload.strip_prefix(EPHEMERAL_REF) {
+                    Some(id) => match ephemeral_row(&reader.pool, id).await {
+                        Ok(Some(json)) => json,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read a large ephemeral event");
+                            continue;
+                        }
+                    },
+                    None => payload.to_string(),
+                };
+                match RawEvent::from_json(0, json) {
+                    Ok(e) => hub.publish_ephemeral(e),
+                    Err(e) => tracing::warn!(error = %e, "malformed ephemeral notification"),
+                }
+            }
+            // The connection was lost and is back: notifications meanwhile are gone, the
+            // events are not.
+            Ok(None) => {
+                tracing::info!("feed listener reconnected; reading what it missed");
+                match latest_serial(&reader.pool).await {
+                    Ok(latest) => publish_up_to(&hub, &reader, latest).await,
+                    Err(e) => tracing::warn!(error = %e, "feed catch-up failed"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "feed listener failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Publishes every stored event above the hub's last serial up to `target`.
+async fn publish_up_to(hub: &FeedHub, reader: &Reader, target: u64) {
+    while hub.last() < target {
+        match reader
+            .events_by_serial_range(hub.last() + 1, target, 1000)
+            .await
+        {
+            Ok(page) if page.is_empty() => {
+                // Serials with no (live) event: rolled back, deleted or expired.
+                hub.advance(target);
+                return;
+            }
+            Ok(page) => {
+                let short = page.len() < 1000;
+                hub.publish_stored(page);
+                if short {
+                    hub.advance(target);
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, target, "feed: cannot read new events");
+                return;
+            }
+        }
+    }
+}
+
+async fn ephemeral_row(pool: &PgPool, id: &str) -> Result<Option<String>> {
+    let Ok(id) = id.parse::<i64>() else {
+        return Ok(None);
+    };
+    Ok(
+        sqlx::query_scalar("SELECT json FROM ephemeral_events WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -62,7 +212,7 @@ struct PgSaver {
 
 #[async_trait]
 impl BatchSaver for PgSaver {
-    async fn save_batch(&mut self, events: &[Event]) -> Result<Vec<SaveOutcome>> {
+    async fn save_batch(&mut self, events: &[Pending]) -> Result<Vec<SaveOutcome>> {
         let now = rules::now_secs();
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -71,8 +221,8 @@ impl BatchSaver for PgSaver {
             .await?;
         let mut outcomes = Vec::with_capacity(events.len());
         let mut max_serial = None;
-        for ev in events {
-            let out = save_one(&mut tx, ev, now).await?;
+        for p in events {
+            let out = save_one(&mut tx, &p.event, &p.json, now).await?;
             if let SaveOutcome::Stored { serial } = out {
                 max_serial = Some(serial);
             }
@@ -83,6 +233,12 @@ impl BatchSaver for PgSaver {
                 .bind(rules::clamp_limit(s))
                 .execute(&mut *tx)
                 .await?;
+            // Delivered at commit, in commit order, to every listening process.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(EVENTS_CHANNEL)
+                .bind(s.to_string())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(outcomes)
@@ -91,7 +247,12 @@ impl BatchSaver for PgSaver {
 
 /// Saves one event inside the writer's transaction (lock held). Every refusal is decided
 /// before the first write.
-async fn save_one(conn: &mut PgConnection, ev: &Event, now: i64) -> Result<SaveOutcome> {
+async fn save_one(
+    conn: &mut PgConnection,
+    ev: &Event,
+    json: &str,
+    now: i64,
+) -> Result<SaveOutcome> {
     if let Some(out) = rules::precheck(ev, now) {
         return Ok(out);
     }
@@ -133,28 +294,12 @@ async fn save_one(conn: &mut PgConnection, ev: &Event, now: i64) -> Result<SaveO
         return Ok(SaveOutcome::Rejected(rules::MSG_NEWER.into()));
     }
 
-    let targets = if kind == 5 {
+    // NIP-09: only the author's own targets are removed (others are ignored below).
+    let targets = (kind == 5).then(|| {
         let t = rules::deletion_targets(ev);
-        if t.foreign_addr {
-            return Ok(SaveOutcome::Rejected(rules::MSG_FOREIGN_DELETE.into()));
-        }
         let ids: Vec<Vec<u8>> = t.ids.iter().map(|i| i.as_bytes().to_vec()).collect();
-        if !ids.is_empty() {
-            let foreign: bool = sqlx::query_scalar(
-                "SELECT EXISTS(SELECT 1 FROM events WHERE id = ANY($1) AND pubkey <> $2)",
-            )
-            .bind(&ids)
-            .bind(pk)
-            .fetch_one(&mut *conn)
-            .await?;
-            if foreign {
-                return Ok(SaveOutcome::Rejected(rules::MSG_FOREIGN_DELETE.into()));
-            }
-        }
-        Some((t, ids))
-    } else {
-        None
-    };
+        (t, ids)
+    });
 
     if let Some(d) = d {
         sqlx::query("DELETE FROM events WHERE kind = $1 AND pubkey = $2 AND d = $3")
@@ -174,7 +319,7 @@ async fn save_one(conn: &mut PgConnection, ev: &Event, now: i64) -> Result<SaveO
     .bind(kind)
     .bind(d)
     .bind(rules::expiration(ev))
-    .bind(ev.as_json())
+    .bind(json)
     .fetch_one(&mut *conn)
     .await?;
     let tags = rules::index_tags(ev);
@@ -238,128 +383,111 @@ async fn save_one(conn: &mut PgConnection, ev: &Event, now: i64) -> Result<SaveO
 }
 
 // ---------------------------------------------------------------------------------------
-// Query building
+// Reading
 // ---------------------------------------------------------------------------------------
-
-enum Arg {
-    Int(i64),
-    Text(String),
-    Bytes(Vec<Vec<u8>>),
-    Ints(Vec<i32>),
-    Texts(Vec<String>),
-}
-
-struct Args(Vec<Arg>);
-
-impl Args {
-    /// Adds a bind and returns its placeholder.
-    fn push(&mut self, a: Arg) -> String {
-        self.0.push(a);
-        format!("${}", self.0.len())
-    }
-}
 
 fn bind_all<'q>(
     mut q: sqlx::query::Query<'q, Postgres, PgArguments>,
-    args: Args,
+    binds: Vec<Bind>,
 ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
-    for a in args.0 {
-        q = match a {
-            Arg::Int(v) => q.bind(v),
-            Arg::Text(v) => q.bind(v),
-            Arg::Bytes(v) => q.bind(v),
-            Arg::Ints(v) => q.bind(v),
-            Arg::Texts(v) => q.bind(v),
+    for b in binds {
+        q = match b {
+            Bind::Int(v) => q.bind(v),
+            Bind::Text(v) => q.bind(v),
+            Bind::Blob(v) => q.bind(v),
+            Bind::Blobs(v) => q.bind(v),
+            Bind::Ints(v) => q.bind(v),
+            Bind::Texts(v) => q.bind(v),
         };
     }
     q
 }
 
-fn where_clause(f: &NormFilter, now: i64, args: &mut Args) -> String {
-    let mut w: Vec<String> = Vec::new();
-    if !f.ids.is_empty() {
-        let p = args.push(Arg::Bytes(f.ids.iter().map(|v| v.to_vec()).collect()));
-        w.push(format!("e.id = ANY({p})"));
-    }
-    if !f.authors.is_empty() {
-        let p = args.push(Arg::Bytes(f.authors.iter().map(|v| v.to_vec()).collect()));
-        w.push(format!("e.pubkey = ANY({p})"));
-    }
-    if !f.kinds.is_empty() {
-        let kinds = f
-            .kinds
-            .iter()
-            .map(|k| i32::try_from(*k).unwrap_or(-1))
-            .collect();
-        let p = args.push(Arg::Ints(kinds));
-        w.push(format!("e.kind = ANY({p})"));
-    }
-    if let Some(s) = f.since {
-        let p = args.push(Arg::Int(s));
-        w.push(format!("e.created_at >= {p}"));
-    }
-    if let Some(u) = f.until {
-        let p = args.push(Arg::Int(u));
-        w.push(format!("e.created_at <= {p}"));
-    }
-    for (name, values) in &f.tags {
-        let pn = args.push(Arg::Text(name.clone()));
-        let pv = args.push(Arg::Texts(values.clone()));
-        w.push(format!(
-            "e.serial IN (SELECT t.serial FROM tags t WHERE t.name = {pn} AND t.value = ANY({pv}))"
-        ));
-    }
-    let p = args.push(Arg::Int(now));
-    w.push(format!("(e.expires_at IS NULL OR e.expires_at > {p})"));
-    w.join(" AND ")
+/// One statement answering every filter of a query, with its binds.
+fn query_sql(filters: &[Filter], now: i64) -> Option<(String, Vec<Bind>)> {
+    let mut d = query::Postgres::default();
+    let arms: Vec<String> = filters
+        .iter()
+        .filter_map(|f| rules::normalize(f, LimitMode::Query))
+        .map(|f| {
+            let limit = f.limit.unwrap_or(rules::MAX_UNLIMITED_RESULTS);
+            query::limited(&f, query::EVENT_COLS, limit, now, &mut d)
+        })
+        .collect();
+    query::union(arms).map(|sql| (sql, d.binds))
 }
 
-fn select_sql(f: &NormFilter, cols: &str, now: i64, args: &mut Args) -> String {
-    let w = where_clause(f, now, args);
-    match f.limit {
-        Some(l) => {
-            let p = args.push(Arg::Int(rules::clamp_limit(l)));
-            format!(
-                "SELECT {cols} FROM events e WHERE {w} \
-                 ORDER BY e.created_at DESC, e.id ASC LIMIT {p}"
-            )
+fn raw_event(r: &PgRow) -> Result<RawEvent> {
+    let id: Vec<u8> = r.try_get(2)?;
+    let pk: Vec<u8> = r.try_get(3)?;
+    let kind: i32 = r.try_get(4)?;
+    let json: String = r.try_get(5)?;
+    Ok(RawEvent {
+        serial: rules::u64_of(r.try_get(0)?, "serial")?,
+        created_at: rules::u64_of(r.try_get(1)?, "created_at")?,
+        id: rules::event_id(&id)?.to_bytes(),
+        pubkey: rules::public_key(&pk)?.to_bytes(),
+        kind: rules::kind_of(i64::from(kind))?,
+        json: Arc::from(json),
+    })
+}
+
+#[async_trait]
+impl SerialSource for Reader {
+    async fn events_by_serial_range(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<RawEvent>> {
+        if from > to || limit == 0 {
+            return Ok(vec![]);
         }
-        None => format!("SELECT {cols} FROM events e WHERE {w}"),
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM events e WHERE e.serial >= $1 AND e.serial <= $2 \
+             AND (e.expires_at IS NULL OR e.expires_at > $3) ORDER BY e.serial ASC LIMIT $4",
+            query::EVENT_COLS
+        ))
+        .bind(rules::clamp_limit(from))
+        .bind(rules::clamp_limit(to))
+        .bind(rules::now_secs())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(raw_event).collect()
     }
 }
 
 impl PostgresStore {
-    /// `EXPLAIN` of one filter's query, for tests and benches.
+    /// `EXPLAIN` of one filter's query, for tests and benches. `as_if_large` turns off the
+    /// plans PostgreSQL prefers only for small tables (sequential and bitmap scans, hash and
+    /// merge joins) for the statement, so a test table shows the index walk a large store gets.
     #[doc(hidden)]
-    pub async fn explain(&self, filter: &Filter) -> Result<Vec<String>> {
-        let Some(f) = rules::normalize(filter, LimitMode::Query) else {
+    pub async fn explain(&self, filter: &Filter, as_if_large: bool) -> Result<Vec<String>> {
+        let Some((sql, binds)) = query_sql(std::slice::from_ref(filter), rules::now_secs()) else {
             return Ok(vec![]);
         };
-        let mut args = Args(Vec::new());
-        let sql = format!(
-            "EXPLAIN {}",
-            select_sql(
-                &f,
-                "e.created_at, e.id, e.json",
-                rules::now_secs(),
-                &mut args
-            )
-        );
-        let rows = bind_all(sqlx::query(&sql), args)
-            .fetch_all(&self.pool)
+        let mut tx = self.pool.begin().await?;
+        if as_if_large {
+            for knob in [
+                "enable_seqscan",
+                "enable_bitmapscan",
+                "enable_hashjoin",
+                "enable_mergejoin",
+            ] {
+                sqlx::query(&format!("SET LOCAL {knob} = off"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let sql = format!("EXPLAIN {sql}");
+        let rows = bind_all(sqlx::query(&sql), binds)
+            .fetch_all(&mut *tx)
             .await?;
         rows.iter()
             .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
             .collect()
     }
-}
-
-fn raw_row(r: &PgRow) -> Result<RawRow> {
-    Ok(RawRow {
-        created_at: r.try_get(0)?,
-        id: r.try_get(1)?,
-        json: r.try_get(2)?,
-    })
 }
 
 fn serial_entry(r: &PgRow) -> Result<SerialEntry> {
@@ -382,45 +510,99 @@ impl EventStore for PostgresStore {
         Ok(())
     }
 
-    async fn save_event(&self, event: &Event) -> Result<SaveOutcome> {
+    async fn save_json(&self, event: &Event, json: &str) -> Result<SaveOutcome> {
         if let Some(out) = rules::precheck(event, rules::now_secs()) {
             return Ok(out);
         }
-        rules::save_via(&self.writer, event).await
+        rules::save_via(&self.writer, event, json).await
     }
 
-    async fn query(&self, filters: &[Filter]) -> Result<Vec<Event>> {
-        let now = rules::now_secs();
-        let mut rows = Vec::new();
-        for filter in filters {
-            let Some(f) = rules::normalize(filter, LimitMode::Query) else {
-                continue;
-            };
-            let mut args = Args(Vec::new());
-            let sql = select_sql(&f, "e.created_at, e.id, e.json", now, &mut args);
-            for r in bind_all(sqlx::query(&sql), args)
-                .fetch_all(&self.pool)
-                .await?
-            {
-                rows.push(raw_row(&r)?);
+    async fn publish_ephemeral(&self, event: RawEvent) -> Result<()> {
+        // Through the database even for our own feed: every listener, this process's
+        // included, gets it exactly once.
+        let payload = if event.json.len() <= MAX_INLINE_NOTIFY {
+            event.json.to_string()
+        } else {
+            let id: i64 = sqlx::query_scalar(&format!(
+                "INSERT INTO ephemeral_events (json, created_ms) VALUES ($1, {PG_NOW_MS}) RETURNING id"
+            ))
+            .bind(event.json.as_ref())
+            .fetch_one(&self.pool)
+            .await?;
+            format!("{EPHEMERAL_REF}{id}")
+        };
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(EPHEMERAL_CHANNEL)
+            .bind(payload)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn watch(&self, after: u64) -> Feed {
+        self.hub.watch(after, self.reader.clone())
+    }
+
+    async fn query_stream(&self, filters: &[Filter]) -> Result<QueryStream> {
+        let plan = query_sql(filters, rules::now_secs());
+        // One snapshot for the serial and the rows (serial_state is written in the same
+        // transaction as the events, under the writer lock).
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let serial = latest_serial(&mut *tx).await?;
+        let Some((sql, binds)) = plan else {
+            return Ok(QueryStream {
+                serial,
+                events: futures::stream::empty().boxed(),
+            });
+        };
+        let (out, rx) = mpsc::channel(STREAM_AHEAD);
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut rows = bind_all(sqlx::query(&sql), binds).fetch(&mut *tx);
+            while let Some(row) = rows.next().await {
+                let item = row.map_err(StoreError::from).and_then(|r| raw_event(&r));
+                if let Ok(e) = &item {
+                    if !seen.insert(e.serial) {
+                        continue;
+                    }
+                }
+                let failed = item.is_err();
+                if out.send(item).await.is_err() || failed {
+                    break;
+                }
             }
-        }
-        rules::finish_rows(rows)
+        });
+        Ok(QueryStream {
+            serial,
+            events: ReceiverStream::new(rx).boxed(),
+        })
+    }
+
+    async fn events_by_serial_range(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<RawEvent>> {
+        self.reader.events_by_serial_range(from, to, limit).await
     }
 
     async fn count(&self, filters: &[Filter]) -> Result<u64> {
         let now = rules::now_secs();
-        let mut args = Args(Vec::new());
+        let mut d = query::Postgres::default();
         let arms: Vec<String> = filters
             .iter()
             .filter_map(|f| rules::normalize(f, LimitMode::Ignore))
-            .map(|f| select_sql(&f, "e.serial", now, &mut args))
+            .map(|f| query::unlimited(&f, "e.serial", now, &mut d))
             .collect();
         if arms.is_empty() {
             return Ok(0);
         }
         let sql = format!("SELECT COUNT(*) FROM ({}) AS u", arms.join(" UNION "));
-        let n: i64 = bind_all(sqlx::query(&sql), args)
+        let n: i64 = bind_all(sqlx::query(&sql), d.binds)
             .fetch_one(&self.pool)
             .await?
             .try_get(0)?;
@@ -451,9 +633,12 @@ impl EventStore for PostgresStore {
             let Some(f) = rules::normalize(filter, LimitMode::IfPresent) else {
                 continue;
             };
-            let mut args = Args(Vec::new());
-            let sql = select_sql(&f, "e.created_at, e.id", now, &mut args);
-            for r in bind_all(sqlx::query(&sql), args)
+            let mut d = query::Postgres::default();
+            let sql = match f.limit {
+                Some(l) => query::limited(&f, "e.created_at, e.id", l, now, &mut d),
+                None => query::unlimited(&f, "e.created_at, e.id", now, &mut d),
+            };
+            for r in bind_all(sqlx::query(&sql), d.binds)
                 .fetch_all(&self.pool)
                 .await?
             {
@@ -485,14 +670,18 @@ impl EventStore for PostgresStore {
             .bind(rules::now_secs())
             .execute(&self.pool)
             .await?;
+        // Large ephemeral events every listener has long read.
+        sqlx::query(&format!(
+            "DELETE FROM ephemeral_events WHERE created_ms < {PG_NOW_MS} - $1"
+        ))
+        .bind(EPHEMERAL_KEEP_MS)
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected())
     }
 
     async fn latest_serial(&self) -> Result<u64> {
-        let s: Option<i64> = sqlx::query_scalar("SELECT latest FROM serial_state WHERE id = 1")
-            .fetch_optional(&self.pool)
-            .await?;
-        rules::u64_of(s.unwrap_or(0), "serial")
+        latest_serial(&self.pool).await
     }
 
     async fn ids_by_serial_range(

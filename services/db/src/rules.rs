@@ -14,13 +14,14 @@
 //! * Expired events (NIP-40, `expiration <= now`) are never returned by any read API.
 
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use nostr::{Event, EventId, Filter, PublicKey};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Result, SaveOutcome, StoreError};
+use crate::feed::FeedHub;
+use crate::{RawEvent, Result, SaveOutcome, StoreError};
 
 /// Results returned for one filter that has no `limit`.
 pub const MAX_UNLIMITED_RESULTS: u64 = 10_000;
@@ -33,7 +34,6 @@ pub const MSG_EPHEMERAL: &str = "invalid: ephemeral events are not stored";
 pub const MSG_EXPIRED: &str = "invalid: event has expired";
 pub const MSG_DELETED: &str = "blocked: this event was deleted by its author";
 pub const MSG_NEWER: &str = "duplicate: a newer version of this event is stored";
-pub const MSG_FOREIGN_DELETE: &str = "blocked: cannot delete events of other authors";
 pub const MSG_D_TOO_LONG: &str = "invalid: d tag is too long or contains NUL";
 
 /// How a kind is stored (NIP-01).
@@ -57,18 +57,9 @@ pub fn kind_class(kind: u16) -> KindClass {
     }
 }
 
+/// Unix seconds as stored (SQL integers are signed).
 pub fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    orly_common::time::now_secs_i64()
 }
 
 /// Seconds as stored (SQL integers are signed).
@@ -155,12 +146,13 @@ pub struct AddrTarget {
 pub struct DeletionTargets {
     pub ids: Vec<EventId>,
     pub addrs: Vec<AddrTarget>,
-    /// An `a` tag whose pubkey is not the deletion's author (refuses the deletion).
-    pub foreign_addr: bool,
 }
 
-/// Parses the `e` and `a` tags of a kind-5 event. Malformed targets are ignored; `a` targets
-/// of kinds that are neither replaceable nor addressable are ignored too.
+/// Parses the `e` and `a` tags of a kind-5 event. Malformed targets are ignored, and so are `a`
+/// targets of kinds that are neither replaceable nor addressable and `a` targets of other
+/// authors (NIP-09: a deletion only ever removes its author's events; the rest of it stands).
+/// `e` targets are kept whoever wrote them: only the author's own are deleted (and tombstoned
+/// for that author), so naming someone else's event does nothing.
 pub fn deletion_targets(event: &Event) -> DeletionTargets {
     let mut out = DeletionTargets::default();
     for tag in event.tags.iter() {
@@ -183,7 +175,6 @@ pub fn deletion_targets(event: &Event) -> DeletionTargets {
                     continue;
                 };
                 if pubkey != event.pubkey {
-                    out.foreign_addr = true;
                     continue;
                 }
                 let d = match kind_class(kind) {
@@ -286,23 +277,13 @@ pub fn clamp_limit(limit: u64) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
-/// A matched row before its JSON is parsed.
-#[derive(Debug, Clone)]
-pub struct RawRow {
-    pub created_at: i64,
-    pub id: Vec<u8>,
-    pub json: String,
-}
-
-/// Deduplicates by id and orders by created_at descending then id ascending, then parses.
-pub fn finish_rows(mut rows: Vec<RawRow>) -> Result<Vec<Event>> {
-    rows.sort_unstable_by(|a, b| {
-        b.created_at
-            .cmp(&a.created_at)
-            .then_with(|| a.id.cmp(&b.id))
-    });
-    rows.dedup_by(|a, b| a.id == b.id);
-    rows.iter().map(|r| parse_event(&r.json)).collect()
+/// The routing fields of event JSON (serde skips the rest).
+#[derive(Debug, serde::Deserialize)]
+pub struct EventHead {
+    pub id: EventId,
+    pub pubkey: PublicKey,
+    pub created_at: u64,
+    pub kind: u16,
 }
 
 pub fn parse_event(json: &str) -> Result<Event> {
@@ -362,36 +343,65 @@ pub fn precheck(event: &Event, now: i64) -> Option<SaveOutcome> {
 // Group commit
 // ---------------------------------------------------------------------------------------
 
+/// An event waiting to be saved, with the JSON it is kept as.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub event: Event,
+    pub json: String,
+}
+
 /// A backend's batch saver: saves several events in one transaction.
 #[async_trait]
 pub trait BatchSaver: Send + 'static {
     /// Saves `events` in one transaction, in order (later events see earlier ones). On `Ok`,
     /// the transaction is committed and holds one outcome per event. On `Err`, nothing of
     /// the batch is kept.
-    async fn save_batch(&mut self, events: &[Event]) -> Result<Vec<SaveOutcome>>;
+    async fn save_batch(&mut self, events: &[Pending]) -> Result<Vec<SaveOutcome>>;
 }
 
 pub struct SaveRequest {
-    pub event: Event,
+    pub pending: Pending,
     pub reply: oneshot::Sender<Result<SaveOutcome>>,
 }
 
-/// Spawns the single writer task; returns the channel that feeds it.
-pub fn spawn_writer<S: BatchSaver>(saver: S) -> mpsc::Sender<SaveRequest> {
+/// Spawns the single writer task; returns the channel that feeds it. Every committed event
+/// enters `hub` (the feed) before its save is answered.
+pub fn spawn_writer<S: BatchSaver>(saver: S, hub: Arc<FeedHub>) -> mpsc::Sender<SaveRequest> {
     let (tx, rx) = mpsc::channel(MAX_WRITE_BATCH * 4);
-    tokio::spawn(run_writer(saver, rx));
+    tokio::spawn(run_writer(saver, rx, hub));
     tx
 }
 
-async fn run_writer<S: BatchSaver>(mut saver: S, mut rx: mpsc::Receiver<SaveRequest>) {
+/// Puts the stored events of a committed batch on the feed, in serial order.
+fn publish(hub: &FeedHub, batch: &[Pending], outcomes: &[SaveOutcome]) {
+    let mut stored: Vec<RawEvent> = batch
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(p, o)| match o {
+            SaveOutcome::Stored { serial } => {
+                Some(RawEvent::new(*serial, &p.event, p.json.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    stored.sort_by_key(|e| e.serial);
+    hub.publish_stored(stored);
+}
+
+async fn run_writer<S: BatchSaver>(
+    mut saver: S,
+    mut rx: mpsc::Receiver<SaveRequest>,
+    hub: Arc<FeedHub>,
+) {
     let mut batch: Vec<SaveRequest> = Vec::with_capacity(MAX_WRITE_BATCH);
     loop {
         if rx.recv_many(&mut batch, MAX_WRITE_BATCH).await == 0 {
             return; // every sender is gone
         }
-        let events: Vec<Event> = batch.iter().map(|r| r.event.clone()).collect();
+        let events: Vec<Pending> = batch.iter().map(|r| r.pending.clone()).collect();
         match saver.save_batch(&events).await {
             Ok(outcomes) if outcomes.len() == batch.len() => {
+                publish(&hub, &events, &outcomes);
                 for (req, out) in batch.drain(..).zip(outcomes) {
                     let _ = req.reply.send(Ok(out));
                 }
@@ -412,14 +422,14 @@ async fn run_writer<S: BatchSaver>(mut saver: S, mut rx: mpsc::Receiver<SaveRequ
                 // One bad event must not fail the others: retry each alone.
                 tracing::warn!(error = %err, size = batch.len(), "batch save failed; retrying one by one");
                 for (req, ev) in batch.drain(..).zip(events) {
-                    let res =
-                        saver
-                            .save_batch(std::slice::from_ref(&ev))
-                            .await
-                            .and_then(|mut v| {
-                                v.pop()
-                                    .ok_or_else(|| StoreError::Corrupt("no outcome".into()))
-                            });
+                    let res = match saver.save_batch(std::slice::from_ref(&ev)).await {
+                        Ok(outcomes) if outcomes.len() == 1 => {
+                            publish(&hub, std::slice::from_ref(&ev), &outcomes);
+                            Ok(outcomes[0].clone())
+                        }
+                        Ok(_) => Err(StoreError::Corrupt("no outcome".into())),
+                        Err(e) => Err(e),
+                    };
                     let _ = req.reply.send(res);
                 }
             }
@@ -428,10 +438,17 @@ async fn run_writer<S: BatchSaver>(mut saver: S, mut rx: mpsc::Receiver<SaveRequ
 }
 
 /// Sends one event to the writer and waits for its outcome.
-pub async fn save_via(tx: &mpsc::Sender<SaveRequest>, event: &Event) -> Result<SaveOutcome> {
+pub async fn save_via(
+    tx: &mpsc::Sender<SaveRequest>,
+    event: &Event,
+    json: &str,
+) -> Result<SaveOutcome> {
     let (reply, rx) = oneshot::channel();
     tx.send(SaveRequest {
-        event: event.clone(),
+        pending: Pending {
+            event: event.clone(),
+            json: json.to_string(),
+        },
         reply,
     })
     .await

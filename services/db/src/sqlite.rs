@@ -8,14 +8,21 @@
 //! all refusals are decided by checks before any write, and if the batch fails with a
 //! database error it is rolled back and its events are retried one by one. Serials come from
 //! `INTEGER PRIMARY KEY AUTOINCREMENT`, so with one writer serial order is commit order.
-//! Reads (and the rare small writes: markers, leases, admin deletes) use a separate pool.
+//! Reads (and the rare small writes: markers, leases, admin deletes) use a separate pool of
+//! configurable size. The writer puts every committed event on the feed ([`crate::feed`]), and
+//! a query runs in one read transaction, so the serial it reports and the rows it streams come
+//! from the same snapshot. Pool queries read their statements to the end (`fetch_all`): one
+//! left mid-way keeps a read snapshot open on an idle connection, and the WAL then cannot be
+//! truncated past it.
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nostr::{Event, EventId, Filter, JsonUtil, Timestamp};
+use futures::StreamExt;
+use nostr::{Event, EventId, Filter, Timestamp};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
@@ -23,16 +30,21 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row, Sqlite};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
-use crate::rules::{self, BatchSaver, LimitMode, NormFilter, RawRow, SaveRequest};
-use crate::{EventStore, LeaseState, Result, SaveOutcome, SerialEntry, StoreError};
+use crate::feed::{Feed, FeedHub, SerialSource};
+use crate::query::{self, Bind};
+use crate::rules::{self, BatchSaver, LimitMode, Pending, SaveRequest};
+use crate::{
+    EventStore, LeaseState, QueryStream, RawEvent, Result, SaveOutcome, SerialEntry, StoreError,
+};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Read connections in the pool.
-const READ_CONNECTIONS: u32 = 4;
-/// Lists longer than this are passed as one JSON array instead of one bind each.
-const MAX_INLINE_LIST: usize = 256;
+/// Default size of the read pool (`ORLY_DB_MAX_CONNECTIONS` sets it).
+pub const DEFAULT_READ_CONNECTIONS: u32 = 8;
+/// Rows a streamed query reads ahead of its consumer.
+const STREAM_AHEAD: usize = 64;
 /// How often the WAL is checkpointed in the background.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL size above which the background checkpoint truncates it. Under non-stop writes a
@@ -47,16 +59,54 @@ const SQLITE_NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: mpsc::Sender<SaveRequest>,
+    hub: Arc<FeedHub>,
+    reader: Arc<Reader>,
+}
+
+/// How a SQLite store is opened.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Read connections (queries run concurrently up to this many).
+    pub read_connections: u32,
+    /// WAL size that triggers a truncating checkpoint.
+    pub wal_limit_bytes: u64,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            read_connections: DEFAULT_READ_CONNECTIONS,
+            wal_limit_bytes: DEFAULT_WAL_LIMIT_BYTES,
+        }
+    }
+}
+
+/// The read side the feed catches up from (not the whole store: the store owns the feed).
+struct Reader {
+    pool: SqlitePool,
 }
 
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database file at `path`.
     pub async fn open(path: &Path) -> Result<SqliteStore> {
-        Self::open_with_wal_limit(path, DEFAULT_WAL_LIMIT_BYTES).await
+        Self::open_with(path, SqliteOptions::default()).await
     }
 
     /// [`open`](Self::open) with the WAL size that triggers a truncating checkpoint.
     pub async fn open_with_wal_limit(path: &Path, wal_limit_bytes: u64) -> Result<SqliteStore> {
+        Self::open_with(
+            path,
+            SqliteOptions {
+                wal_limit_bytes,
+                ..SqliteOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// [`open`](Self::open) with explicit options.
+    pub async fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore> {
+        let wal_limit_bytes = options.wal_limit_bytes;
         let opts = SqliteConnectOptions::from_str("sqlite:")
             .map_err(StoreError::Database)?
             .filename(path)
@@ -76,26 +126,55 @@ impl SqliteStore {
             .await?;
         MIGRATOR.run(&mut conn).await?;
         let pool = SqlitePoolOptions::new()
-            .max_connections(READ_CONNECTIONS)
+            .max_connections(options.read_connections.max(1))
             .min_connections(1)
             .connect_with(opts.pragma("journal_size_limit", "67108864"))
             .await?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
-        let writer = rules::spawn_writer(SqliteSaver {
-            conn,
-            wal: wal.into(),
-            wal_limit: wal_limit_bytes,
-        });
-        tokio::spawn(checkpoint_loop(pool.clone(), writer.downgrade()));
-        Ok(SqliteStore { pool, writer })
+        let wal = std::path::PathBuf::from(wal);
+        let checkpointing = Arc::new(tokio::sync::Mutex::new(()));
+        let hub = FeedHub::new(latest_serial(&pool).await?);
+        let writer = rules::spawn_writer(
+            SqliteSaver {
+                conn,
+                wal: wal.clone(),
+                wal_limit: wal_limit_bytes,
+                checkpointing: checkpointing.clone(),
+            },
+            hub.clone(),
+        );
+        tokio::spawn(checkpoint_loop(
+            pool.clone(),
+            writer.downgrade(),
+            wal,
+            wal_limit_bytes,
+            checkpointing,
+        ));
+        Ok(SqliteStore {
+            reader: Arc::new(Reader { pool: pool.clone() }),
+            pool,
+            writer,
+            hub,
+        })
+    }
+
+    /// This store's feed hub.
+    pub fn hub(&self) -> &Arc<FeedHub> {
+        &self.hub
     }
 }
 
 /// Checkpoints the WAL every [`CHECKPOINT_EVERY`] while the store is open. PASSIVE never
 /// blocks the writer or readers; the WAL is reused once a checkpoint caught up. (When it never
 /// catches up, the writer itself truncates the WAL: see [`SqliteSaver::bound_wal`].)
-async fn checkpoint_loop(pool: SqlitePool, writer: mpsc::WeakSender<SaveRequest>) {
+async fn checkpoint_loop(
+    pool: SqlitePool,
+    writer: mpsc::WeakSender<SaveRequest>,
+    wal: std::path::PathBuf,
+    wal_limit: u64,
+    checkpointing: Arc<tokio::sync::Mutex<()>>,
+) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -103,6 +182,13 @@ async fn checkpoint_loop(pool: SqlitePool, writer: mpsc::WeakSender<SaveRequest>
         if writer.upgrade().is_none() {
             break;
         }
+        // Over the limit the writer truncates; a passive checkpoint running then would hold
+        // SQLite's checkpoint lock and make the writer's truncation give up (under load a
+        // passive checkpoint takes seconds), so the two take turns.
+        if std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > wal_limit {
+            continue;
+        }
+        let _one_checkpointer = checkpointing.lock().await;
         if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&pool)
             .await
@@ -124,6 +210,8 @@ struct SqliteSaver {
     conn: SqliteConnection,
     wal: std::path::PathBuf,
     wal_limit: u64,
+    /// Held by whoever checkpoints (the background loop or the writer's truncation).
+    checkpointing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteSaver {
@@ -135,6 +223,7 @@ impl SqliteSaver {
         if size <= self.wal_limit {
             return;
         }
+        let _turn = self.checkpointing.clone().lock_owned().await;
         match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
             .fetch_one(&mut self.conn)
             .await
@@ -148,7 +237,7 @@ impl SqliteSaver {
 
 #[async_trait]
 impl BatchSaver for SqliteSaver {
-    async fn save_batch(&mut self, events: &[Event]) -> Result<Vec<SaveOutcome>> {
+    async fn save_batch(&mut self, events: &[Pending]) -> Result<Vec<SaveOutcome>> {
         self.bound_wal().await;
         let now = rules::now_secs();
         sqlx::query("BEGIN IMMEDIATE")
@@ -175,12 +264,13 @@ impl BatchSaver for SqliteSaver {
 /// by one through [`save_one`]. Order is kept: a run is flushed before the next other event.
 async fn save_all(
     conn: &mut SqliteConnection,
-    events: &[Event],
+    events: &[Pending],
     now: i64,
 ) -> Result<Vec<SaveOutcome>> {
     let mut outcomes: Vec<Option<SaveOutcome>> = vec![None; events.len()];
     let mut run: Vec<usize> = Vec::new();
-    for (i, ev) in events.iter().enumerate() {
+    for (i, p) in events.iter().enumerate() {
+        let ev = &p.event;
         if let Some(out) = rules::precheck(ev, now) {
             outcomes[i] = Some(out);
             continue;
@@ -191,7 +281,7 @@ async fn save_all(
             continue;
         }
         save_run(conn, events, &mut run, &mut outcomes).await?;
-        outcomes[i] = Some(save_one(conn, ev, now).await?);
+        outcomes[i] = Some(save_one(conn, ev, &p.json, now).await?);
     }
     save_run(conn, events, &mut run, &mut outcomes).await?;
     outcomes
@@ -203,7 +293,7 @@ async fn save_all(
 /// Saves a run of plain events (see [`save_all`]) in two round trips; empties `run`.
 async fn save_run(
     conn: &mut SqliteConnection,
-    events: &[Event],
+    events: &[Pending],
     run: &mut Vec<usize>,
     outcomes: &mut [Option<SaveOutcome>],
 ) -> Result<()> {
@@ -212,7 +302,7 @@ async fn save_run(
     }
     let probe: Vec<serde_json::Value> = run
         .iter()
-        .map(|&i| serde_json::json!([events[i].id.to_hex(), events[i].pubkey.to_hex()]))
+        .map(|&i| serde_json::json!([events[i].event.id.to_hex(), events[i].event.pubkey.to_hex()]))
         .collect();
     let rows = sqlx::query(
         "SELECT j.key, \
@@ -235,7 +325,7 @@ async fn save_run(
     let mut insert: Vec<usize> = Vec::new();
     for (k, &i) in run.iter().enumerate() {
         let (dup, deleted) = flags[k];
-        outcomes[i] = if dup || !seen.insert(events[i].id) {
+        outcomes[i] = if dup || !seen.insert(events[i].event.id) {
             Some(SaveOutcome::Duplicate)
         } else if deleted {
             Some(SaveOutcome::Rejected(rules::MSG_DELETED.into()))
@@ -248,14 +338,14 @@ async fn save_run(
         let rows_json: Vec<serde_json::Value> = insert
             .iter()
             .map(|&i| {
-                let ev = &events[i];
+                let ev = &events[i].event;
                 serde_json::json!([
                     ev.id.to_hex(),
                     ev.pubkey.to_hex(),
                     rules::ts_i64(ev.created_at.as_secs()),
                     rules::event_kind(ev),
                     rules::expiration(ev),
-                    ev.as_json(),
+                    events[i].json,
                     rules::index_tags(ev),
                 ])
             })
@@ -295,7 +385,12 @@ async fn save_run(
 
 /// Saves one event inside the writer's open transaction. Every refusal is decided before
 /// the first write.
-async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<SaveOutcome> {
+async fn save_one(
+    conn: &mut SqliteConnection,
+    ev: &Event,
+    json: &str,
+    now: i64,
+) -> Result<SaveOutcome> {
     if let Some(out) = rules::precheck(ev, now) {
         return Ok(out);
     }
@@ -351,31 +446,8 @@ async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<S
         return Ok(SaveOutcome::Rejected(rules::MSG_NEWER.into()));
     }
 
-    let targets = if kind == 5 {
-        let t = rules::deletion_targets(ev);
-        if t.foreign_addr {
-            return Ok(SaveOutcome::Rejected(rules::MSG_FOREIGN_DELETE.into()));
-        }
-        for chunk in t.ids.chunks(FETCH_CHUNK) {
-            let sql = format!(
-                "SELECT pubkey FROM events WHERE id IN ({})",
-                placeholders(chunk.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id.as_bytes().as_slice());
-            }
-            for r in q.fetch_all(&mut *conn).await? {
-                let owner: Vec<u8> = r.try_get(0)?;
-                if owner.as_slice() != pk {
-                    return Ok(SaveOutcome::Rejected(rules::MSG_FOREIGN_DELETE.into()));
-                }
-            }
-        }
-        Some(t)
-    } else {
-        None
-    };
+    // NIP-09: only the author's own targets are removed (others are ignored below).
+    let targets = (kind == 5).then(|| rules::deletion_targets(ev));
 
     // One round trip to the SQLite worker: remove older versions, insert the event and its
     // tags, read the serial back.
@@ -405,7 +477,7 @@ async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<S
     .bind(kind)
     .bind(d)
     .bind(rules::expiration(ev))
-    .bind(ev.as_json())
+    .bind(json)
     .bind(tags_json)
     .fetch_all(&mut *conn)
     .await?;
@@ -458,151 +530,108 @@ async fn save_one(conn: &mut SqliteConnection, ev: &Event, now: i64) -> Result<S
 }
 
 // ---------------------------------------------------------------------------------------
-// Query building
+// Reading
 // ---------------------------------------------------------------------------------------
 
-enum Arg {
-    Int(i64),
-    Blob(Vec<u8>),
-    Text(String),
-}
-
 fn placeholders(n: usize) -> String {
-    let mut s = String::with_capacity(n * 2);
-    for i in 0..n {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push('?');
-    }
-    s
+    vec!["?"; n].join(",")
 }
 
 fn bind_all<'q>(
     mut q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
-    args: Vec<Arg>,
+    binds: Vec<Bind>,
 ) -> sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>> {
-    for a in args {
-        q = match a {
-            Arg::Int(v) => q.bind(v),
-            Arg::Blob(v) => q.bind(v),
-            Arg::Text(v) => q.bind(v),
+    for b in binds {
+        q = match b {
+            Bind::Int(v) => q.bind(v),
+            Bind::Blob(v) => q.bind(v),
+            Bind::Text(v) => q.bind(v),
+            // SQLite has no arrays: the dialect never produces these.
+            Bind::Blobs(_) | Bind::Ints(_) | Bind::Texts(_) => q,
         };
     }
     q
 }
 
-/// `col IN (...)` for 32-byte values.
-fn in_bytes(col: &str, vals: &[[u8; 32]], w: &mut Vec<String>, args: &mut Vec<Arg>) {
-    if vals.len() > MAX_INLINE_LIST {
-        let hexes: Vec<String> = vals.iter().map(hex::encode).collect();
-        w.push(format!("{col} IN (SELECT unhex(value) FROM json_each(?))"));
-        args.push(Arg::Text(serde_json::Value::from(hexes).to_string()));
-    } else {
-        w.push(format!("{col} IN ({})", placeholders(vals.len())));
-        args.extend(vals.iter().map(|v| Arg::Blob(v.to_vec())));
-    }
+/// One statement answering every filter of a query, with its binds.
+fn query_sql(filters: &[Filter], now: i64) -> Option<(String, Vec<Bind>)> {
+    let mut d = query::Sqlite::default();
+    let arms: Vec<String> = filters
+        .iter()
+        .filter_map(|f| rules::normalize(f, LimitMode::Query))
+        .map(|f| {
+            let limit = f.limit.unwrap_or(rules::MAX_UNLIMITED_RESULTS);
+            query::limited(&f, query::EVENT_COLS, limit, now, &mut d)
+        })
+        .collect();
+    query::union(arms).map(|sql| (sql, d.binds))
 }
 
-/// The WHERE clause (without the keyword) of one filter over `events e`.
-fn where_clause(f: &NormFilter, now: i64, args: &mut Vec<Arg>) -> String {
-    let mut w: Vec<String> = Vec::new();
-    if !f.ids.is_empty() {
-        in_bytes("e.id", &f.ids, &mut w, args);
-    }
-    if !f.authors.is_empty() {
-        in_bytes("e.pubkey", &f.authors, &mut w, args);
-    }
-    if !f.kinds.is_empty() {
-        if f.kinds.len() > MAX_INLINE_LIST {
-            w.push("e.kind IN (SELECT value FROM json_each(?))".into());
-            args.push(Arg::Text(
-                serde_json::Value::from(f.kinds.clone()).to_string(),
-            ));
-        } else {
-            w.push(format!("e.kind IN ({})", placeholders(f.kinds.len())));
-            args.extend(f.kinds.iter().map(|k| Arg::Int(*k)));
-        }
-    }
-    if let Some(s) = f.since {
-        w.push("e.created_at >= ?".into());
-        args.push(Arg::Int(s));
-    }
-    if let Some(u) = f.until {
-        w.push("e.created_at <= ?".into());
-        args.push(Arg::Int(u));
-    }
-    for (name, values) in &f.tags {
-        args.push(Arg::Text(name.clone()));
-        if values.len() > MAX_INLINE_LIST {
-            w.push(
-                "e.serial IN (SELECT t.serial FROM tags t WHERE t.name = ? \
-                 AND t.value IN (SELECT value FROM json_each(?)))"
-                    .into(),
-            );
-            args.push(Arg::Text(
-                serde_json::Value::from(values.clone()).to_string(),
-            ));
-        } else {
-            w.push(format!(
-                "e.serial IN (SELECT t.serial FROM tags t WHERE t.name = ? AND t.value IN ({}))",
-                placeholders(values.len())
-            ));
-            args.extend(values.iter().map(|v| Arg::Text(v.clone())));
-        }
-    }
-    w.push("(e.expires_at IS NULL OR e.expires_at > ?)".into());
-    args.push(Arg::Int(now));
-    w.join(" AND ")
+fn raw_event(r: &SqliteRow) -> Result<RawEvent> {
+    let id: Vec<u8> = r.try_get(2)?;
+    let pk: Vec<u8> = r.try_get(3)?;
+    let json: String = r.try_get(5)?;
+    Ok(RawEvent {
+        serial: rules::u64_of(r.try_get(0)?, "serial")?,
+        created_at: rules::u64_of(r.try_get(1)?, "created_at")?,
+        id: rules::event_id(&id)?.to_bytes(),
+        pubkey: rules::public_key(&pk)?.to_bytes(),
+        kind: rules::kind_of(r.try_get(4)?)?,
+        json: Arc::from(json),
+    })
 }
 
-/// One filter's SELECT of `cols`, newest first, with its limit (if any).
-fn select_sql(f: &NormFilter, cols: &str, now: i64, args: &mut Vec<Arg>) -> String {
-    let w = where_clause(f, now, args);
-    match f.limit {
-        Some(l) => {
-            args.push(Arg::Int(rules::clamp_limit(l)));
-            format!(
-                "SELECT {cols} FROM events e WHERE {w} \
-                 ORDER BY e.created_at DESC, e.id ASC LIMIT ?"
-            )
+async fn latest_serial<'c, E: sqlx::SqliteExecutor<'c>>(conn: E) -> Result<u64> {
+    // fetch_all steps the statement to its end: a statement left mid-way (fetch_optional)
+    // keeps its read snapshot open on an idle pool connection, and the WAL cannot be
+    // truncated past it.
+    let seq: Vec<i64> = sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+        .fetch_all(conn)
+        .await?;
+    rules::u64_of(seq.first().copied().unwrap_or(0), "serial")
+}
+
+#[async_trait]
+impl SerialSource for Reader {
+    async fn events_by_serial_range(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<RawEvent>> {
+        if from > to || limit == 0 {
+            return Ok(vec![]);
         }
-        None => format!("SELECT {cols} FROM events e WHERE {w}"),
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM events e WHERE e.serial >= ?1 AND e.serial <= ?2 \
+             AND (e.expires_at IS NULL OR e.expires_at > ?3) ORDER BY e.serial ASC LIMIT ?4",
+            query::EVENT_COLS
+        ))
+        .bind(rules::clamp_limit(from))
+        .bind(rules::clamp_limit(to))
+        .bind(rules::now_secs())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(raw_event).collect()
     }
 }
 
 impl SqliteStore {
-    /// The SQL and binds of one filter, for `EXPLAIN QUERY PLAN` in tests and benches.
+    /// `EXPLAIN QUERY PLAN` of one filter's query, for tests and benches.
     #[doc(hidden)]
     pub async fn explain(&self, filter: &Filter) -> Result<Vec<String>> {
-        let Some(f) = rules::normalize(filter, LimitMode::Query) else {
+        let Some((sql, binds)) = query_sql(std::slice::from_ref(filter), rules::now_secs()) else {
             return Ok(vec![]);
         };
-        let mut args = Vec::new();
-        let sql = format!(
-            "EXPLAIN QUERY PLAN {}",
-            select_sql(
-                &f,
-                "e.created_at, e.id, e.json",
-                rules::now_secs(),
-                &mut args
-            )
-        );
-        let rows = bind_all(sqlx::query(&sql), args)
+        let sql = format!("EXPLAIN QUERY PLAN {sql}");
+        let rows = bind_all(sqlx::query(&sql), binds)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
             .map(|r| r.try_get::<String, _>(3).map_err(StoreError::from))
             .collect()
     }
-}
-
-fn raw_row(r: &SqliteRow) -> Result<RawRow> {
-    Ok(RawRow {
-        created_at: r.try_get(0)?,
-        id: r.try_get(1)?,
-        json: r.try_get(2)?,
-    })
 }
 
 fn serial_entry(r: &SqliteRow) -> Result<SerialEntry> {
@@ -624,49 +653,85 @@ impl EventStore for SqliteStore {
         Ok(())
     }
 
-    async fn save_event(&self, event: &Event) -> Result<SaveOutcome> {
+    async fn save_json(&self, event: &Event, json: &str) -> Result<SaveOutcome> {
         // Refusals that need no database do not queue behind the writer.
         if let Some(out) = rules::precheck(event, rules::now_secs()) {
             return Ok(out);
         }
-        rules::save_via(&self.writer, event).await
+        rules::save_via(&self.writer, event, json).await
     }
 
-    async fn query(&self, filters: &[Filter]) -> Result<Vec<Event>> {
-        let now = rules::now_secs();
-        let mut rows = Vec::new();
-        for filter in filters {
-            let Some(f) = rules::normalize(filter, LimitMode::Query) else {
-                continue;
-            };
-            let mut args = Vec::new();
-            let sql = select_sql(&f, "e.created_at, e.id, e.json", now, &mut args);
-            for r in bind_all(sqlx::query(&sql), args)
-                .fetch_all(&self.pool)
-                .await?
-            {
-                rows.push(raw_row(&r)?);
+    async fn publish_ephemeral(&self, event: RawEvent) -> Result<()> {
+        self.hub.publish_ephemeral(event);
+        Ok(())
+    }
+
+    fn watch(&self, after: u64) -> Feed {
+        self.hub.watch(after, self.reader.clone())
+    }
+
+    async fn query_stream(&self, filters: &[Filter]) -> Result<QueryStream> {
+        let plan = query_sql(filters, rules::now_secs());
+        // One read transaction: its first read fixes the snapshot, so the serial and the rows
+        // agree (a REQ hands over to the live feed right after this serial).
+        let mut tx = self.pool.begin().await?;
+        let serial = latest_serial(&mut *tx).await?;
+        let Some((sql, binds)) = plan else {
+            return Ok(QueryStream {
+                serial,
+                events: futures::stream::empty().boxed(),
+            });
+        };
+        let (out, rx) = mpsc::channel(STREAM_AHEAD);
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut rows = bind_all(sqlx::query(&sql), binds).fetch(&mut *tx);
+            while let Some(row) = rows.next().await {
+                let item = row.map_err(StoreError::from).and_then(|r| raw_event(&r));
+                if let Ok(e) = &item {
+                    if !seen.insert(e.serial) {
+                        continue;
+                    }
+                }
+                let failed = item.is_err();
+                // A consumer that went away (a CLOSEd REQ) ends the read.
+                if out.send(item).await.is_err() || failed {
+                    break;
+                }
             }
-        }
-        rules::finish_rows(rows)
+            // Dropping the transaction rolls it back: a read-only snapshot ends.
+        });
+        Ok(QueryStream {
+            serial,
+            events: ReceiverStream::new(rx).boxed(),
+        })
+    }
+
+    async fn events_by_serial_range(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<RawEvent>> {
+        self.reader.events_by_serial_range(from, to, limit).await
     }
 
     async fn count(&self, filters: &[Filter]) -> Result<u64> {
         let now = rules::now_secs();
-        let mut args = Vec::new();
+        let mut d = query::Sqlite::default();
         let arms: Vec<String> = filters
             .iter()
             .filter_map(|f| rules::normalize(f, LimitMode::Ignore))
-            .map(|f| select_sql(&f, "e.serial", now, &mut args))
+            .map(|f| query::unlimited(&f, "e.serial", now, &mut d))
             .collect();
         if arms.is_empty() {
             return Ok(0);
         }
         let sql = format!("SELECT COUNT(*) FROM ({})", arms.join(" UNION "));
-        let n: i64 = bind_all(sqlx::query(&sql), args)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
+        let rows = bind_all(sqlx::query(&sql), d.binds)
+            .fetch_all(&self.pool)
+            .await?;
+        let n: i64 = rows.first().ok_or(sqlx::Error::RowNotFound)?.try_get(0)?;
         rules::u64_of(n, "count")
     }
 
@@ -697,9 +762,12 @@ impl EventStore for SqliteStore {
             let Some(f) = rules::normalize(filter, LimitMode::IfPresent) else {
                 continue;
             };
-            let mut args = Vec::new();
-            let sql = select_sql(&f, "e.created_at, e.id", now, &mut args);
-            for r in bind_all(sqlx::query(&sql), args)
+            let mut d = query::Sqlite::default();
+            let sql = match f.limit {
+                Some(l) => query::limited(&f, "e.created_at, e.id", l, now, &mut d),
+                None => query::unlimited(&f, "e.created_at, e.id", now, &mut d),
+            };
+            for r in bind_all(sqlx::query(&sql), d.binds)
                 .fetch_all(&self.pool)
                 .await?
             {
@@ -735,11 +803,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn latest_serial(&self) -> Result<u64> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
-                .fetch_optional(&self.pool)
-                .await?;
-        rules::u64_of(seq.unwrap_or(0), "serial")
+        latest_serial(&self.pool).await
     }
 
     async fn ids_by_serial_range(
@@ -789,20 +853,20 @@ impl EventStore for SqliteStore {
     }
 
     async fn serial_by_id(&self, id: &EventId) -> Result<Option<u64>> {
-        let s: Option<i64> = sqlx::query_scalar("SELECT serial FROM events WHERE id = ?1")
+        let s: Vec<i64> = sqlx::query_scalar("SELECT serial FROM events WHERE id = ?1")
             .bind(id.as_bytes().as_slice())
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-        s.map(|s| rules::u64_of(s, "serial")).transpose()
+        s.first().map(|s| rules::u64_of(*s, "serial")).transpose()
     }
 
     async fn relay_identity_secret(&self) -> Result<[u8; 32]> {
         let get = || {
             sqlx::query_scalar::<_, Vec<u8>>("SELECT secret FROM relay_identity WHERE id = 1")
-                .fetch_optional(&self.pool)
+                .fetch_all(&self.pool)
         };
-        if let Some(s) = get().await? {
-            return rules::identity_secret(&s);
+        if let Some(s) = get().await?.first() {
+            return rules::identity_secret(s);
         }
         sqlx::query(
             "INSERT INTO relay_identity (id, secret) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
@@ -810,8 +874,8 @@ impl EventStore for SqliteStore {
         .bind(rules::new_identity_secret().to_vec())
         .execute(&self.pool)
         .await?;
-        match get().await? {
-            Some(s) => rules::identity_secret(&s),
+        match get().await?.first() {
+            Some(s) => rules::identity_secret(s),
             None => Err(StoreError::Corrupt("relay identity secret vanished".into())),
         }
     }
@@ -832,8 +896,10 @@ impl EventStore for SqliteStore {
         Ok(
             sqlx::query_scalar("SELECT value FROM markers WHERE key = ?1")
                 .bind(key)
-                .fetch_optional(&self.pool)
-                .await?,
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .next(),
         )
     }
 
@@ -870,9 +936,9 @@ impl EventStore for SqliteStore {
         .bind(name)
         .bind(holder)
         .bind(ttl_ms)
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        if let Some((h, expires, now)) = row {
+        if let Some((h, expires, now)) = row.into_iter().next() {
             return Ok(rules::lease_state(holder, now, Some((h, expires)), None));
         }
         let (now, current) = {
@@ -881,8 +947,11 @@ impl EventStore for SqliteStore {
                         (SELECT expires_at_ms FROM leases WHERE name = ?1)"
             ))
             .bind(name)
-            .fetch_one(&self.pool)
-            .await?;
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(sqlx::Error::RowNotFound)?;
             (row.0, row.1.zip(row.2))
         };
         Ok(rules::lease_state(holder, now, None, current))
@@ -911,9 +980,12 @@ impl EventStore for SqliteStore {
     }
 
     async fn clock_ms(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar(&format!("SELECT {SQLITE_NOW_MS}"))
-            .fetch_one(&self.pool)
-            .await?)
+        sqlx::query_scalar(&format!("SELECT {SQLITE_NOW_MS}"))
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| sqlx::Error::RowNotFound.into())
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
