@@ -1,5 +1,11 @@
-//! Horizontal scaling of the negentropy service (issue 5):
+//! Horizontal scaling of the negentropy service (issues 5 and 16):
 //!
+//! - replicas behind one DNS name (a real DNS server answering one name with several loopback
+//!   addresses, as a headless Kubernetes Service does): an `orly` relay process and two
+//!   `orly sync-negentropy` processes listening on 127.0.0.2:P and 127.0.0.3:P; both get
+//!   sessions from 16 concurrent nostr-sdk syncs (by their metrics), a third added to the name
+//!   gets sessions once the relay re-resolves, a killed one leaves every new sync working (while
+//!   the name still lists it, and after) and its open sessions end with `NEG-ERR "closed: …"`;
 //! - two orly-sync-negentropy gRPC replicas (each its own engine, over one SQLite database)
 //!   behind one relay (`ReplicatedNegentropy`): many concurrent nostr-sdk clients all reconcile
 //!   exactly, both replicas serve sessions, and after one replica is killed new syncs all
@@ -19,15 +25,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{note, now, Mode, RawClient, TestRelay};
+use common::{note, now, orly_command, Mode, RawClient, TestRelay};
 use nostr::{Event, EventId, Filter, Keys, Kind};
 use nostr_sdk::prelude::{
     Client, MemoryDatabase, MemoryDatabaseOptions, NostrDatabase, SyncDirection, SyncOptions,
 };
+use orly_common::{ClientOptions, GrpcChannel};
 use orly_db::SharedStore;
 use orly_sync_negentropy::{
-    EngineSettings, NegentropyEngine, ReplicatedNegentropy, SyncManager, SyncSettings,
+    EngineSettings, GrpcNegentropy, NegentropyEngine, ReplicatedNegentropy, SyncManager,
+    SyncSettings,
 };
+use orly_testkit::{free_port_on, free_port_on_all, loopback, TestDns};
 use parking_lot::Mutex;
 use serde_json::json;
 
@@ -153,7 +162,7 @@ fn ids(events: &[&[Event]]) -> BTreeSet<EventId> {
 /// Client `i` has its own sizes, so every client's have/need sets differ.
 fn client_case(i: usize) -> ClientCase {
     let keys = Keys::generate();
-    let t = now() - 200_000 + i as u64 * 5_000;
+    let t = now() - 400_000 + i as u64 * 5_000;
     ClientCase {
         shared: notes(&keys, 120 + 7 * i, t, "shared"),
         client_only: notes(&keys, 3 + i, t + 1_000, "client"),
@@ -243,17 +252,18 @@ async fn concurrent_clients_over_two_grpc_replicas_and_one_killed() {
     }
     let mut r1 = GrpcReplica::start("replica-1", &db).await;
     let r2 = GrpcReplica::start("replica-2", &db).await;
-    let relay = orly::Relay::new(
-        orly::RelayConfig::default(),
-        store.clone(),
-        Arc::new(orly::acl::OpenAcl),
-    );
     let handler = ReplicatedNegentropy::connect_lazy(
         &format!("{},{}", r1.addr, r2.addr),
         Duration::from_secs(5),
     )
     .unwrap();
-    relay.enable_negentropy(Arc::new(handler));
+    let relay = orly::Relay::builder(
+        orly::RelayConfig::default(),
+        store.clone(),
+        Arc::new(orly::acl::OpenAcl),
+    )
+    .negentropy(Arc::new(handler))
+    .build();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let running = orly::spawn(listener, relay).unwrap();
     let url = running.url();
@@ -346,11 +356,12 @@ async fn concurrent_clients_over_two_grpc_replicas_and_one_killed() {
 
 /// A peer relay with NIP-77 (engine in-process).
 async fn peer_relay() -> TestRelay {
-    let relay = TestRelay::start(Mode::Local).await;
-    let engine = NegentropyEngine::new(relay.store.clone(), EngineSettings::default()).unwrap();
-    engine.spawn_reaper();
-    relay.running.relay.enable_negentropy(engine);
-    relay
+    TestRelay::start_built(Mode::Local, orly::RelayConfig::default(), |b, store| {
+        let engine = NegentropyEngine::new(store.clone(), EngineSettings::default()).unwrap();
+        engine.spawn_reaper();
+        b.negentropy(engine)
+    })
+    .await
 }
 
 /// A `SyncManager` replica on a runtime of its own, running its periodic loop.
@@ -593,19 +604,376 @@ async fn sync_replicas_share_peers_by_lease_and_take_over_a_dead_one() {
         since_kill < LEASE_TTL + INTERVAL + Duration::from_secs(5),
         "takeover took {since_kill:?}"
     );
+    // A sync records its holder when it starts and `last_sync` when it ends, which can be
+    // after its events are stored: wait for the end.
     for url in &urls {
-        let state = b
-            .manager
-            .peers()
-            .state(url)
-            .await
-            .unwrap()
-            .expect("peer state");
-        assert_eq!(state.holder, "replica-b", "{url} synced by the survivor");
-        assert!(
-            state.last_sync >= killed_secs,
-            "{url} synced after the kill"
-        );
+        let manager = &b.manager;
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{url} synced by the survivor after the kill"),
+            || async move {
+                let state = manager
+                    .peers()
+                    .state(url)
+                    .await
+                    .unwrap()
+                    .expect("peer state");
+                state.holder == "replica-b" && state.last_sync >= killed_secs
+            },
+        )
+        .await;
     }
     drop(b);
+}
+
+/// `cmd` without any ORLY_* variable of the caller's environment: a child sees only what the
+/// test gives it.
+fn clean(mut cmd: std::process::Command) -> std::process::Command {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ORLY_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    cmd
+}
+
+/// The body of `GET path` on `addr` (HTTP/1.0: the server closes when done), or `None` when
+/// nothing answers.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    Some(match text.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => text,
+    })
+}
+
+/// One `orly sync-negentropy` process on `addr`, with its Prometheus metrics on the same IP,
+/// over the SQLite database in `data_dir`; SIGKILLed when dropped.
+struct NegProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl NegProcess {
+    async fn start(addr: SocketAddr, data_dir: &Path) -> Self {
+        let metrics = SocketAddr::new(addr.ip(), free_port_on(addr.ip()));
+        let child = clean(orly_command("sync-negentropy"))
+            .env("ORLY_SYNC_NEGENTROPY_LISTEN", addr.to_string())
+            .env("ORLY_SYNC_NEGENTROPY_DB_TYPE", "sqlite")
+            .env("ORLY_DATA_DIR", data_dir)
+            .env("ORLY_SYNC_NEGENTROPY_AUTOSTART", "false")
+            .env("ORLY_METRICS_LISTEN", metrics.to_string())
+            .env("ORLY_LOG_LEVEL", "warn")
+            .spawn()
+            .expect("spawn orly sync-negentropy");
+        let mut p = Self {
+            child,
+            addr,
+            metrics,
+        };
+        // Ready when it lists its sessions and serves its metrics.
+        let client = p.client();
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("orly sync-negentropy on {addr} exited: {status}");
+            }
+            if client.list_sessions().await.is_ok()
+                && http_get(p.metrics, "/metrics").await.is_some()
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the replica on {addr} did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        p
+    }
+
+    /// A client of this replica alone.
+    fn client(&self) -> GrpcNegentropy {
+        let opts = ClientOptions::new("orly-sync-negentropy", Duration::from_secs(5));
+        GrpcNegentropy::on(GrpcChannel::connect_lazy(&self.addr.to_string(), opts).unwrap())
+    }
+
+    /// The subscription ids of the sessions this replica holds.
+    async fn sessions(&self) -> Vec<String> {
+        self.client()
+            .list_sessions()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.subscription_id)
+            .collect()
+    }
+
+    /// The sessions this replica opened: its `orly_negentropy_messages_total{type="open"}`.
+    async fn opens(&self) -> u64 {
+        let text = http_get(self.metrics, "/metrics")
+            .await
+            .unwrap_or_else(|| panic!("no metrics from the replica on {}", self.addr));
+        text.lines()
+            .filter(|l| {
+                l.starts_with("orly_negentropy_messages_total{") && l.contains("type=\"open\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NegProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How many sessions each replica opened since `before` (replica address → count).
+async fn opens_since(
+    replicas: &[&NegProcess],
+    before: &BTreeMap<SocketAddr, u64>,
+) -> BTreeMap<SocketAddr, u64> {
+    let mut out = BTreeMap::new();
+    for r in replicas {
+        let now = r.opens().await;
+        out.insert(r.addr, now - before.get(&r.addr).copied().unwrap_or(0));
+    }
+    out
+}
+
+async fn opens_now(replicas: &[&NegProcess]) -> BTreeMap<SocketAddr, u64> {
+    opens_since(replicas, &BTreeMap::new()).await
+}
+
+/// An `orly` relay process (`envs` on top of a loopback listener), SIGKILLed when dropped.
+struct RelayProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl RelayProcess {
+    async fn start(envs: &[(&str, String)]) -> Self {
+        let port = common::free_port();
+        let mut cmd = clean(orly_command(""));
+        cmd.env("ORLY_LISTEN", "127.0.0.1")
+            .env("ORLY_PORT", port.to_string())
+            .env("ORLY_LOG_LEVEL", "warn");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn orly");
+        let mut relay = Self {
+            child,
+            url: format!("ws://127.0.0.1:{port}"),
+        };
+        let started = Instant::now();
+        while tokio_tungstenite::connect_async(relay.url.as_str())
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = relay.child.try_wait() {
+                panic!("the relay exited: {status}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the relay did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        relay
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn store_cases(store: &SharedStore, cases: &[Arc<ClientCase>]) {
+    for c in cases {
+        for e in c.shared.iter().chain(&c.relay_only) {
+            store.save_event(e).await.unwrap();
+        }
+    }
+}
+
+fn cases(range: std::ops::Range<usize>) -> Vec<Arc<ClientCase>> {
+    range.map(|i| Arc::new(client_case(i))).collect()
+}
+
+/// Issue 16's acceptance, as a user runs it: an `orly` relay process with
+/// `ORLY_GRPC_SYNC_NEGENTROPY=neg.orly.test:P`, resolved by a real DNS server
+/// (`ORLY_DNS_SERVERS`) to the loopback addresses of `orly sync-negentropy` processes, as a
+/// headless Service's name resolves to its pods. Which replica served what comes from the
+/// replicas' own metrics (`orly_negentropy_messages_total{type="open"}`) and session lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_behind_one_name_share_sessions_grow_and_lose_one() {
+    const CLIENTS: usize = 16;
+    const NAME: &str = "neg.orly.test";
+    const RESOLVE: Duration = Duration::from_millis(500);
+    let dir = tempfile::tempdir().unwrap();
+    // The database the relay and the replicas share (created and migrated here first).
+    let store: SharedStore = Arc::new(
+        orly_db::sqlite::SqliteStore::open(&dir.path().join("orly.db"))
+            .await
+            .unwrap(),
+    );
+    let ips = [loopback(2), loopback(3), loopback(4)];
+    let port = free_port_on_all(&ips);
+    assert_ne!(port, 0, "a port free on 127.0.0.2-4");
+    let at = |ip| SocketAddr::new(ip, port);
+    let mut r2 = NegProcess::start(at(ips[0]), dir.path()).await;
+    let r3 = NegProcess::start(at(ips[1]), dir.path()).await;
+    let dns = TestDns::start().await.unwrap();
+    dns.set(NAME, &ips[..2]);
+    let relay = RelayProcess::start(&[
+        ("ORLY_DB_TYPE", "sqlite".into()),
+        ("ORLY_DATA_DIR", dir.path().display().to_string()),
+        ("ORLY_SYNC_TYPE", "grpc".into()),
+        ("ORLY_NEGENTROPY_ENABLED", "true".into()),
+        ("ORLY_GRPC_SYNC_NEGENTROPY", format!("{NAME}:{port}")),
+        ("ORLY_DNS_SERVERS", dns.addr().to_string()),
+        (
+            "ORLY_GRPC_RESOLVE_INTERVAL",
+            format!("{}ms", RESOLVE.as_millis()),
+        ),
+    ])
+    .await;
+    let url = relay.url.clone();
+
+    // 16 concurrent nostr-sdk syncs land on both replicas.
+    let first = cases(0..CLIENTS);
+    store_cases(&store, &first).await;
+    let before = opens_now(&[&r2, &r3]).await;
+    sync_all_concurrently(&url, &first).await;
+    let split = opens_since(&[&r2, &r3], &before).await;
+    eprintln!("sessions opened per replica by {CLIENTS} concurrent syncs, two replicas: {split:?}");
+    assert!(
+        split.values().all(|&n| n > 0),
+        "a replica got no sessions: {split:?}"
+    );
+    assert!(split.values().sum::<u64>() >= CLIENTS as u64, "{split:?}");
+
+    // A third replica joins the name: new sessions reach it once the relay re-resolves.
+    let r4 = NegProcess::start(at(ips[2]), dir.path()).await;
+    let mut raw = RawClient::connect(&url).await;
+    dns.set(NAME, &ips);
+    let added = Instant::now();
+    let mut probes = 0;
+    while r4.opens().await == 0 {
+        assert!(
+            added.elapsed() < Duration::from_secs(30),
+            "the third replica got no session in 30 s"
+        );
+        let sub = format!("probe{probes}");
+        probes += 1;
+        raw.send_json(json!(["NEG-OPEN", sub, {"kinds": [1], "limit": 10}, "6100"]))
+            .await;
+        let v = raw.recv().await;
+        assert_eq!(v[0], "NEG-MSG", "{v}");
+        raw.send_json(json!(["NEG-CLOSE", sub])).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "third replica's first session {:?} after it joined the name ({probes} opens; re-resolve interval {RESOLVE:?})",
+        added.elapsed()
+    );
+    let more = cases(CLIENTS..2 * CLIENTS);
+    store_cases(&store, &more).await;
+    let before = opens_now(&[&r2, &r3, &r4]).await;
+    sync_all_concurrently(&url, &more).await;
+    let split = opens_since(&[&r2, &r3, &r4], &before).await;
+    eprintln!(
+        "sessions opened per replica by {CLIENTS} concurrent syncs, three replicas: {split:?}"
+    );
+    assert!(
+        split.get(&r4.addr).is_some_and(|&n| n > 0),
+        "the third replica got none of the syncs: {split:?}"
+    );
+
+    // Sessions held open until one lands on replica 2; then replica 2 is killed (the name
+    // still lists it, as a Service does until its endpoints catch up).
+    let mut on_r2 = None;
+    for s in 0..24 {
+        let sub = format!("held{s}");
+        raw.send_json(json!(["NEG-OPEN", sub, {"kinds": [1], "limit": 10}, "6100"]))
+            .await;
+        let v = raw.recv().await;
+        assert_eq!(v[0], "NEG-MSG", "{v}");
+        if r2.sessions().await.contains(&sub) {
+            on_r2 = Some(sub);
+            break;
+        }
+    }
+    let on_r2 = on_r2.expect("a held session lands on replica 2");
+    r2.kill();
+
+    // Its session ends with `closed:`; opened again, it lands on a survivor.
+    raw.send_json(json!(["NEG-MSG", on_r2, "6100"])).await;
+    let v = raw.recv().await;
+    assert_eq!(v[0], "NEG-ERR", "{v}");
+    assert_eq!(v[1], on_r2.as_str());
+    assert!(
+        v[2].as_str().is_some_and(|r| r.starts_with("closed:")),
+        "{v}"
+    );
+    raw.send_json(json!(["NEG-OPEN", on_r2, {"kinds": [1], "limit": 10}, "6100"]))
+        .await;
+    let v = raw.recv().await;
+    assert_eq!(v[0], "NEG-MSG", "reopened on a survivor: {v}");
+    assert!(
+        r3.sessions().await.contains(&on_r2) || r4.sessions().await.contains(&on_r2),
+        "the reopened session is on a survivor"
+    );
+
+    // Every new sync works, while the name still lists the dead replica and after it is gone.
+    let stale = cases(2 * CLIENTS..3 * CLIENTS);
+    store_cases(&store, &stale).await;
+    let before = opens_now(&[&r3, &r4]).await;
+    sync_all_concurrently(&url, &stale).await;
+    let split = opens_since(&[&r3, &r4], &before).await;
+    eprintln!(
+        "sessions opened per survivor by {CLIENTS} syncs, the dead replica still in DNS: {split:?}"
+    );
+    assert!(split.values().sum::<u64>() >= CLIENTS as u64, "{split:?}");
+    dns.set(NAME, &ips[1..]);
+    let gone = cases(3 * CLIENTS..4 * CLIENTS);
+    store_cases(&store, &gone).await;
+    let before = opens_now(&[&r3, &r4]).await;
+    sync_all_concurrently(&url, &gone).await;
+    let split = opens_since(&[&r3, &r4], &before).await;
+    eprintln!(
+        "sessions opened per survivor by {CLIENTS} syncs, the dead replica out of DNS: {split:?}"
+    );
+    assert!(split.values().all(|&n| n > 0), "{split:?}");
+
+    for c in first.iter().chain(&more).chain(&stale).chain(&gone) {
+        let author = Filter::new().author(c.keys.public_key());
+        assert_eq!(
+            stored_ids(&store, author).await,
+            ids(&[&c.shared, &c.client_only, &c.relay_only]),
+            "the relay holds the union"
+        );
+    }
+    drop(raw);
+    drop(relay);
+    drop((r3, r4));
 }
