@@ -26,6 +26,8 @@ pub enum Program {
     Service(Service),
     /// The supervisor of the split deployment.
     Launcher,
+    /// `orly drain`: tells the relay on this host to drain (a pod's preStop hook).
+    Drain,
 }
 
 impl Program {
@@ -46,6 +48,7 @@ impl Program {
         match self {
             Program::Service(s) => s.name(),
             Program::Launcher => orly_launcher::SUBCOMMAND,
+            Program::Drain => orly_consts::RELAY_DRAIN_SUBCOMMAND,
         }
     }
 
@@ -54,6 +57,7 @@ impl Program {
         match self {
             Program::Service(s) => s.binary(),
             Program::Launcher => orly_launcher::BINARY,
+            Program::Drain => Service::Relay.binary(),
         }
     }
 }
@@ -75,7 +79,12 @@ pub fn route(args: &[OsString]) -> (Program, Vec<OsString>) {
         return (p, args.to_vec());
     }
     let sub = args.get(1).and_then(|a| a.to_str()).unwrap_or_default();
-    match Program::ALL.into_iter().find(|p| p.subcommand() == sub) {
+    let drain = (sub == orly_consts::RELAY_DRAIN_SUBCOMMAND).then_some(Program::Drain);
+    match Program::ALL
+        .into_iter()
+        .find(|p| p.subcommand() == sub)
+        .or(drain)
+    {
         Some(p) => {
             // `orly db --help` shows "Usage: orly db …".
             let mut rest = vec![OsString::from(format!("orly {sub}"))];
@@ -96,6 +105,10 @@ fn relay_after_help() -> String {
     for p in Program::ALL {
         text.push_str(&format!("  orly {:<18} {}\n", p.subcommand(), p.binary()));
     }
+    text.push_str(
+        "  orly drain              drain the relay on this host before it stops \
+         (`orly drain --help`)\n",
+    );
     text
 }
 
@@ -113,7 +126,89 @@ pub fn main() -> ExitCode {
         Program::Service(Service::SyncNegentropy) => orly_sync_negentropy::cli::main_from(args),
         // The launcher starts the other programs through this very binary.
         Program::Launcher => orly_launcher::cli::main_from(args, std::env::current_exe().ok()),
+        Program::Drain => drain_main_from(args),
     }
+}
+
+/// `orly drain`: what a relay pod runs before it stops.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "orly drain",
+    about = "Drain the relay on this host: it stops taking WebSockets (and reports not ready), \
+             closes every one with 1001 (going away), and this command returns when they are \
+             gone or the timeout passed. Exit status 0 when drained or when no relay listens."
+)]
+pub struct DrainCli {
+    /// The relay's port on loopback.
+    #[arg(long, env = "ORLY_PORT", default_value_t = orly_consts::Service::Relay.default_port())]
+    pub port: u16,
+    /// How long to wait for the connections to close.
+    #[arg(long, default_value = "25s", value_parser = orly_common::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+fn drain_main_from(args: Vec<OsString>) -> ExitCode {
+    let cli = <DrainCli as clap::Parser>::parse_from(args);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("orly drain: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(drain(cli.port, cli.timeout)) {
+        Ok(answer) => {
+            println!("orly drain: {answer}");
+            if answer.starts_with("200") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            println!(
+                "orly drain: no relay listens on port {}; nothing to drain",
+                cli.port
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("orly drain: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// POSTs the drain request to the relay on loopback; the status line and body of the answer.
+pub async fn drain(port: u16, timeout: std::time::Duration) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!(
+        "POST {}?timeout={}ms HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n",
+        crate::server::DRAIN_PATH,
+        timeout.as_millis()
+    );
+    tcp.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    // The relay answers within the timeout; a little more for the answer itself.
+    tokio::time::timeout(
+        timeout + std::time::Duration::from_secs(5),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the relay did not answer"))??;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_once(' ').map(|(_, rest)| rest.to_string()))
+        .unwrap_or_default();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
+    Ok(format!("{status}: {body}"))
 }
 
 /// The relay with `args` (the first is the program name). Bad arguments and `--help` exit
@@ -178,15 +273,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         nip77 = cli.negentropy(),
         "starting relay"
     );
-    let relay = Relay::with_admin(relay_cfg, store.clone(), acl, Some(admin));
-    let (negentropy_tasks, negentropy_peers) = if cli.negentropy() {
-        enable_negentropy(&cli, &relay, &store).await?
+    let (negentropy, negentropy_tasks, negentropy_peers) = if cli.negentropy() {
+        enable_negentropy(&cli, &store).await?
     } else {
-        (Vec::new(), None)
+        (None, Vec::new(), None)
     };
-    let sync = enable_sync(&cli, &relay, &store, negentropy_peers)?;
-    let follower = (!cli.store_follow_interval.is_zero())
-        .then(|| crate::sync::spawn_follower(relay.clone(), cli.store_follow_interval));
+    let (sync, hooks) = enable_sync(&cli, &store, negentropy_peers)?;
+    let mut builder = Relay::builder(relay_cfg, store.clone(), acl).admin(admin);
+    if let Some(n) = negentropy {
+        builder = builder.negentropy(n);
+    }
+    if let Some(h) = hooks {
+        builder = builder.sync(h);
+    }
+    let relay = builder.build();
     let addr = std::net::SocketAddr::new(cli.listen, cli.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -194,23 +294,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let running = crate::spawn(listener, relay)?;
     println!("orly relay listening on ws://{}", running.addr);
 
-    // NIP-40: expired events are filtered at query time and purged in the background.
-    let purge = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-        loop {
-            tick.tick().await;
-            match store.delete_expired().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(count = n, "purged expired events"),
-                Err(e) => tracing::debug!(error = %e, "expired-event purge skipped"),
-            }
-        }
-    });
+    // NIP-40: expired events are filtered at query time and purged in the background, by one
+    // of the processes sharing the store at a time.
+    let purge = orly_db::spawn_purger(
+        store.clone(),
+        format!("relay:{}", running.relay.instance),
+        cli.purge_interval,
+    );
     orly_common::shutdown_signal().await;
     purge.abort();
-    if let Some(f) = follower {
-        f.abort();
-    }
     sync.stop().await;
     for t in negentropy_tasks {
         t.abort();
@@ -229,9 +321,12 @@ type NegentropyPeerList = Option<Arc<dyn NegentropyPeers>>;
 /// returns the peer list the relay group feeds.
 async fn enable_negentropy(
     cli: &Cli,
-    relay: &Arc<Relay>,
     store: &orly_db::SharedStore,
-) -> anyhow::Result<(Vec<tokio::task::JoinHandle<()>>, NegentropyPeerList)> {
+) -> anyhow::Result<(
+    Option<Arc<dyn orly_sync_negentropy::NegentropyHandler>>,
+    Vec<tokio::task::JoinHandle<()>>,
+    NegentropyPeerList,
+)> {
     use orly_sync_negentropy::{
         GrpcNegentropy, NegentropyEngine, ReplicatedNegentropy, SyncManager,
     };
@@ -240,7 +335,6 @@ async fn enable_negentropy(
             ReplicatedNegentropy::connect_lazy(&cli.grpc_sync_negentropy, cli.grpc_sync_timeout)
                 .map_err(anyhow::Error::msg)
                 .context("orly-sync-negentropy client")?;
-        relay.enable_negentropy(Arc::new(client));
         // Peers live in the shared store: any replica takes the relay group's changes.
         let first = cli
             .grpc_sync_negentropy
@@ -250,14 +344,13 @@ async fn enable_negentropy(
         let peers = GrpcNegentropy::connect_lazy(first, cli.grpc_sync_timeout)
             .map_err(anyhow::Error::msg)?;
         tracing::info!(servers = %cli.grpc_sync_negentropy, "NIP-77 via orly-sync-negentropy");
-        return Ok((Vec::new(), Some(Arc::new(peers))));
+        return Ok((Some(Arc::new(client)), Vec::new(), Some(Arc::new(peers))));
     }
     let (engine_settings, sync_settings, peers) = cli.negentropy_settings();
     let engine = NegentropyEngine::new(store.clone(), engine_settings)
         .map_err(anyhow::Error::msg)
         .context("negentropy settings")?;
     let mut tasks = vec![engine.spawn_reaper()];
-    relay.enable_negentropy(engine);
     let mut peer_list: NegentropyPeerList = None;
     if !peers.is_empty() || !cli.relay_group_admin_list().trim().is_empty() {
         let manager = SyncManager::new(store.clone(), sync_settings)
@@ -278,7 +371,7 @@ async fn enable_negentropy(
         }));
     }
     tracing::info!("NIP-77 in-process");
-    Ok((tasks, peer_list))
+    Ok((Some(engine), tasks, peer_list))
 }
 
 /// The running peer sync: in-process engines to stop, and the relay's background tasks.
@@ -309,10 +402,9 @@ impl RunningSync {
 /// relay group admins), or the services named by `ORLY_GRPC_SYNC_*` with `grpc`.
 fn enable_sync(
     cli: &Cli,
-    relay: &Arc<Relay>,
     store: &orly_db::SharedStore,
     negentropy_peers: NegentropyPeerList,
-) -> anyhow::Result<RunningSync> {
+) -> anyhow::Result<(RunningSync, Option<Arc<SyncHooks>>)> {
     use orly_sync::{
         ClusterApi, ClusterSettings, ClusterSync, DistributedApi, DistributedSettings,
         DistributedSync, GrpcCluster, GrpcDistributed, GrpcRelayGroup, RelayGroup, RelayGroupApi,
@@ -397,7 +489,7 @@ fn enable_sync(
         (distributed, cluster, relaygroup)
     };
     if distributed.is_none() && cluster.is_none() && relaygroup.is_none() {
-        return Ok(running);
+        return Ok((running, None));
     }
     tracing::info!(
         sync_type = %cli.sync_type,
@@ -413,11 +505,10 @@ fn enable_sync(
         relaygroup,
         negentropy_peers,
     ));
-    relay.enable_sync(hooks.clone());
     if has_group {
-        running.tasks.push(hooks.spawn_feeder(relay.clone()));
+        running.tasks.push(hooks.spawn_feeder(store.clone()));
     }
-    Ok(running)
+    Ok((running, Some(hooks)))
 }
 
 #[cfg(test)]

@@ -234,10 +234,10 @@ pub struct Cli {
     /// ORLY_RELAY_GROUP_ADMINS.
     #[arg(long, env = "ORLY_SYNC_RELAYGROUP_ADMINS")]
     pub sync_relaygroup_admins: Option<String>,
-    /// How often the relay looks for events stored by other processes (sync services, other
-    /// relay replicas) to deliver them to live subscriptions; 0 disables.
-    #[arg(long, env = "ORLY_STORE_FOLLOW_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
-    pub store_follow_interval: Duration,
+    /// How often this process may purge expired (NIP-40) events; one process among those
+    /// sharing the store does it at a time (a store lease).
+    #[arg(long, env = "ORLY_PURGE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub purge_interval: Duration,
 
     /// NIP-11 name.
     #[arg(long, env = "ORLY_APP_NAME", default_value = "orly")]
@@ -277,9 +277,24 @@ pub struct Cli {
     /// How far in the future an event's created_at may be.
     #[arg(long, env = "ORLY_CREATED_AT_FUTURE_LIMIT", default_value = "15m", value_parser = parse_duration)]
     pub created_at_future_limit: Duration,
-    /// Messages queued for one connection before it is dropped as a slow reader.
-    #[arg(long, env = "ORLY_SEND_QUEUE", default_value_t = 1024)]
-    pub send_queue: usize,
+    /// Bytes queued for one connection (stored results, live events, NIP-77 replies) before
+    /// it is closed as too slow a reader; stored results wait at half of it.
+    #[arg(long, env = "ORLY_MAX_OUTBOUND_BYTES", default_value_t = 16 << 20)]
+    pub max_outbound_bytes: usize,
+    /// Bytes queued for every connection together; past it new REQs get `CLOSED
+    /// "rate-limited: …"` and connections holding more than half their own budget are closed.
+    #[arg(long, env = "ORLY_MAX_OUTBOUND_BYTES_TOTAL", default_value_t = 1 << 30)]
+    pub max_outbound_bytes_total: usize,
+    /// How long one WebSocket send may take; a client that reads nothing for this long is
+    /// closed and its queue freed.
+    #[arg(long, env = "ORLY_WRITE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+    /// Deadline of a REQ's stored part (query and sending); past it the REQ gets `CLOSED`.
+    #[arg(long, env = "ORLY_QUERY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub query_timeout: Duration,
+    /// Stored queries one connection runs at once; more REQs wait their turn.
+    #[arg(long, env = "ORLY_MAX_CONCURRENT_REQS", default_value_t = 4)]
+    pub max_concurrent_reqs: usize,
     /// EVENTs accepted per connection per second (0: unlimited); excess gets `rate-limited:`.
     #[arg(long, env = "ORLY_EVENTS_PER_SECOND", default_value_t = 0)]
     pub events_per_second: u32,
@@ -418,7 +433,11 @@ impl Cli {
                 max_filter_values: self.max_filter_values,
                 max_event_tags: self.max_event_tags,
                 created_at_future_limit: self.created_at_future_limit,
-                send_queue: self.send_queue,
+                max_outbound_bytes: self.max_outbound_bytes,
+                max_outbound_bytes_total: self.max_outbound_bytes_total,
+                write_timeout: self.write_timeout,
+                query_timeout: self.query_timeout,
+                max_concurrent_reqs: self.max_concurrent_reqs.max(1),
                 events_per_second: self.events_per_second,
                 ping_interval: self.ping_interval,
             },
@@ -540,7 +559,11 @@ pub struct Limits {
     pub max_filter_values: usize,
     pub max_event_tags: usize,
     pub created_at_future_limit: Duration,
-    pub send_queue: usize,
+    pub max_outbound_bytes: usize,
+    pub max_outbound_bytes_total: usize,
+    pub write_timeout: Duration,
+    pub query_timeout: Duration,
+    pub max_concurrent_reqs: usize,
     pub events_per_second: u32,
     pub ping_interval: Duration,
 }
@@ -556,7 +579,11 @@ impl Default for Limits {
             max_filter_values: 2000,
             max_event_tags: 2500,
             created_at_future_limit: Duration::from_secs(900),
-            send_queue: 1024,
+            max_outbound_bytes: 16 << 20,
+            max_outbound_bytes_total: 1 << 30,
+            write_timeout: Duration::from_secs(20),
+            query_timeout: Duration::from_secs(30),
+            max_concurrent_reqs: 4,
             events_per_second: 0,
             ping_interval: Duration::from_secs(30),
         }

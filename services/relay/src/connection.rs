@@ -1,53 +1,258 @@
 //! One WebSocket connection: reads client messages, answers them, and carries its live
-//! subscriptions' events, with bounded queues and keep-alive pings. Access decisions come
-//! from the relay's ACL; privileged kinds (DMs, gift wraps, ...) reach only their parties.
+//! subscriptions' events. Access decisions come from the relay's ACL; privileged kinds (DMs,
+//! gift wraps, …) reach only their parties.
+//!
+//! Everything sent goes through the connection's [`Outbox`], bounded in bytes: stored results
+//! wait while it is half full, live events and replies are queued at once, and a connection
+//! past its budget — or whose socket took longer than the write timeout for one send — is
+//! closed and its queue freed. The reader never waits for the socket: it always sees the
+//! close and shutdown signals. REQs run in their own tasks (several at once, cancelled by
+//! CLOSE, with a deadline) and hand over to the live feed by serial ([`crate::live`]).
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::{SinkExt, StreamExt};
-use nostr::{Event, Filter, JsonUtil, Kind, PublicKey, TagKind};
-use orly_db::SaveOutcome;
-use parking_lot::RwLock;
+use nostr::{Event, Filter, JsonUtil, Kind, PublicKey, SingleLetterTag, TagKind};
+use orly_db::{RawEvent, SaveOutcome};
+use parking_lot::{Mutex, RwLock};
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::AbortHandle;
 
 use orly_acl::privileged;
+use orly_common::time::now_secs;
 
 use crate::acl::{AccessContext, Decision};
+use crate::live::{LiveEvent, LiveSub, SubKey, Subscriber};
 use crate::message::{self, ClientMessage};
-use crate::server::Relay;
-use crate::subscriptions::ConnHandle;
+use crate::state::{OutboundBytes, Relay};
 
 /// EVENTs of one connection processed at once (verification and storage overlap).
 const EVENT_CONCURRENCY: u32 = 32;
 /// How far an AUTH event's created_at may be from now.
 const AUTH_WINDOW_SECS: u64 = 600;
+/// Longest wait for a close frame to go out once the connection is closing.
+const CLOSE_FRAME_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// What the writer takes next.
+enum Next {
+    Send(String),
+    /// The outbox is closed: send this close frame (if any) and stop.
+    Close(Option<CloseFrame>),
 }
 
-/// Per-connection state shared with the tasks that process its EVENTs.
+#[derive(Default)]
+struct OutboxState {
+    queue: VecDeque<String>,
+    bytes: usize,
+    closed: bool,
+    frame: Option<CloseFrame>,
+}
+
+/// A connection's outbound queue, bounded in bytes (see the module docs).
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    /// Wakes the writer.
+    ready: Notify,
+    /// Wakes stored-result senders waiting for room.
+    room: Notify,
+    closed: watch::Sender<bool>,
+    budget: usize,
+    total: Arc<OutboundBytes>,
+    total_limit: usize,
+}
+
+impl Outbox {
+    pub fn new(budget: usize, total: Arc<OutboundBytes>, total_limit: usize) -> Self {
+        Self {
+            state: Mutex::new(OutboxState::default()),
+            ready: Notify::new(),
+            room: Notify::new(),
+            closed: watch::channel(false).0,
+            budget: budget.max(1),
+            total,
+            total_limit,
+        }
+    }
+
+    /// Bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    fn enqueue(&self, st: &mut OutboxState, msg: String) {
+        st.bytes += msg.len();
+        self.total.add(msg.len());
+        st.queue.push_back(msg);
+        self.ready.notify_one();
+    }
+
+    /// Queues a reply or a live event at once; past the budget the connection is closed
+    /// instead. `false`: closed (now or before).
+    pub fn push(&self, msg: String) -> bool {
+        let mut st = self.state.lock();
+        if st.closed {
+            return false;
+        }
+        if st.bytes + msg.len() > self.budget {
+            drop(st);
+            metrics::counter!("orly_slow_consumers_dropped_total", "reason" => "budget")
+                .increment(1);
+            self.close(
+                1008,
+                "rate-limited: reading too slowly: outbound budget exceeded",
+            );
+            return false;
+        }
+        if st.bytes > self.budget / 2 && self.total.get() > self.total_limit {
+            drop(st);
+            metrics::counter!("orly_slow_consumers_dropped_total", "reason" => "total_budget")
+                .increment(1);
+            self.close(
+                1008,
+                "rate-limited: reading too slowly while the relay is short of memory",
+            );
+            return false;
+        }
+        self.enqueue(&mut st, msg);
+        true
+    }
+
+    /// Queues a stored result, waiting while the outbox is half full (a slow reader slows
+    /// its own REQ, nothing else). `false`: the connection closed.
+    pub async fn push_stored(&self, msg: String) -> bool {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut st = self.state.lock();
+                if st.closed {
+                    return false;
+                }
+                if st.bytes == 0 || st.bytes + msg.len() <= self.budget / 2 {
+                    self.enqueue(&mut st, msg);
+                    return true;
+                }
+            }
+            room.await;
+        }
+    }
+
+    async fn next(&self) -> Next {
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            {
+                let mut st = self.state.lock();
+                if let Some(m) = st.queue.pop_front() {
+                    st.bytes -= m.len();
+                    self.total.sub(m.len());
+                    drop(st);
+                    self.room.notify_waiters();
+                    return Next::Send(m);
+                }
+                if st.closed {
+                    return Next::Close(st.frame.take());
+                }
+            }
+            ready.await;
+        }
+    }
+
+    /// Closes with a close frame (`code`, `reason`); what is queued is dropped at once.
+    pub fn close(&self, code: u16, reason: &str) {
+        self.close_with(Some(CloseFrame {
+            code,
+            reason: reason.to_string().into(),
+        }));
+    }
+
+    fn close_with(&self, frame: Option<CloseFrame>) {
+        {
+            let mut st = self.state.lock();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+            st.frame = frame;
+            self.total.sub(st.bytes);
+            st.bytes = 0;
+            st.queue = VecDeque::new();
+        }
+        self.closed.send_replace(true);
+        self.ready.notify_one();
+        self.room.notify_waiters();
+    }
+
+    async fn wait_closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.total.sub(self.state.get_mut().bytes);
+    }
+}
+
+/// The connection as its live subscriptions see it.
+struct ConnSink {
+    outbox: Arc<Outbox>,
+    authed: Arc<RwLock<Vec<PublicKey>>>,
+    /// Privileged kinds filtered (not `privileged_open`).
+    gate: bool,
+    readers: Vec<PublicKey>,
+}
+
+impl ConnSink {
+    fn may_see(&self, e: &LiveEvent) -> bool {
+        !self.gate || e.may_see(&self.authed.read(), &self.readers)
+    }
+}
+
+impl Subscriber for ConnSink {
+    fn deliver(&self, sub_id: &str, e: &LiveEvent) -> bool {
+        if !self.may_see(e) {
+            return true;
+        }
+        self.outbox
+            .push(message::event_message(sub_id, &e.raw.json))
+    }
+}
+
+struct OpenSub {
+    key: SubKey,
+    task: AbortHandle,
+}
+
+/// Per-connection state shared with the tasks that process its messages.
 struct Conn {
     relay: Arc<Relay>,
     ip: IpAddr,
     challenge: String,
-    /// NIP-42 identities, shared with the writer (which filters live privileged events).
     authed: Arc<RwLock<Vec<PublicKey>>>,
-    /// Replies (OK, EOSE, CLOSED, stored events): awaited, so a slow reader slows only itself.
-    out: mpsc::Sender<String>,
-    handle: Arc<ConnHandle>,
+    outbox: Arc<Outbox>,
+    sink: Arc<ConnSink>,
+    subs: Mutex<HashMap<String, OpenSub>>,
+    /// Open NIP-77 sessions (they count against the subscription limit).
+    neg_sessions: Mutex<HashSet<String>>,
     /// This connection's id at the negentropy subsystem (unique across relay processes).
     neg_key: String,
     events_in_flight: Arc<Semaphore>,
-    bucket: parking_lot::Mutex<TokenBucket>,
+    reqs: Arc<Semaphore>,
+    bucket: Mutex<TokenBucket>,
 }
 
 /// A per-connection EVENT budget.
@@ -56,14 +261,41 @@ struct TokenBucket {
     last: Instant,
 }
 
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
 impl Conn {
-    async fn send(&self, msg: String) {
-        // Fails only when the writer is gone, i.e. the connection is closing.
-        let _ = self.out.send(msg).await;
+    fn send(&self, msg: String) {
+        // Fails only when the connection is closing.
+        let _ = self.outbox.push(msg);
     }
 
     fn authed(&self) -> Vec<PublicKey> {
         self.authed.read().clone()
+    }
+
+    fn open_count(&self) -> usize {
+        self.subs.lock().len() + self.neg_sessions.lock().len()
+    }
+
+    /// Ends subscription `sub_id` (its stored part too); `true` if it was open.
+    fn close_sub(&self, sub_id: &str) -> bool {
+        let open = self.subs.lock().remove(sub_id);
+        match open {
+            Some(o) => {
+                o.task.abort();
+                self.relay.live.unsubscribe(o.key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn close_all(&self) {
+        let subs: Vec<OpenSub> = self.subs.lock().drain().map(|(_, o)| o).collect();
+        for o in subs {
+            o.task.abort();
+            self.relay.live.unsubscribe(o.key);
+        }
     }
 
     fn take_token(&self) -> bool {
@@ -89,161 +321,152 @@ impl Conn {
 /// relay shuts down.
 pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
     let limits = relay.config.limits.clone();
-    let (out_tx, out_rx) = mpsc::channel::<String>(limits.send_queue);
-    let (live_tx, live_rx) = mpsc::channel::<String>(limits.send_queue);
-    let handle = Arc::new(ConnHandle::new(live_tx));
-    let conn_id = relay.registry.register(handle.clone());
-    metrics::gauge!("orly_connections").increment(1.0);
-
-    let challenge = hex::encode(rand::random::<[u8; 16]>());
+    let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    relay.connection_opened();
+    let outbox = Arc::new(Outbox::new(
+        limits.max_outbound_bytes,
+        relay.outbound.clone(),
+        limits.max_outbound_bytes_total,
+    ));
     let authed = Arc::new(RwLock::new(Vec::new()));
+    let sink = Arc::new(ConnSink {
+        outbox: outbox.clone(),
+        authed: authed.clone(),
+        gate: !relay.config.privileged_open,
+        readers: relay.config.privileged_readers.clone(),
+    });
     let conn = Arc::new(Conn {
         relay: relay.clone(),
         ip,
-        challenge,
-        authed: authed.clone(),
-        out: out_tx,
-        handle: handle.clone(),
+        challenge: hex::encode(rand::random::<[u8; 16]>()),
+        authed,
+        outbox: outbox.clone(),
+        sink,
+        subs: Mutex::new(HashMap::new()),
+        neg_sessions: Mutex::new(HashSet::new()),
         neg_key: format!("{}-{conn_id}", relay.instance),
         events_in_flight: Arc::new(Semaphore::new(EVENT_CONCURRENCY as usize)),
-        bucket: parking_lot::Mutex::new(TokenBucket {
+        reqs: Arc::new(Semaphore::new(limits.max_concurrent_reqs.max(1))),
+        bucket: Mutex::new(TokenBucket {
             tokens: f64::from(limits.events_per_second),
             last: Instant::now(),
         }),
     });
     tracing::debug!(conn_id, %ip, "connection opened");
 
-    let (sink, mut stream) = socket.split();
+    let (sink_half, mut stream) = socket.split();
     let last_seen = Arc::new(AtomicU64::new(now_secs()));
-    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<CloseFrame>();
-    let privileged = (!relay.config.privileged_open).then(|| PrivilegedGate {
-        authed,
-        readers: relay.config.privileged_readers.clone(),
-    });
-    let mut writer = tokio::spawn(write_loop(
-        sink,
-        out_rx,
-        live_rx,
-        close_rx,
+    let writer = tokio::spawn(write_loop(
+        sink_half,
+        outbox.clone(),
         last_seen.clone(),
         limits.ping_interval,
-        privileged,
+        limits.write_timeout,
     ));
 
-    conn.send(message::auth_message(&conn.challenge)).await;
+    conn.send(message::auth_message(&conn.challenge));
 
     let mut shutdown = relay.shutdown_receiver();
-    let mut writer_done = false;
-    let close = loop {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = outbox.wait_closed() => break,
+            _ = shutdown.wait_for(|s| *s) => {
+                outbox.close(1001, "relay shutting down");
+                break;
+            }
+            msg = stream.next() => msg,
+        };
+        let Some(Ok(msg)) = msg else {
+            outbox.close_with(None);
+            break;
+        };
+        last_seen.store(now_secs(), Ordering::Relaxed);
+        let handled = async {
+            match msg {
+                Message::Text(text) => handle_text(&conn, text.as_str()).await,
+                Message::Binary(_) => conn.send(message::notice_message(
+                    "invalid: binary messages are not supported",
+                )),
+                Message::Close(_) => conn.outbox.close_with(None),
+                Message::Ping(_) | Message::Pong(_) => {}
+            }
+        };
+        // Handling may wait (the ACL, the store, the negentropy service): the close and
+        // shutdown signals still end the connection at once.
         tokio::select! {
-            // The writer ends on a failed send or a silent peer: the connection is over.
-            _ = &mut writer => {
-                writer_done = true;
-                break None;
+            biased;
+            _ = outbox.wait_closed() => break,
+            _ = shutdown.wait_for(|s| *s) => {
+                outbox.close(1001, "relay shutting down");
+                break;
             }
-            msg = stream.next() => {
-                let Some(Ok(msg)) = msg else { break None };
-                last_seen.store(now_secs(), Ordering::Relaxed);
-                match msg {
-                    Message::Text(text) => handle_text(&conn, text.as_str()).await,
-                    Message::Binary(_) => {
-                        conn.send(message::notice_message("invalid: binary messages are not supported")).await;
-                    }
-                    Message::Close(_) => break None,
-                    Message::Ping(_) | Message::Pong(_) => {}
-                }
-            }
-            _ = handle.kill.notified() => {
-                tracing::info!(conn_id, %ip, "closing a connection that reads too slowly");
-                break Some(CloseFrame { code: 1008, reason: "send queue overflow: reading too slowly".into() });
-            }
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                break Some(CloseFrame { code: 1001, reason: "relay shutting down".into() });
-            }
+            _ = handled => {}
         }
-    };
-    relay.registry.unregister(conn_id);
-    metrics::gauge!("orly_connections").decrement(1.0);
-    if let Some(neg) = relay.negentropy() {
+    }
+    conn.close_all();
+    if let Some(neg) = &relay.negentropy {
         neg.close_connection(&conn.neg_key).await;
     }
-    if let Some(frame) = close {
-        let _ = close_tx.send(frame);
-    } else {
-        drop(close_tx);
-    }
-    drop(conn);
-    if !writer_done {
-        let _ = writer.await;
-    }
+    drop(stream);
+    let _ = writer.await;
+    relay.connection_closed();
     tracing::debug!(conn_id, "connection closed");
-}
-
-/// Who may see privileged live events on this connection.
-struct PrivilegedGate {
-    authed: Arc<RwLock<Vec<PublicKey>>>,
-    readers: Vec<PublicKey>,
-}
-
-impl PrivilegedGate {
-    /// Whether a live `["EVENT", sub, event]` message may go out. Only messages of a
-    /// privileged kind are parsed.
-    fn allows(&self, msg: &str) -> bool {
-        match privileged::sniff_kind(msg) {
-            Some(k) if privileged::is_privileged(Kind::from(k)) => {}
-            _ => return true,
-        }
-        match serde_json::from_str::<(String, String, Event)>(msg) {
-            Ok((_, _, event)) => privileged::may_see(&event, &self.authed.read(), &self.readers),
-            Err(_) => false,
-        }
-    }
 }
 
 async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut out: mpsc::Receiver<String>,
-    mut live: mpsc::Receiver<String>,
-    mut close: tokio::sync::oneshot::Receiver<CloseFrame>,
+    outbox: Arc<Outbox>,
     last_seen: Arc<AtomicU64>,
     ping_interval: Duration,
-    privileged: Option<PrivilegedGate>,
+    write_timeout: Duration,
 ) {
     let mut ping = tokio::time::interval(ping_interval);
     ping.tick().await;
     let silence_limit = ping_interval.as_secs().max(1) * 3;
     loop {
         let msg = tokio::select! {
-            biased;
-            frame = &mut close => {
-                if let Ok(frame) = frame {
-                    let _ = sink.send(Message::Close(Some(frame))).await;
+            next = outbox.next() => match next {
+                Next::Send(m) => Message::Text(m.into()),
+                Next::Close(frame) => {
+                    if let Some(frame) = frame {
+                        let wait = write_timeout.min(CLOSE_FRAME_TIMEOUT);
+                        let _ = tokio::time::timeout(wait, sink.send(Message::Close(Some(frame)))).await;
+                    }
+                    break;
                 }
-                break;
-            }
-            m = out.recv() => match m {
-                Some(m) => Message::Text(m.into()),
-                None => break,
             },
-            Some(m) = live.recv() => {
-                if privileged.as_ref().is_some_and(|g| !g.allows(&m)) {
-                    continue;
-                }
-                Message::Text(m.into())
-            }
             _ = ping.tick() => {
                 if now_secs().saturating_sub(last_seen.load(Ordering::Relaxed)) > silence_limit {
-                    let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "idle".into() }))).await;
-                    break;
+                    outbox.close(1001, "idle");
+                    continue;
                 }
                 Message::Ping(Default::default())
             }
         };
-        if sink.send(msg).await.is_err() {
-            break;
+        let sent = tokio::select! {
+            r = tokio::time::timeout(write_timeout, sink.send(msg)) => r,
+            // Closed while this send waits on a stalled socket (over budget, shut down): the
+            // close frame would not get through either; dropping the socket frees it now.
+            _ = outbox.wait_closed() => break,
+        };
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                outbox.close_with(None);
+                break;
+            }
+            Err(_) => {
+                // The socket took no more for a whole write timeout: a close frame would not
+                // get through either. Dropping both halves closes the socket.
+                metrics::counter!("orly_slow_consumers_dropped_total", "reason" => "write_timeout")
+                    .increment(1);
+                tracing::info!("closing a connection whose socket stalled past the write timeout");
+                outbox.close_with(None);
+                break;
+            }
         }
     }
-    let _ = sink.close().await;
 }
 
 async fn handle_text(conn: &Arc<Conn>, text: &str) {
@@ -262,17 +485,18 @@ async fn handle_text(conn: &Arc<Conn>, text: &str) {
             ) = message::parse(text)
             {
                 let reason = reason.replacen("invalid:", "blocked:", 1);
-                conn.send(message::neg_err_message(&sub_id, &reason)).await;
+                conn.neg_sessions.lock().remove(&sub_id);
+                conn.send(message::neg_err_message(&sub_id, &reason));
                 return;
             }
         }
         if text.trim_start().starts_with("[\"EVENT\"") {
             if let Some(id) = message::sniff_event_id(text) {
-                conn.send(message::ok_message(&id, false, &reason)).await;
+                conn.send(message::ok_message(&id, false, &reason));
                 return;
             }
         }
-        conn.send(message::notice_message(&reason)).await;
+        conn.send(message::notice_message(&reason));
         return;
     }
     let parsed = match message::parse(text) {
@@ -283,7 +507,7 @@ async fn handle_text(conn: &Arc<Conn>, text: &str) {
                 Some(sub) => message::closed_message(&sub, &e.message),
                 None => message::notice_message(&e.message),
             };
-            conn.send(msg).await;
+            conn.send(msg);
             return;
         }
     };
@@ -298,11 +522,9 @@ async fn handle_text(conn: &Arc<Conn>, text: &str) {
             handle_count(conn, sub_id, filters).await;
         }
         ClientMessage::Close(sub_id) => {
-            if conn.handle.unsubscribe(&sub_id) {
-                metrics::gauge!("orly_subscriptions").decrement(1.0);
-            }
+            conn.close_sub(&sub_id);
         }
-        ClientMessage::Auth(raw) => handle_auth(conn, raw).await,
+        ClientMessage::Auth(raw) => handle_auth(conn, raw),
         ClientMessage::NegOpen {
             sub_id,
             filter,
@@ -310,14 +532,15 @@ async fn handle_text(conn: &Arc<Conn>, text: &str) {
         } => {
             wait_for_events(conn).await;
             let reply = neg_open(conn, &sub_id, filter, &message).await;
-            conn.send(reply).await;
+            conn.send(reply);
         }
         ClientMessage::NegMsg { sub_id, message } => {
             let reply = neg_msg(conn, &sub_id, &message).await;
-            conn.send(reply).await;
+            conn.send(reply);
         }
         ClientMessage::NegClose(sub_id) => {
-            if let Some(neg) = conn.relay.negentropy() {
+            conn.neg_sessions.lock().remove(&sub_id);
+            if let Some(neg) = &conn.relay.negentropy {
                 neg.close(&conn.neg_key, &sub_id).await;
             }
         }
@@ -325,11 +548,11 @@ async fn handle_text(conn: &Arc<Conn>, text: &str) {
 }
 
 /// The NIP-77 handler, or the NEG-ERR for a relay without one.
-fn negentropy_handler<'a>(
-    conn: &'a Conn,
+fn negentropy_handler(
+    conn: &Conn,
     sub_id: &str,
-) -> Result<&'a Arc<dyn orly_sync_negentropy::NegentropyHandler>, String> {
-    conn.relay.negentropy().ok_or_else(|| {
+) -> Result<Arc<dyn orly_sync_negentropy::NegentropyHandler>, String> {
+    conn.relay.negentropy.clone().ok_or_else(|| {
         message::neg_err_message(
             sub_id,
             "blocked: NIP-77 negentropy is not enabled on this relay",
@@ -338,6 +561,7 @@ fn negentropy_handler<'a>(
 }
 
 fn neg_reply(
+    conn: &Conn,
     sub_id: &str,
     result: Result<orly_sync_negentropy::NegReply, orly_sync_negentropy::NegError>,
 ) -> String {
@@ -345,6 +569,8 @@ fn neg_reply(
         Ok(reply) => message::neg_msg_message(sub_id, &hex::encode(reply.message)),
         Err(e) => {
             metrics::counter!("orly_negentropy_errors_total").increment(1);
+            // A NEG-ERR ends the session.
+            conn.neg_sessions.lock().remove(sub_id);
             message::neg_err_message(sub_id, &e.reason())
         }
     }
@@ -356,21 +582,50 @@ fn decode_neg_hex(sub_id: &str, hex_message: &str) -> Result<Vec<u8>, String> {
     })
 }
 
-/// NEG-OPEN: the filter is read-checked like a REQ's, then the session starts.
+/// NEG-OPEN: the filter is read-checked like a REQ's (privileged kinds only for their
+/// parties), the session counts against the subscription limit, then it starts.
 async fn neg_open(conn: &Conn, sub_id: &str, raw_filter: &RawValue, hex_message: &str) -> String {
     let neg = match negentropy_handler(conn, sub_id) {
-        Ok(n) => n.clone(),
+        Ok(n) => n,
         Err(reply) => return reply,
     };
     let filter = match checked_filters(conn, &[raw_filter]).await {
         Ok(mut f) => f.remove(0),
         Err(reason) => return message::neg_err_message(sub_id, &reason),
     };
+    if !conn.relay.config.privileged_open
+        && names_privileged_kind(std::slice::from_ref(&filter))
+        && !restricted_to_caller(
+            &filter,
+            &conn.authed(),
+            &conn.relay.config.privileged_readers,
+        )
+    {
+        return message::neg_err_message(
+            sub_id,
+            "restricted: privileged kinds are reconciled only for their parties: name yourself in authors or #p",
+        );
+    }
     let initial = match decode_neg_hex(sub_id, hex_message) {
         Ok(b) => b,
         Err(reply) => return reply,
     };
+    let max = conn.relay.config.limits.max_subscriptions;
+    {
+        let subs = conn.subs.lock().len();
+        let mut neg = conn.neg_sessions.lock();
+        if !neg.contains(sub_id) && subs + neg.len() >= max {
+            return message::neg_err_message(
+                sub_id,
+                &format!(
+                    "blocked: too many open subscriptions and NIP-77 sessions (at most {max})"
+                ),
+            );
+        }
+        neg.insert(sub_id.to_string());
+    }
     neg_reply(
+        conn,
         sub_id,
         neg.open(&conn.neg_key, sub_id, &filter, &initial).await,
     )
@@ -378,14 +633,14 @@ async fn neg_open(conn: &Conn, sub_id: &str, raw_filter: &RawValue, hex_message:
 
 async fn neg_msg(conn: &Conn, sub_id: &str, hex_message: &str) -> String {
     let neg = match negentropy_handler(conn, sub_id) {
-        Ok(n) => n.clone(),
+        Ok(n) => n,
         Err(reply) => return reply,
     };
     let msg = match decode_neg_hex(sub_id, hex_message) {
         Ok(b) => b,
         Err(reply) => return reply,
     };
-    neg_reply(sub_id, neg.message(&conn.neg_key, sub_id, &msg).await)
+    neg_reply(conn, sub_id, neg.message(&conn.neg_key, sub_id, &msg).await)
 }
 
 /// Waits until this connection's EVENTs in flight are answered, so a REQ sees them.
@@ -403,12 +658,13 @@ async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
     let conn = conn.clone();
     tokio::spawn(async move {
         let reply = ingest(&conn, &raw).await;
-        conn.send(reply).await;
+        conn.send(reply);
         drop(permit);
     });
 }
 
-/// Validates, authorizes and stores one EVENT; returns the message to send back.
+/// Validates, authorizes and stores (or, ephemeral, publishes) one EVENT; returns the
+/// message to send back. Live delivery is the feed's: nothing here waits for it.
 async fn ingest(conn: &Conn, raw: &str) -> String {
     let relay = &conn.relay;
     let limits = &relay.config.limits;
@@ -450,11 +706,11 @@ async fn ingest(conn: &Conn, raw: &str) -> String {
     }
     let authed = conn.authed();
     if (relay.config.auth_required || relay.config.auth_to_write) && authed.is_empty() {
-        conn.send(message::auth_message(&conn.challenge)).await;
+        conn.send(message::auth_message(&conn.challenge));
         return refuse("auth-required: this relay requires authentication to publish");
     }
     if event.is_protected() && !authed.contains(&event.pubkey) {
-        conn.send(message::auth_message(&conn.challenge)).await;
+        conn.send(message::auth_message(&conn.challenge));
         return refuse(
             "auth-required: this event is protected; authenticate as its author to publish it",
         );
@@ -466,28 +722,32 @@ async fn ingest(conn: &Conn, raw: &str) -> String {
     if let Decision::Deny(reason) = relay.acl.check_write(&ctx, &event).await {
         return refuse(&reason);
     }
+    // Serialized once: what the store keeps and every reader gets, byte for byte.
+    let json = event.as_json();
     if event.kind.is_ephemeral() {
-        relay.registry.broadcast(&event);
-        metrics::counter!("orly_events_total", "result" => "ephemeral").increment(1);
-        return message::ok_message(&id, true, "");
+        return match relay
+            .store
+            .publish_ephemeral(RawEvent::new(0, &event, json))
+            .await
+        {
+            Ok(()) => {
+                metrics::counter!("orly_events_total", "result" => "ephemeral").increment(1);
+                message::ok_message(&id, true, "")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, event_id = %id, "could not publish an ephemeral event");
+                refuse("error: could not publish the event: storage unavailable, try again")
+            }
+        };
     }
-    let hooks = relay.sync_hooks().cloned();
-    if let Some(hooks) = &hooks {
+    if let Some(hooks) = &relay.sync {
         if let Err(reason) = hooks.before_store(&event).await {
             return refuse(&reason);
         }
     }
-    match relay.store.save_event(&event).await {
-        Ok(SaveOutcome::Stored { serial }) => {
+    match relay.store.save_json(&event, &json).await {
+        Ok(SaveOutcome::Stored { .. }) => {
             metrics::counter!("orly_events_total", "result" => "stored").increment(1);
-            if relay.delivery.stored_here(serial) {
-                relay.registry.broadcast(&event);
-            }
-            if let Some(hooks) = hooks {
-                let relay = relay.clone();
-                let event = event.clone();
-                tokio::spawn(async move { hooks.after_store(&relay, &event, serial).await });
-            }
             // Before the OK, so an admin's new follow list applies by the time it is acked.
             relay.acl.on_event_stored(&event).await;
             message::ok_message(&id, true, "")
@@ -504,7 +764,7 @@ async fn ingest(conn: &Conn, raw: &str) -> String {
     }
 }
 
-/// Parses and checks the filters of a REQ or COUNT; `Err` is the CLOSED reason.
+/// Parses and checks the filters of a REQ, COUNT or NEG-OPEN; `Err` is the refusal.
 async fn checked_filters(conn: &Conn, raw: &[&RawValue]) -> Result<Vec<Filter>, String> {
     let relay = &conn.relay;
     let limits = &relay.config.limits;
@@ -517,7 +777,7 @@ async fn checked_filters(conn: &Conn, raw: &[&RawValue]) -> Result<Vec<Filter>, 
     }
     let authed = conn.authed();
     if relay.config.auth_required && authed.is_empty() {
-        conn.send(message::auth_message(&conn.challenge)).await;
+        conn.send(message::auth_message(&conn.challenge));
         return Err("auth-required: this relay requires authentication to read".into());
     }
     let mut filters = Vec::with_capacity(raw.len());
@@ -539,7 +799,7 @@ async fn checked_filters(conn: &Conn, raw: &[&RawValue]) -> Result<Vec<Filter>, 
         filters.push(f);
     }
     if !relay.config.privileged_open && authed.is_empty() && names_privileged_kind(&filters) {
-        conn.send(message::auth_message(&conn.challenge)).await;
+        conn.send(message::auth_message(&conn.challenge));
         return Err(
             "auth-required: privileged kinds are served only to their parties; authenticate first"
                 .into(),
@@ -564,36 +824,84 @@ fn names_privileged_kind(filters: &[Filter]) -> bool {
     })
 }
 
-async fn handle_req(conn: &Conn, sub_id: String, raw: Vec<&RawValue>) {
+/// Can `f` match privileged events only of the caller's: its authors, or its `#p`
+/// recipients, are all authenticated keys (or the caller is a privileged reader)?
+fn restricted_to_caller(f: &Filter, authed: &[PublicKey], readers: &[PublicKey]) -> bool {
+    if authed.is_empty() {
+        return false;
+    }
+    if authed.iter().any(|a| readers.contains(a)) {
+        return true;
+    }
+    let authors_ok = f
+        .authors
+        .as_ref()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|a| authed.contains(a)));
+    let p = SingleLetterTag::lowercase(nostr::Alphabet::P);
+    let recipients_ok = f.generic_tags.get(&p).is_some_and(|s| {
+        !s.is_empty()
+            && s.iter()
+                .all(|v| authed.iter().any(|a| a.to_hex().eq_ignore_ascii_case(v)))
+    });
+    authors_ok || recipients_ok
+}
+
+async fn handle_req(conn: &Arc<Conn>, sub_id: String, raw: Vec<&RawValue>) {
     let relay = &conn.relay;
     let limits = &relay.config.limits;
     let filters = match checked_filters(conn, &raw).await {
         Ok(f) => f,
         Err(reason) => {
-            if conn.handle.unsubscribe(&sub_id) {
-                metrics::gauge!("orly_subscriptions").decrement(1.0);
-            }
-            conn.send(message::closed_message(&sub_id, &reason)).await;
+            conn.close_sub(&sub_id);
+            conn.send(message::closed_message(&sub_id, &reason));
             return;
         }
     };
-    let replacing = conn.handle.has(&sub_id);
-    if !replacing && conn.handle.len() >= limits.max_subscriptions {
+    // A REQ with an open subscription's id replaces it.
+    conn.close_sub(&sub_id);
+    if conn.open_count() >= limits.max_subscriptions {
         conn.send(message::closed_message(
             &sub_id,
             &format!(
                 "blocked: too many open subscriptions (at most {})",
                 limits.max_subscriptions
             ),
-        ))
-        .await;
+        ));
         return;
     }
-    // Live delivery starts before the stored query so nothing stored meanwhile is missed.
-    conn.handle.subscribe(&sub_id, filters.clone());
-    if !replacing {
-        metrics::gauge!("orly_subscriptions").increment(1.0);
+    if relay.outbound.get() > limits.max_outbound_bytes_total {
+        metrics::counter!("orly_reqs_refused_total", "reason" => "total_budget").increment(1);
+        conn.send(message::closed_message(
+            &sub_id,
+            "rate-limited: the relay is sending too much right now; try again shortly",
+        ));
+        return;
     }
+    let sub = relay.live.subscribe(&sub_id, &filters, conn.sink.clone());
+    let key = sub.key;
+    let task = tokio::spawn(stored_part(conn.clone(), sub, filters));
+    conn.subs.lock().insert(
+        sub_id,
+        OpenSub {
+            key,
+            task: task.abort_handle(),
+        },
+    );
+}
+
+enum StoredError {
+    Store(orly_db::StoreError),
+    Closed,
+}
+
+/// A REQ's stored part: the query, EOSE, then the handover to live delivery.
+async fn stored_part(conn: Arc<Conn>, sub: Arc<LiveSub>, filters: Vec<Filter>) {
+    let relay = conn.relay.clone();
+    let limits = &relay.config.limits;
+    let sub_id = sub.sub_id.clone();
+    let Ok(_turn) = conn.reqs.clone().acquire_owned().await else {
+        return;
+    };
     // NIP-11 max_limit: larger limits are clamped; filters without one get the default.
     let stored: Vec<Filter> = filters
         .into_iter()
@@ -608,68 +916,191 @@ async fn handle_req(conn: &Conn, sub_id: String, raw: Vec<&RawValue>) {
         })
         .collect();
     let started = Instant::now();
-    if !stored.is_empty() {
-        match relay.store.query(&stored).await {
-            Ok(events) => {
-                metrics::histogram!("orly_req_seconds").record(started.elapsed().as_secs_f64());
-                let gate = (!relay.config.privileged_open).then(|| conn.authed());
-                for e in events {
-                    if let Some(authed) = &gate {
-                        if !privileged::may_see(&e, authed, &relay.config.privileged_readers) {
-                            continue;
-                        }
-                    }
-                    conn.send(message::event_message(&sub_id, &e.as_json()))
-                        .await;
+    let work = async {
+        let from = relay.live.wait_started().await;
+        if stored.is_empty() {
+            // Nothing stored to send: live from the feed's position now.
+            return Ok(sub.registered_after().max(from));
+        }
+        let mut answer = relay
+            .store
+            .query_stream(&stored)
+            .await
+            .map_err(StoredError::Store)?;
+        metrics::histogram!("orly_req_seconds").record(started.elapsed().as_secs_f64());
+        while let Some(ev) = answer.events.next().await {
+            let ev = ev.map_err(StoredError::Store)?;
+            if conn.sink.gate && privileged::is_privileged(Kind::from(ev.kind)) {
+                let readable =
+                    LiveEvent::new(Arc::new(ev.clone())).is_ok_and(|e| conn.sink.may_see(&e));
+                if !readable {
+                    continue;
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, sub_id, "query failed");
-                if conn.handle.unsubscribe(&sub_id) {
-                    metrics::gauge!("orly_subscriptions").decrement(1.0);
+            if !conn
+                .outbox
+                .push_stored(message::event_message(&sub_id, &ev.json))
+                .await
+            {
+                return Err(StoredError::Closed);
+            }
+        }
+        Ok(answer.serial)
+    };
+    let outcome = tokio::time::timeout(limits.query_timeout, work).await;
+    let reason = match outcome {
+        Ok(Ok(serial)) => {
+            conn.send(message::eose_message(&sub_id));
+            match sub.go_live(serial) {
+                Ok(()) => return,
+                Err(e) => e.to_string(),
+            }
+        }
+        Ok(Err(StoredError::Closed)) => return,
+        Ok(Err(StoredError::Store(e))) => {
+            tracing::warn!(error = %e, sub_id = %sub_id, "query failed");
+            "error: could not query events: storage unavailable, try again".to_string()
+        }
+        Err(_) => {
+            metrics::counter!("orly_reqs_refused_total", "reason" => "deadline").increment(1);
+            format!(
+                "error: the query took longer than {} s; narrow the filters",
+                limits.query_timeout.as_secs_f64()
+            )
+        }
+    };
+    // This task ends here; take the subscription out unless a newer REQ replaced it.
+    {
+        let mut subs = conn.subs.lock();
+        if subs.get(&*sub_id).is_some_and(|o| o.key == sub.key) {
+            subs.remove(&*sub_id);
+        }
+    }
+    relay.live.unsubscribe(sub.key);
+    conn.send(message::closed_message(&sub_id, &reason));
+}
+
+/// How a COUNT filter is counted under the privileged-kind gate.
+enum Counted {
+    /// As asked.
+    Whole(Filter),
+    /// Counts `0` minus `1`: the filter without the privileged events it would match.
+    Minus(Filter, Filter),
+}
+
+/// The gate of REQ applied to COUNT: privileged events are counted only for their parties.
+fn gated_counts(filters: Vec<Filter>, authed: &[PublicKey], readers: &[PublicKey]) -> Vec<Counted> {
+    let privileged_kinds: std::collections::BTreeSet<Kind> = privileged::PRIVILEGED_KINDS
+        .iter()
+        .map(|k| Kind::from(*k))
+        .collect();
+    let mut out = Vec::new();
+    for f in filters {
+        if restricted_to_caller(&f, authed, readers) {
+            out.push(Counted::Whole(f));
+            continue;
+        }
+        match &f.kinds {
+            Some(kinds) if !kinds.is_empty() => {
+                let open: std::collections::BTreeSet<Kind> = kinds
+                    .iter()
+                    .filter(|k| !privileged::is_privileged(**k))
+                    .copied()
+                    .collect();
+                // A filter of privileged kinds only counts nothing (an empty set would mean
+                // every kind).
+                if !open.is_empty() {
+                    let mut f = f;
+                    f.kinds = Some(open);
+                    out.push(Counted::Whole(f));
                 }
-                conn.send(message::closed_message(
-                    &sub_id,
-                    "error: could not query events: storage unavailable, try again",
-                ))
-                .await;
-                return;
+            }
+            _ => {
+                let mut only_privileged = f.clone();
+                only_privileged.kinds = Some(privileged_kinds.clone());
+                out.push(Counted::Minus(f, only_privileged));
             }
         }
     }
-    conn.send(message::eose_message(&sub_id)).await;
+    out
 }
 
-async fn handle_count(conn: &Conn, sub_id: String, raw: Vec<&RawValue>) {
+async fn handle_count(conn: &Arc<Conn>, sub_id: String, raw: Vec<&RawValue>) {
     let filters = match checked_filters(conn, &raw).await {
         Ok(f) => f,
         Err(reason) => {
-            conn.send(message::closed_message(&sub_id, &reason)).await;
+            conn.send(message::closed_message(&sub_id, &reason));
             return;
         }
     };
-    match conn.relay.store.count(&filters).await {
-        Ok(n) => conn.send(message::count_message(&sub_id, n)).await,
-        Err(e) => {
-            tracing::warn!(error = %e, sub_id, "count failed");
-            conn.send(message::closed_message(
+    let conn = conn.clone();
+    // Off the reader, like a REQ's stored part.
+    tokio::spawn(async move {
+        let Ok(_turn) = conn.reqs.clone().acquire_owned().await else {
+            return;
+        };
+        let store = &conn.relay.store;
+        let count = async {
+            if conn.relay.config.privileged_open {
+                return store.count(&filters).await;
+            }
+            let counted = gated_counts(
+                filters.clone(),
+                &conn.authed(),
+                &conn.relay.config.privileged_readers,
+            );
+            if counted.iter().all(|c| matches!(c, Counted::Whole(_))) {
+                let whole: Vec<Filter> = counted
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Counted::Whole(f) => Some(f),
+                        Counted::Minus(..) => None,
+                    })
+                    .collect();
+                if whole.is_empty() {
+                    return Ok(0);
+                }
+                return store.count(&whole).await;
+            }
+            // Each filter on its own (a sum, where the union would need the events).
+            let mut total = 0u64;
+            for c in counted {
+                total += match c {
+                    Counted::Whole(f) => store.count(&[f]).await?,
+                    Counted::Minus(f, minus) => {
+                        let all = store.count(&[f]).await?;
+                        all.saturating_sub(store.count(&[minus]).await?)
+                    }
+                };
+            }
+            Ok(total)
+        };
+        let timeout = conn.relay.config.limits.query_timeout;
+        match tokio::time::timeout(timeout, count).await {
+            Ok(Ok(n)) => conn.send(message::count_message(&sub_id, n)),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, sub_id, "count failed");
+                conn.send(message::closed_message(
+                    &sub_id,
+                    "error: could not count events: storage unavailable, try again",
+                ));
+            }
+            Err(_) => conn.send(message::closed_message(
                 &sub_id,
-                "error: could not count events: storage unavailable, try again",
-            ))
-            .await;
+                "error: the count took too long; narrow the filters",
+            )),
         }
-    }
+    });
 }
 
 /// NIP-42: a signed kind-22242 event naming our challenge and this relay.
-async fn handle_auth(conn: &Conn, raw: &RawValue) {
+fn handle_auth(conn: &Conn, raw: &RawValue) {
     let event = match Event::from_json(raw.get()) {
         Ok(e) => e,
         Err(e) => {
             conn.send(message::notice_message(&format!(
                 "invalid: malformed AUTH event: {e}"
-            )))
-            .await;
+            )));
             return;
         }
     };
@@ -685,7 +1116,7 @@ async fn handle_auth(conn: &Conn, raw: &RawValue) {
         }
         Err(reason) => message::ok_message(&id, false, &reason),
     };
-    conn.send(reply).await;
+    conn.send(reply);
 }
 
 fn check_auth(conn: &Conn, event: &Event) -> Result<(), String> {
@@ -721,4 +1152,108 @@ fn check_auth(conn: &Conn, event: &Event) -> Result<(), String> {
 
 fn normalize_url(u: &str) -> String {
     u.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(budget: usize) -> (Arc<Outbox>, Arc<OutboundBytes>) {
+        let total = Arc::new(OutboundBytes::default());
+        (
+            Arc::new(Outbox::new(budget, total.clone(), usize::MAX)),
+            total,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_closes_and_frees_what_it_held() {
+        let (o, total) = outbox(100);
+        assert!(o.push("x".repeat(60)));
+        assert_eq!(total.get(), 60);
+        assert!(!o.push("y".repeat(60)), "over the budget");
+        assert!(o.is_closed());
+        assert_eq!(o.bytes(), 0);
+        assert_eq!(total.get(), 0, "queued data freed at once");
+        match o.next().await {
+            Next::Close(Some(f)) => {
+                assert_eq!(f.code, 1008);
+                assert!(
+                    f.reason.as_str().starts_with("rate-limited: "),
+                    "{}",
+                    f.reason
+                );
+            }
+            _ => panic!("expected a close frame"),
+        }
+        assert!(!o.push("z".into()));
+    }
+
+    #[tokio::test]
+    async fn stored_results_wait_at_half_the_budget_and_go_on_when_drained() {
+        let (o, _) = outbox(100);
+        assert!(o.push_stored("a".repeat(40)).await);
+        let o2 = o.clone();
+        let waiting = tokio::spawn(async move { o2.push_stored("b".repeat(40)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "should wait for room");
+        assert_eq!(o.bytes(), 40);
+        assert!(matches!(o.next().await, Next::Send(m) if m.len() == 40));
+        assert!(waiting.await.unwrap());
+        assert_eq!(o.bytes(), 40);
+        // A closing outbox releases its waiters.
+        let o3 = o.clone();
+        let blocked = tokio::spawn(async move { o3.push_stored("d".repeat(60)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        o.close(1001, "bye");
+        assert!(!blocked.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn past_the_total_budget_only_heavy_connections_are_closed() {
+        let total = Arc::new(OutboundBytes::default());
+        let light = Outbox::new(1000, total.clone(), 500);
+        let heavy = Outbox::new(1000, total.clone(), 500);
+        assert!(heavy.push("h".repeat(600)));
+        // The total is over its limit; the light connection still gets its events.
+        assert!(light.push("l".repeat(10)));
+        assert!(!heavy.push("h".into()));
+        assert!(heavy.is_closed());
+        assert!(!light.is_closed());
+        assert_eq!(total.get(), 10);
+    }
+
+    #[test]
+    fn count_gate_keeps_privileged_events_to_their_parties() {
+        let me = nostr::Keys::generate().public_key();
+        let other = nostr::Keys::generate().public_key();
+        let dms = Filter::new().kinds([Kind::from(4), Kind::from(1)]);
+        // A stranger counting DMs to someone else: the DM kind is dropped.
+        let c = gated_counts(vec![dms.clone().pubkey(other)], &[me], &[]);
+        match &c[..] {
+            [Counted::Whole(f)] => {
+                assert_eq!(f.kinds.as_ref().unwrap().len(), 1);
+                assert!(f.kinds.as_ref().unwrap().contains(&Kind::from(1)));
+            }
+            _ => panic!("expected one trimmed filter"),
+        }
+        // Only privileged kinds: nothing is counted.
+        let c = gated_counts(
+            vec![Filter::new().kind(Kind::from(4)).pubkey(other)],
+            &[me],
+            &[],
+        );
+        assert!(c.is_empty());
+        // No kinds: privileged events are subtracted.
+        let c = gated_counts(vec![Filter::new().pubkey(other)], &[me], &[]);
+        assert!(matches!(&c[..], [Counted::Minus(..)]));
+        // The caller's own DMs count whole.
+        let c = gated_counts(vec![dms.clone().pubkey(me)], &[me], &[]);
+        assert!(matches!(&c[..], [Counted::Whole(f)] if f.kinds.as_ref().unwrap().len() == 2));
+        let c = gated_counts(vec![dms.author(me)], &[me], &[]);
+        assert!(matches!(&c[..], [Counted::Whole(_)]));
+        // A privileged reader counts everything.
+        let c = gated_counts(vec![Filter::new().kind(Kind::from(4))], &[me], &[me]);
+        assert!(matches!(&c[..], [Counted::Whole(_)]));
+    }
 }

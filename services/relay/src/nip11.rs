@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 
 use crate::message::MAX_SUB_ID_LEN;
-use crate::server::Relay;
+use crate::state::Relay;
 
 /// NIPs implemented by the relay core.
 pub const SUPPORTED_NIPS: &[u16] = &[1, 9, 11, 40, 42, 45, 70];
@@ -15,7 +15,7 @@ pub async fn document(relay: &Relay) -> Value {
     let l = &cfg.limits;
     let mode = relay.acl.mode();
     let mut nips = SUPPORTED_NIPS.to_vec();
-    if relay.negentropy().is_some() {
+    if relay.negentropy.is_some() {
         nips.push(77);
     }
     if mode == "managed" && relay.acl_admin.is_some() {

@@ -11,19 +11,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
-use nostr::PublicKey;
-use orly_db::SharedStore;
-use orly_sync_negentropy::NegentropyHandler;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
-use orly_acl::AclAdmin;
-
-use crate::acl::Acl;
-use crate::config::RelayConfig;
 use crate::nip11;
-use crate::subscriptions::Registry;
-use crate::sync::{Delivery, SyncHooks};
+pub use crate::state::Relay;
 
 /// Hard cap on a WebSocket message: beyond the configured limit we still read the message
 /// (to answer it with a clear refusal); beyond this the socket is closed by the protocol layer.
@@ -35,100 +26,12 @@ const MAX_SYNC_BODY: usize = 1024 * 1024;
 /// Largest NIP-86 request body.
 const MAX_NIP86_BODY: usize = 64 * 1024;
 
-/// The relay: configuration, the store, the ACL, and the live subscriptions.
-pub struct Relay {
-    pub config: RelayConfig,
-    pub store: SharedStore,
-    pub acl: Arc<dyn Acl>,
-    /// The ACL's management side, for NIP-86 (`None`: no management API).
-    pub acl_admin: Option<Arc<dyn AclAdmin>>,
-    pub registry: Registry,
-    /// NIP-77 sessions (`None`: NEG-* messages are refused with NEG-ERR).
-    negentropy: std::sync::OnceLock<Arc<dyn NegentropyHandler>>,
-    /// Distinguishes this process's connections at a shared negentropy service.
-    pub instance: String,
-    /// The peer sync services (`None`: their endpoints answer 404).
-    sync: std::sync::OnceLock<Arc<SyncHooks>>,
-    /// Exactly-once live delivery between ingest and the store follower.
-    pub delivery: Delivery,
-    identity: orly_sync::serve::Identity,
-    shutdown: watch::Sender<bool>,
-}
-
 impl Relay {
-    pub fn new(config: RelayConfig, store: SharedStore, acl: Arc<dyn Acl>) -> Arc<Self> {
-        Self::with_admin(config, store, acl, None)
-    }
-
-    /// A relay whose ACL can also be administered over NIP-86 (`POST /api/nip86`).
-    pub fn with_admin(
-        config: RelayConfig,
-        store: SharedStore,
-        acl: Arc<dyn Acl>,
-        acl_admin: Option<Arc<dyn AclAdmin>>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            identity: orly_sync::serve::Identity::new(store.clone()),
-            config,
-            store,
-            acl,
-            acl_admin,
-            registry: Registry::default(),
-            negentropy: std::sync::OnceLock::new(),
-            instance: hex::encode(rand::random::<[u8; 6]>()),
-            sync: std::sync::OnceLock::new(),
-            delivery: Delivery::default(),
-            shutdown: watch::channel(false).0,
-        })
-    }
-
-    /// Enables NIP-77: NEG-OPEN / NEG-MSG / NEG-CLOSE go to `handler`. Set once, before serving.
-    pub fn enable_negentropy(&self, handler: Arc<dyn NegentropyHandler>) {
-        let _ = self.negentropy.set(handler);
-    }
-
-    /// Connects the peer sync services. Set once, before serving.
-    pub fn enable_sync(&self, hooks: Arc<SyncHooks>) {
-        let _ = self.sync.set(hooks);
-    }
-
-    pub fn sync_hooks(&self) -> Option<&Arc<SyncHooks>> {
-        self.sync.get()
-    }
-
-    /// The NIP-77 handler, when enabled.
-    pub fn negentropy(&self) -> Option<&Arc<dyn NegentropyHandler>> {
-        self.negentropy.get()
-    }
-
-    /// The relay's identity pubkey (NIP-11 `pubkey`), from the key kept in the store (the same
-    /// key the peer sync signs with). `None` while the store cannot be reached; asked again
-    /// next time.
-    pub async fn identity(&self) -> Option<PublicKey> {
-        match tokio::time::timeout(Duration::from_secs(2), self.identity.pubkey()).await {
-            Ok(Ok(pk)) => Some(pk),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "relay identity unavailable");
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
-    /// A receiver that flips to `true` when the relay shuts down.
-    pub fn shutdown_receiver(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
-    /// Tells every connection to close (1001 going away).
-    pub fn begin_shutdown(&self) {
-        let _ = self.shutdown.send(true);
-    }
-
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
+            .route(DRAIN_PATH, post(drain))
             .route(orly_acl::nip86::PATH, post(nip86))
             .route(orly_sync::distributed::PATH_CURRENT, any(sync_http))
             .route(orly_sync::distributed::PATH_EVENT_IDS, any(sync_http))
@@ -140,7 +43,45 @@ impl Relay {
     }
 }
 
+/// `POST` from loopback only: stop taking WebSockets, close every one with 1001 and answer
+/// when they are gone (or after `?timeout=`, default 25 s). What `orly drain` calls.
+pub const DRAIN_PATH: &str = "/.orly/drain";
+
+async fn drain(
+    State(relay): State<Arc<Relay>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    if !peer.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "drain is accepted from loopback only",
+        )
+            .into_response();
+    }
+    let timeout = q
+        .get("timeout")
+        .and_then(|t| orly_common::parse_duration(t).ok())
+        .unwrap_or(Duration::from_secs(25));
+    tracing::info!(connections = relay.connections(), ?timeout, "draining");
+    relay.begin_drain();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while relay.connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = relay.connections();
+    let status = if left == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::GATEWAY_TIMEOUT
+    };
+    (status, format!("drained; {left} connections left\n")).into_response()
+}
+
 async fn readyz(State(relay): State<Arc<Relay>>) -> Response {
+    if relay.draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
     match tokio::time::timeout(Duration::from_secs(2), relay.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response(),
@@ -154,7 +95,7 @@ async fn sync_http(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let hooks = relay.sync_hooks();
+    let hooks = relay.sync.as_ref();
     let path = req.uri().path().to_string();
     let distributed = hooks.and_then(|h| h.distributed.clone());
     let cluster = hooks.and_then(|h| h.cluster.clone());
@@ -284,6 +225,13 @@ async fn root(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if wants_ws {
+        if relay.draining() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "relay draining; connect again",
+            )
+                .into_response();
+        }
         let (mut parts, _body) = req.into_parts();
         let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &relay).await {
             Ok(ws) => ws,

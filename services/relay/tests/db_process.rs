@@ -66,11 +66,7 @@ impl Drop for Proc {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    orly_testkit::free_port()
 }
 
 async fn wait_ready(client: &GrpcStore, proc: &mut Proc) {

@@ -15,11 +15,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use tokio_tungstenite::tungstenite::Message;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    orly_testkit::free_port()
 }
 
 /// A launcher process whose stderr is collected; killed (with its children) on drop.

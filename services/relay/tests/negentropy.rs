@@ -24,41 +24,40 @@ struct NegRelay {
 }
 
 async fn neg_relay(mode: Mode, settings: EngineSettings) -> NegRelay {
-    let relay = TestRelay::start(mode).await;
-    let engine = NegentropyEngine::new(relay.store.clone(), settings).unwrap();
-    engine.spawn_reaper();
-    match mode {
-        Mode::Local => {
-            relay.running.relay.enable_negentropy(engine);
-            NegRelay {
-                relay,
-                _service: None,
-            }
-        }
-        Mode::Split => {
-            let manager = SyncManager::new(relay.store.clone(), SyncSettings::default()).unwrap();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let service = tokio::spawn(async move {
-                let _ = orly_sync_negentropy::grpc_server::serve(
-                    listener,
-                    engine,
-                    manager,
-                    std::future::pending(),
+    let mut service = None;
+    let relay = TestRelay::start_built(mode, orly::RelayConfig::default(), |b, store| {
+        let engine = NegentropyEngine::new(store.clone(), settings).unwrap();
+        engine.spawn_reaper();
+        match mode {
+            Mode::Local => b.negentropy(engine),
+            Mode::Split => {
+                let manager = SyncManager::new(store.clone(), SyncSettings::default()).unwrap();
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.set_nonblocking(true).unwrap();
+                let addr = listener.local_addr().unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                service = Some(tokio::spawn(async move {
+                    let _ = orly_sync_negentropy::grpc_server::serve(
+                        listener,
+                        engine,
+                        manager,
+                        std::future::pending(),
+                    )
+                    .await;
+                }));
+                let client = orly_sync_negentropy::ReplicatedNegentropy::connect_lazy(
+                    &addr.to_string(),
+                    Duration::from_secs(5),
                 )
-                .await;
-            });
-            let client = orly_sync_negentropy::ReplicatedNegentropy::connect_lazy(
-                &addr.to_string(),
-                Duration::from_secs(5),
-            )
-            .unwrap();
-            relay.running.relay.enable_negentropy(Arc::new(client));
-            NegRelay {
-                relay,
-                _service: Some(service),
+                .unwrap();
+                b.negentropy(Arc::new(client))
             }
         }
+    })
+    .await;
+    NegRelay {
+        relay,
+        _service: service,
     }
 }
 
@@ -326,12 +325,13 @@ async fn serve_with_negentropy(
     store: orly_db::SharedStore,
     addr: std::net::SocketAddr,
 ) -> orly::RunningRelay {
-    let relay = orly::Relay::new(
+    let relay = orly::Relay::builder(
         orly::RelayConfig::default(),
         store.clone(),
         Arc::new(orly::acl::OpenAcl),
-    );
-    relay.enable_negentropy(NegentropyEngine::new(store, EngineSettings::default()).unwrap());
+    )
+    .negentropy(NegentropyEngine::new(store, EngineSettings::default()).unwrap())
+    .build();
     // The old listener may linger for a moment after a stop.
     for _ in 0..50 {
         if let Ok(listener) = tokio::net::TcpListener::bind(addr).await {

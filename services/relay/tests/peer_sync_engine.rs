@@ -233,13 +233,14 @@ async fn distributed_pair() -> Pair {
             },
         )
         .unwrap();
-        let relay = Relay::new(RelayConfig::default(), store.clone(), Arc::new(OpenAcl));
-        relay.enable_sync(Arc::new(SyncHooks::new(
-            Some(Arc::new(sync.clone()) as Arc<dyn DistributedApi>),
-            None,
-            None,
-            None,
-        )));
+        let relay = Relay::builder(RelayConfig::default(), store.clone(), Arc::new(OpenAcl))
+            .sync(Arc::new(SyncHooks::new(
+                Some(Arc::new(sync.clone()) as Arc<dyn DistributedApi>),
+                None,
+                None,
+                None,
+            )))
+            .build();
         pair.relays.push(orly::spawn(listener, relay).unwrap());
         pair.syncs.push(sync);
         pair.stores.push(store);
@@ -663,19 +664,15 @@ async fn a_removed_member_stays_removed_when_a_late_poll_writes_its_serial() {
     assert_eq!(m.last_serial, 0);
 }
 
-/// With the store follower running, a live subscriber gets every event exactly once: those
-/// published to this relay (delivered by its ingest) and those another process stored in the
-/// same store (delivered by the follower), interleaved.
+/// A live subscriber gets every event exactly once from the store's feed: those published to
+/// this relay and those another process (a sync service) stored in the same store, interleaved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_follower_and_the_ingest_deliver_each_event_once() {
+async fn the_feed_delivers_events_stored_here_and_elsewhere_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(&dir.path().join("t.db")).await;
     let relay = Relay::new(RelayConfig::default(), store.clone(), Arc::new(OpenAcl));
-    let follower = orly::sync::spawn_follower(relay.clone(), Duration::from_millis(5));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let running = orly::spawn(listener, relay).unwrap();
-    // Let the follower take its starting point.
-    tokio::time::sleep(Duration::from_millis(50)).await;
 
     let keys = Keys::generate();
     let mut sub = common::RawClient::connect(&running.url()).await;
@@ -701,11 +698,10 @@ async fn the_follower_and_the_ingest_deliver_each_event_once() {
         let v = sub.recv_type("EVENT").await;
         seen.push(v[2]["id"].as_str().unwrap().to_string());
     }
-    // Anything delivered twice would arrive within a few follower periods.
+    // Anything delivered twice would arrive right after.
     let extra = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await;
     assert!(extra.is_err(), "an event was delivered twice: {extra:?}");
     let unique: BTreeSet<String> = seen.iter().cloned().collect();
     assert_eq!(seen.len(), unique.len(), "duplicates delivered");
     assert_eq!(unique, expected);
-    follower.abort();
 }

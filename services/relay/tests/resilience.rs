@@ -61,7 +61,7 @@ async fn split_relay_answers_error_while_db_is_down_and_recovers() {
 async fn a_reader_that_stops_reading_is_disconnected_not_buffered() {
     let config = RelayConfig {
         limits: Limits {
-            send_queue: 8,
+            max_outbound_bytes: 1 << 20,
             max_message_size: 1 << 20,
             ..Limits::default()
         },
@@ -72,7 +72,7 @@ async fn a_reader_that_stops_reading_is_disconnected_not_buffered() {
     slow.req("all", &[json!({"kinds": [1], "limit": 0})])
         .await
         .unwrap();
-    assert_eq!(relay.running.relay.registry.connections(), 1);
+    assert_eq!(relay.running.relay.connections(), 1);
 
     // The slow client now stops reading while a publisher floods its subscription.
     let mut publisher = RawClient::connect(&relay.url()).await;
@@ -83,7 +83,7 @@ async fn a_reader_that_stops_reading_is_disconnected_not_buffered() {
         publisher
             .publish(&note(&keys, &format!("{i}{filler}"), now()))
             .await;
-        if relay.running.relay.registry.connections() == 1 {
+        if relay.running.relay.connections() == 1 {
             dropped = true;
             break;
         }
@@ -110,7 +110,7 @@ async fn silent_connections_are_closed_and_live_ones_kept() {
     let mut live = RawClient::connect(&relay.url()).await;
     // A TCP peer that completes the handshake and then never reads nor answers.
     let (silent, _) = tokio_tungstenite::connect_async(relay.url()).await.unwrap();
-    assert_eq!(relay.running.relay.registry.connections(), 2);
+    assert_eq!(relay.running.relay.connections(), 2);
 
     let reader = tokio::spawn(async move {
         // Reading drives the automatic pong replies.
@@ -123,14 +123,14 @@ async fn silent_connections_are_closed_and_live_ones_kept() {
     let mut closed = false;
     for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if relay.running.relay.registry.connections() == 1 {
+        if relay.running.relay.connections() == 1 {
             closed = true;
             break;
         }
     }
     assert!(closed, "the silent connection was not closed");
     let mut live = reader.await.unwrap();
-    assert_eq!(relay.running.relay.registry.connections(), 1);
+    assert_eq!(relay.running.relay.connections(), 1);
     let keys = Keys::generate();
     assert_eq!(live.publish(&note(&keys, "alive", now())).await[2], true);
     drop(silent);

@@ -12,11 +12,7 @@ use rustix::process::{kill_process, Pid, Signal};
 const ORLY: &str = env!("CARGO_BIN_EXE_orly");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    orly_testkit::free_port()
 }
 
 /// `orly` with `args` and no ORLY_* variable of the caller's environment.

@@ -335,6 +335,9 @@ async fn load_window(store: &SharedStore, filter: &Filter, cap: usize) -> Result
     })
 }
 
+/// The records of one time window, as our side holds them.
+type WindowRecords = Vec<(Timestamp, EventId)>;
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     store: &SharedStore,
@@ -348,7 +351,7 @@ async fn run(
 ) -> Result<(), SyncError> {
     let cap = opts.max_records;
     // Windows to do, newest on top; a window cut from one on our side comes with its records.
-    let mut todo: Vec<(u64, Option<Vec<(Timestamp, EventId)>>)> =
+    let mut todo: Vec<(u64, Option<WindowRecords>)> =
         due.into_iter().rev().map(|since| (since, None)).collect();
     while let Some((since, preloaded)) = todo.pop() {
         let Some(window) = plan.window(since).cloned() else {

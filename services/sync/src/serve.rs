@@ -209,12 +209,10 @@ pub fn clamp_wait(ms: Option<&str>, max: Duration) -> Duration {
         .min(max)
 }
 
-/// How often the store is asked for new serials while long polls wait.
-const WATCH_PERIOD: Duration = Duration::from_millis(10);
-
 /// Our latest serial for long polls (`after` + `wait`): answered at once when it exceeds
-/// `after`, else as soon as a newer one is stored — noticed by asking the store every 10 ms
-/// while anyone waits, or at once when the relay says so ([`SerialWatch::notify`]).
+/// `after`, else as soon as a newer one is stored — noticed on the store's feed
+/// ([`orly_db::EventStore::watch`]), which carries every replica's writes, or when told so
+/// ([`SerialWatch::notify`], the `NotifyNewEvent` RPC). Nothing polls the store.
 pub struct SerialWatch {
     store: SharedStore,
     latest: tokio::sync::watch::Sender<u64>,
@@ -262,7 +260,7 @@ impl SerialWatch {
             return Ok(now);
         }
         let mut rx = self.latest.subscribe();
-        self.ensure_watcher();
+        self.ensure_watcher(now);
         tokio::select! {
             _ = tokio::time::timeout(wait, rx.wait_for(|s| *s > after)) => {}
             _ = closing => {}
@@ -271,33 +269,28 @@ impl SerialWatch {
         Ok(self.store.latest_serial().await?)
     }
 
-    fn ensure_watcher(&self) {
+    /// Starts following the feed from `from` (once; again if the follower ended).
+    fn ensure_watcher(&self, from: u64) {
         let mut watcher = self.watcher.lock();
         if watcher.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
-        let store = self.store.clone();
+        self.notify(from);
+        let mut feed = self.store.watch(from);
         let tx = self.latest.clone();
         *watcher = Some(tokio::spawn(async move {
-            let mut idle = 0u32;
-            loop {
-                if tx.receiver_count() == 0 {
-                    idle += 1;
-                    // Lingers a moment: long polls come back to back.
-                    if idle > 100 {
-                        break;
-                    }
-                } else {
-                    idle = 0;
-                    if let Ok(s) = store.latest_serial().await {
-                        tx.send_if_modified(|v| {
-                            let changed = *v != s;
-                            *v = s;
-                            changed
-                        });
-                    }
+            use futures::StreamExt;
+            while let Some(e) = feed.next().await {
+                if e.serial == 0 {
+                    continue;
                 }
-                tokio::time::sleep(WATCH_PERIOD).await;
+                tx.send_if_modified(|v| {
+                    let newer = e.serial > *v;
+                    if newer {
+                        *v = e.serial;
+                    }
+                    newer
+                });
             }
         }));
     }

@@ -97,18 +97,30 @@ fn answer(query: &[u8], table: &HashMap<String, Vec<IpAddr>>) -> Option<Vec<u8>>
     reply.to_vec().ok()
 }
 
-/// A free TCP port on `ip` (bound, then released for a child process to take).
-pub fn free_port_on(ip: IpAddr) -> u16 {
-    std::net::TcpListener::bind(SocketAddr::new(ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
+/// Ports handed to child processes come from below the kernel's ephemeral range (32768 and
+/// up on Linux): a port picked there could be taken by any outgoing connection between the
+/// pick and the child's bind, and a gRPC or WebSocket client holds its port for as long as it
+/// is connected.
+const PICK_FROM: u16 = 12_000;
+const PICK_TO: u16 = 32_000;
 
-/// A port free on every one of `ips` at once (replicas behind one name share their port).
-pub fn free_port_on_all(ips: &[IpAddr]) -> u16 {
-    for _ in 0..100 {
-        let p = free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST));
+/// Where this process's next pick starts (spread by pid, so concurrent test binaries rarely
+/// try the same ports).
+static NEXT_PICK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// A TCP port free on every one of `ips` now, outside the ephemeral range (see [`PICK_FROM`]).
+fn pick_port(ips: &[IpAddr]) -> u16 {
+    use std::sync::atomic::Ordering;
+    let span = u32::from(PICK_TO - PICK_FROM);
+    let _ = NEXT_PICK.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let n = NEXT_PICK.fetch_add(1, Ordering::SeqCst) % span;
+        let p = PICK_FROM + n as u16;
         if ips
             .iter()
             .all(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, p)).is_ok())
@@ -117,6 +129,21 @@ pub fn free_port_on_all(ips: &[IpAddr]) -> u16 {
         }
     }
     0
+}
+
+/// A free TCP port on 127.0.0.1 for a child process to take.
+pub fn free_port() -> u16 {
+    pick_port(&[IpAddr::V4(Ipv4Addr::LOCALHOST)])
+}
+
+/// A free TCP port on `ip` (free now, for a child process to take).
+pub fn free_port_on(ip: IpAddr) -> u16 {
+    pick_port(&[ip])
+}
+
+/// A port free on every one of `ips` at once (replicas behind one name share their port).
+pub fn free_port_on_all(ips: &[IpAddr]) -> u16 {
+    pick_port(ips)
 }
 
 /// `127.0.0.<n>`: loopback addresses beyond 127.0.0.1 are all local on Linux.

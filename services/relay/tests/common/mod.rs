@@ -24,11 +24,7 @@ pub enum Mode {
 
 /// A free loopback port (bound, then released for a child process to take).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    orly_testkit::free_port()
 }
 
 /// This package's `orly` binary: the relay, and by subcommand every service and the
@@ -119,6 +115,16 @@ impl TestRelay {
     }
 
     pub async fn start_with(mode: Mode, config: RelayConfig) -> Self {
+        Self::start_built(mode, config, |b, _| b).await
+    }
+
+    /// Like [`TestRelay::start_with`], with `build` adding to the relay before it is built
+    /// (NIP-77, sync hooks, an admin), given the relay's store.
+    pub async fn start_built(
+        mode: Mode,
+        config: RelayConfig,
+        build: impl FnOnce(orly::RelayBuilder, &SharedStore) -> orly::RelayBuilder,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (store, db) = match mode {
             Mode::Local => {
@@ -134,7 +140,11 @@ impl TestRelay {
                 (grpc_store(db.addr), Some(db))
             }
         };
-        let relay = Relay::new(config, store.clone(), Arc::new(OpenAcl));
+        let relay = build(
+            Relay::builder(config, store.clone(), Arc::new(OpenAcl)),
+            &store,
+        )
+        .build();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = orly::spawn(listener, relay).unwrap();
         Self {
@@ -161,6 +171,8 @@ pub type Ws =
 pub struct RawClient {
     pub ws: Ws,
     pub challenge: Option<String>,
+    /// Frames read ahead (while waiting for an OK), handed out by `recv` first.
+    pending: std::collections::VecDeque<Value>,
 }
 
 impl RawClient {
@@ -169,6 +181,7 @@ impl RawClient {
         let mut c = Self {
             ws,
             challenge: None,
+            pending: Default::default(),
         };
         // The relay greets every connection with a NIP-42 challenge.
         let first = c.recv().await;
@@ -190,6 +203,9 @@ impl RawClient {
 
     /// The next JSON frame (pings are answered by the library); panics after 10 s.
     pub async fn recv(&mut self) -> Value {
+        if let Some(v) = self.pending.pop_front() {
+            return v;
+        }
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
                 .await
@@ -219,7 +235,19 @@ impl RawClient {
     pub async fn publish(&mut self, event: &nostr::Event) -> Value {
         self.send(format!(r#"["EVENT",{}]"#, nostr::JsonUtil::as_json(event)))
             .await;
-        self.recv_type("OK").await
+        // The connection's own subscriptions may get the event before its OK (live delivery
+        // does not wait for the OK): those frames are kept for later reads.
+        let mut ahead = Vec::new();
+        let ok = loop {
+            let v = self.recv().await;
+            match v[0].as_str() {
+                Some("OK") => break v,
+                Some("AUTH") => {}
+                _ => ahead.push(v),
+            }
+        };
+        self.pending.extend(ahead);
+        ok
     }
 
     /// Runs a REQ and collects the events until EOSE (or the CLOSED frame as Err).
