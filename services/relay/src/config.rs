@@ -234,6 +234,11 @@ pub struct Cli {
     /// ORLY_RELAY_GROUP_ADMINS.
     #[arg(long, env = "ORLY_SYNC_RELAYGROUP_ADMINS")]
     pub sync_relaygroup_admins: Option<String>,
+    /// Reverse proxies and ingresses (comma-separated CIDRs or addresses, e.g.
+    /// "10.0.0.0/8,127.0.0.1"): only from these are `Forwarded` / `X-Forwarded-For` read, taking
+    /// the right-most address that is not a trusted proxy. Empty: the TCP peer is the client.
+    #[arg(long, env = "ORLY_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
     /// How often this process may purge expired (NIP-40) events; one process among those
     /// sharing the store does it at a time (a store lease).
     #[arg(long, env = "ORLY_PURGE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
@@ -421,6 +426,10 @@ impl Cli {
             privileged_open: self.privileged_open,
             privileged_readers: owners.into_iter().chain(admins).collect(),
             relay_url: self.relay_url.clone(),
+            trusted_proxies: self
+                .trusted_proxies
+                .parse()
+                .map_err(|e| format!("ORLY_TRUSTED_PROXIES: {e}"))?,
             name: self.name.clone(),
             description: self.description.clone(),
             contact: self.contact.clone(),
@@ -602,6 +611,8 @@ pub struct RelayConfig {
     /// Besides their parties, who may read privileged kinds (owners and admins).
     pub privileged_readers: Vec<PublicKey>,
     pub relay_url: Option<String>,
+    /// Proxies whose forwarding headers name the client ([`crate::proxy`]).
+    pub trusted_proxies: crate::proxy::TrustedProxies,
     pub name: String,
     pub description: String,
     pub contact: Option<String>,
@@ -616,6 +627,7 @@ impl Default for RelayConfig {
             privileged_open: false,
             privileged_readers: Vec::new(),
             relay_url: None,
+            trusted_proxies: crate::proxy::TrustedProxies::none(),
             name: "orly".into(),
             description: "An orly Nostr relay".into(),
             contact: None,

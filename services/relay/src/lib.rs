@@ -11,6 +11,7 @@ pub mod connection;
 pub mod live;
 pub mod message;
 pub mod nip11;
+pub mod proxy;
 pub mod server;
 pub mod state;
 pub mod sync;

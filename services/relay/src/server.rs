@@ -241,7 +241,7 @@ async fn root(
         let cap = limits
             .max_message_size
             .saturating_mul(HARD_MESSAGE_CAP_FACTOR);
-        let ip = client_ip(&parts.headers, peer);
+        let ip = crate::proxy::client_ip(&parts.headers, peer, &relay.config.trusted_proxies);
         let relay = relay.clone();
         return ws
             .max_message_size(cap)
@@ -283,21 +283,6 @@ async fn root(
         ),
     )
         .into_response()
-}
-
-/// The client's address; `X-Forwarded-For` is honoured only from loopback (a local proxy).
-fn client_ip(headers: &axum::http::HeaderMap, peer: SocketAddr) -> std::net::IpAddr {
-    if peer.ip().is_loopback() {
-        if let Some(ip) = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse().ok())
-        {
-            return ip;
-        }
-    }
-    peer.ip()
 }
 
 /// A relay serving on a listener, for the binary and for tests.

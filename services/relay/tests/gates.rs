@@ -211,3 +211,85 @@ async fn reqwest_status(port: u16, path: &str) -> u16 {
     let text = String::from_utf8_lossy(&buf);
     text.split(' ').nth(1).unwrap().parse().unwrap()
 }
+
+/// An ACL that refuses writes from one address: IP-based decisions behind a proxy.
+struct BlockIp(std::net::IpAddr);
+
+#[async_trait::async_trait]
+impl orly::acl::Acl for BlockIp {
+    fn mode(&self) -> &str {
+        "test"
+    }
+
+    async fn check_write(
+        &self,
+        ctx: &orly::acl::AccessContext<'_>,
+        _event: &nostr::Event,
+    ) -> orly::acl::Decision {
+        if ctx.ip == self.0 {
+            orly::acl::Decision::Deny(format!("blocked: {} is banned", ctx.ip))
+        } else {
+            orly::acl::Decision::Allow
+        }
+    }
+
+    async fn check_read(
+        &self,
+        _ctx: &orly::acl::AccessContext<'_>,
+        _filters: &[nostr::Filter],
+    ) -> orly::acl::Decision {
+        orly::acl::Decision::Allow
+    }
+}
+
+async fn connect_forwarded(url: &str, forwarded_for: &str) -> RawClient {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-forwarded-for", forwarded_for.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    RawClient::from_ws(ws).await
+}
+
+/// `X-Forwarded-For` is read only from a trusted proxy, right-most untrusted hop first: a
+/// client cannot choose its address by sending the header itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_count_only_from_trusted_proxies() {
+    let banned: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+    let serve = |trusted: &str| {
+        let config = RelayConfig {
+            trusted_proxies: trusted.parse().unwrap(),
+            ..RelayConfig::default()
+        };
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            let store = orly_db::open_store(&orly_db::StoreConfig {
+                data_dir: dir.path().to_path_buf(),
+                ..orly_db::StoreConfig::default()
+            })
+            .await
+            .unwrap();
+            let relay = orly::Relay::new(config, store, std::sync::Arc::new(BlockIp(banned)));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            (orly::spawn(listener, relay).unwrap(), dir)
+        }
+    };
+    let keys = Keys::generate();
+    // Behind a trusted proxy (loopback here): the banned client, and a spoofed left entry.
+    let (relay, _dir) = serve("127.0.0.1/32").await;
+    let mut c = connect_forwarded(&relay.url(), "198.51.100.1, 203.0.113.7").await;
+    let ok = c.publish(&common::note(&keys, "a", common::now())).await;
+    assert_eq!(ok[2], false, "{ok}");
+    assert!(ok[3].as_str().unwrap().contains("203.0.113.7"), "{ok}");
+    let mut c = connect_forwarded(&relay.url(), "203.0.113.7, 198.51.100.1").await;
+    let ok = c.publish(&common::note(&keys, "b", common::now())).await;
+    assert_eq!(
+        ok[2], true,
+        "the spoofed left-most entry was believed: {ok}"
+    );
+    // No trusted proxy: the header is ignored, the TCP peer is the client.
+    let (relay, _dir2) = serve("").await;
+    let mut c = connect_forwarded(&relay.url(), "203.0.113.7").await;
+    let ok = c.publish(&common::note(&keys, "c", common::now())).await;
+    assert_eq!(ok[2], true, "{ok}");
+}

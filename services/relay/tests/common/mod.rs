@@ -178,6 +178,11 @@ pub struct RawClient {
 impl RawClient {
     pub async fn connect(url: &str) -> Self {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Self::from_ws(ws).await
+    }
+
+    /// A client on a WebSocket opened elsewhere (custom headers, …).
+    pub async fn from_ws(ws: Ws) -> Self {
         let mut c = Self {
             ws,
             challenge: None,
