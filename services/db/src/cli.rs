@@ -85,19 +85,13 @@ async fn run(matches: ArgMatches) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot open the {} store", cfg.kind))?;
     tracing::info!(db_type = %cfg.kind, "orly-db store open");
-    let expiry_store = store.clone();
-    let expiry = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match expiry_store.delete_expired().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(count = n, "deleted expired events"),
-                Err(e) => tracing::warn!(error = %e, "deleting expired events failed"),
-            }
-        }
-    });
+    // One purger among every process sharing the store (orly-db replicas on one PostgreSQL,
+    // relays on it): the holder of the purge lease.
+    let expiry = crate::spawn_purger(
+        store.clone(),
+        format!("orly-db:{}:{}", hostname(), std::process::id()),
+        EXPIRY_INTERVAL,
+    );
 
     orly_common::service::serve_until_signal(
         Service::Db.binary(),
@@ -108,6 +102,16 @@ async fn run(matches: ArgMatches) -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// This host's name (the pod's, in Kubernetes), for naming the purge lease's holder.
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 #[cfg(test)]
