@@ -648,7 +648,8 @@ impl PeerSource for ClusterSource {
             return Err(SyncError::garbage(peer, "page larger than the limit"));
         }
         let end = if resp.has_more {
-            if resp.next_from <= from || resp.next_from > to + 1 {
+            // `to` may be u64::MAX (what the peer announced): no `to + 1`.
+            if resp.next_from <= from || resp.next_from - 1 > to {
                 return Err(SyncError::garbage(
                     peer,
                     format!("next_from {} outside {from}..={to}", resp.next_from),
