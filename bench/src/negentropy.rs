@@ -139,13 +139,8 @@ pub fn reconcile_alone(
 
 /// An orly relay on `store` answering NIP-77, on a loopback port.
 pub async fn relay_with_negentropy(store: SharedStore) -> orly::RunningRelay {
-    let relay = orly::Relay::new(
-        orly::RelayConfig::default(),
-        store.clone(),
-        Arc::new(orly::acl::OpenAcl),
-    );
     let engine = NegentropyEngine::new(
-        store,
+        store.clone(),
         EngineSettings {
             max_records: 0,
             ..EngineSettings::default()
@@ -153,7 +148,13 @@ pub async fn relay_with_negentropy(store: SharedStore) -> orly::RunningRelay {
     )
     .expect("engine");
     engine.spawn_reaper();
-    relay.enable_negentropy(engine);
+    let relay = orly::Relay::builder(
+        orly::RelayConfig::default(),
+        store,
+        Arc::new(orly::acl::OpenAcl),
+    )
+    .negentropy(engine)
+    .build();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

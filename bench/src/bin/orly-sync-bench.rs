@@ -4,7 +4,7 @@
 //!    each mechanism (`distributed`, `cluster`, `negentropy`) a fresh, empty peer relay pulls all
 //!    of them once. Reported: wall time, events/s, and the events the peer holds afterwards.
 //! 2. **Propagation**: three relays A, B, C, each with its own SQLite store and an in-process
-//!    cluster sync replicating the other two, plus the store follower for live delivery. Raw
+//!    cluster sync replicating the other two; live delivery from each store's feed. Raw
 //!    WebSocket subscriptions (`since: now`) on B and C; M events (`--propagation-events`,
 //!    default 300) published on A one every `--interval-ms` (20 ms). Reported: the time from
 //!    sending the EVENT on A to its arrival at the subscribers of B and C (p50/p90/p99/max).
@@ -47,9 +47,6 @@ struct Args {
     /// Pause between two published events in the propagation measurement (ms).
     #[arg(long, default_value_t = 20)]
     interval_ms: u64,
-    /// How often each relay's store follower looks for events stored by the sync (ms).
-    #[arg(long, default_value_t = 50)]
-    follow_ms: u64,
     /// Concurrent saves while filling the source store (they group-commit in SQLite).
     #[arg(long, default_value_t = 256)]
     fill_concurrency: usize,
@@ -97,7 +94,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         None => tempfile::tempdir()?,
     };
     let started = Instant::now();
-    let follow = Duration::from_millis(args.follow_ms.max(1));
 
     let mut catch_up = None;
     if args.events > 0 && !args.mechanisms.is_empty() {
@@ -129,7 +125,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         let plan = propagation::Plan {
             events: args.propagation_events,
             interval: Duration::from_millis(args.interval_ms),
-            follow,
         };
         propagation = Some(propagation::run(scratch.path(), &plan).await);
     }
@@ -140,7 +135,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         authors: args.authors.max(1),
         propagation_events: args.propagation_events,
         interval_ms: args.interval_ms,
-        follow_ms: follow.as_millis() as u64,
     };
     let ok = report::print(&info, catch_up.as_ref(), propagation.as_ref());
     println!("total run time {:.1} s", started.elapsed().as_secs_f64());

@@ -77,7 +77,7 @@ pub async fn run(
     let mut peers: Vec<(Mechanism, Node)> = Vec::new();
     for &m in mechanisms {
         let mut peer = Node::open(dir, &format!("peer-{}", m.name())).await?;
-        peer.serve(None)?;
+        peer.serve(None, None)?;
         peers.push((m, peer));
     }
     let urls_of = |wanted: Mechanism| -> Vec<String> {
@@ -113,12 +113,12 @@ pub async fn run(
     cluster
         .update_membership(&urls_of(Mechanism::Cluster))
         .await?;
-    source.relay.enable_sync(Arc::new(SyncHooks::new(
+    let hooks = Arc::new(SyncHooks::new(
         Some(Arc::new(distributed.clone()) as Arc<dyn DistributedApi>),
         Some(Arc::new(cluster.clone()) as Arc<dyn ClusterApi>),
         None,
         None,
-    )));
+    ));
     let engine = NegentropyEngine::new(
         source.store.clone(),
         EngineSettings {
@@ -129,8 +129,7 @@ pub async fn run(
     .map_err(anyhow::Error::msg)
     .context("source negentropy engine")?;
     let reaper = engine.spawn_reaper();
-    source.relay.enable_negentropy(engine);
-    source.serve(None)?;
+    source.serve(Some(hooks), Some(engine))?;
 
     let mut rows = Vec::new();
     for (m, peer) in &peers {

@@ -7,20 +7,17 @@ use std::time::Duration;
 use anyhow::Context;
 use orly_db::SharedStore;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
-/// A relay: bound and configured first (sync services and NIP-77 are enabled before it
-/// serves), then [`Node::serve`]d.
+/// A relay: its store opened and its port bound first, then built and [`Node::serve`]d with
+/// the sync services and NIP-77 it has.
 pub struct Node {
     pub store: SharedStore,
-    pub relay: Arc<orly::Relay>,
     /// `http://127.0.0.1:PORT`, as the sync services name peers.
     pub http: String,
     /// `ws://127.0.0.1:PORT`.
     pub ws: String,
     listener: Option<TcpListener>,
     running: Option<orly::RunningRelay>,
-    follower: Option<JoinHandle<()>>,
 }
 
 impl Node {
@@ -38,37 +35,39 @@ impl Node {
         let addr = listener.local_addr()?;
         let http = orly_sync::http::normalize_http_url(&format!("http://{addr}"))
             .map_err(anyhow::Error::msg)?;
-        let relay = orly::Relay::new(
-            orly::RelayConfig::default(),
-            store.clone(),
-            Arc::new(orly::acl::OpenAcl),
-        );
         Ok(Self {
             store,
-            relay,
             ws: orly_sync::http::to_ws_url(&http),
             http,
             listener: Some(listener),
             running: None,
-            follower: None,
         })
     }
 
-    /// Starts serving; with `follow`, also the store follower (live delivery of events that the
-    /// sync stored), looking every `follow`, as the `orly` binary runs it.
-    pub fn serve(&mut self, follow: Option<Duration>) -> anyhow::Result<()> {
+    /// Builds the relay with `hooks` and `negentropy` and serves it; live delivery (also of
+    /// what the sync stores) comes from the store's feed, as in the `orly` binary.
+    pub fn serve(
+        &mut self,
+        hooks: Option<Arc<orly::sync::SyncHooks>>,
+        negentropy: Option<Arc<dyn orly_sync_negentropy::NegentropyHandler>>,
+    ) -> anyhow::Result<()> {
         let listener = self.listener.take().context("relay already serving")?;
-        if let Some(period) = follow {
-            self.follower = Some(orly::sync::spawn_follower(self.relay.clone(), period));
+        let mut builder = orly::Relay::builder(
+            orly::RelayConfig::default(),
+            self.store.clone(),
+            Arc::new(orly::acl::OpenAcl),
+        );
+        if let Some(h) = hooks {
+            builder = builder.sync(h);
         }
-        self.running = Some(orly::spawn(listener, self.relay.clone())?);
+        if let Some(n) = negentropy {
+            builder = builder.negentropy(n);
+        }
+        self.running = Some(orly::spawn(listener, builder.build())?);
         Ok(())
     }
 
     pub async fn stop(mut self) {
-        if let Some(f) = self.follower.take() {
-            f.abort();
-        }
         if let Some(r) = self.running.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), r.stop()).await;
         }

@@ -32,7 +32,6 @@ const DEADLINE: Duration = Duration::from_secs(10 * 60);
 pub struct Plan {
     pub events: usize,
     pub interval: Duration,
-    pub follow: Duration,
 }
 
 /// Latencies (ms) of the events that arrived, per receiving relay.
@@ -87,13 +86,15 @@ async fn measure(dir: &Path, plan: &Plan) -> anyhow::Result<Measured> {
             .map(|(_, u)| u.clone())
             .collect();
         sync.update_membership(&others).await?;
-        node.relay.enable_sync(Arc::new(SyncHooks::new(
+        node.serve(
+            Some(Arc::new(SyncHooks::new(
+                None,
+                Some(Arc::new(sync.clone()) as Arc<dyn ClusterApi>),
+                None,
+                None,
+            ))),
             None,
-            Some(Arc::new(sync.clone()) as Arc<dyn ClusterApi>),
-            None,
-            None,
-        )));
-        node.serve(Some(plan.follow))?;
+        )?;
         syncs.push(sync);
     }
     for s in &syncs {
