@@ -20,7 +20,9 @@ shopt -s nullglob
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 chart=$root/charts/orly-operator
-shared_tools=$here/../../shared/tools
+# Beside the clone (../shared/tools); ORLY_SHARED_TOOLS names them elsewhere (a clone in /tmp).
+shared_tools=${ORLY_SHARED_TOOLS:-$here/../../shared/tools}
+[ -d "$shared_tools" ] || shared_tools=/work/shared/tools
 
 failures=0
 ok() { printf 'ok    %s\n' "$*"; }
