@@ -3,7 +3,8 @@
 //! gift wraps, …) reach only their parties.
 //!
 //! Everything sent goes through the connection's [`Outbox`], bounded in bytes: stored results
-//! wait while it is half full, live events and replies are queued at once, and a connection
+//! wait while it is half full (read ahead of the client, so the store's connection is not held
+//! by a slow one), live events and replies are queued at once, and a connection
 //! past its budget — or whose socket took longer than the write timeout for one send — is
 //! closed and its queue freed. The reader never waits for the socket: it always sees the
 //! close and shutdown signals. REQs run in their own tasks (several at once, cancelled by
@@ -80,6 +81,34 @@ impl Outbox {
         }
     }
 
+    /// What a connection may hold once every connection together is past the total budget:
+    /// a sixteenth of its own budget, at least 64 KiB, at most half. Many connections each
+    /// just under half their budget would otherwise hold many times the total.
+    fn heavy(&self) -> usize {
+        (self.budget / 16).max(64 << 10).min(self.budget / 2)
+    }
+
+    /// Whether this connection may also hold `held` bytes of stored results read ahead of it
+    /// (see `stored_part`). Past the total budget, one holding more than the
+    /// [`heavy`](Self::heavy) mark with them is closed, as for a live event.
+    pub fn may_hold(&self, held: usize) -> bool {
+        let st = self.state.lock();
+        if st.closed {
+            return false;
+        }
+        if st.bytes + held > self.heavy() && self.total.get() > self.total_limit {
+            drop(st);
+            metrics::counter!("orly_slow_consumers_dropped_total", "reason" => "total_budget")
+                .increment(1);
+            self.close(
+                1008,
+                "rate-limited: reading too slowly while the relay is short of memory",
+            );
+            return false;
+        }
+        true
+    }
+
     /// Bytes queued.
     pub fn bytes(&self) -> usize {
         self.state.lock().bytes
@@ -113,7 +142,7 @@ impl Outbox {
             );
             return false;
         }
-        if st.bytes > self.budget / 2 && self.total.get() > self.total_limit {
+        if st.bytes > self.heavy() && self.total.get() > self.total_limit {
             drop(st);
             metrics::counter!("orly_slow_consumers_dropped_total", "reason" => "total_budget")
                 .increment(1);
@@ -129,22 +158,37 @@ impl Outbox {
 
     /// Queues a stored result, waiting while the outbox is half full (a slow reader slows
     /// its own REQ, nothing else). `false`: the connection closed.
-    pub async fn push_stored(&self, msg: String) -> bool {
+    pub async fn push_stored(&self, mut msg: String) -> bool {
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            {
-                let mut st = self.state.lock();
-                if st.closed {
-                    return false;
-                }
-                if st.bytes == 0 || st.bytes + msg.len() <= self.budget / 2 {
-                    self.enqueue(&mut st, msg);
-                    return true;
-                }
+            match self.try_push_stored(msg) {
+                Ok(queued) => return queued,
+                Err(back) => msg = back,
             }
             room.await;
+        }
+    }
+
+    /// [`push_stored`](Self::push_stored) without waiting: `Err` gives the message back
+    /// when the outbox has no room for it now.
+    pub fn try_push_stored(&self, msg: String) -> Result<bool, String> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return Ok(false);
+        }
+        // Short of memory, stored results wait at the lower mark too.
+        let room = if self.total.get() > self.total_limit {
+            self.heavy()
+        } else {
+            self.budget / 2
+        };
+        if st.bytes == 0 || st.bytes + msg.len() <= room {
+            self.enqueue(&mut st, msg);
+            Ok(true)
+        } else {
+            Err(msg)
         }
     }
 
@@ -894,6 +938,47 @@ enum StoredError {
     Closed,
 }
 
+/// A REQ's stored results read ahead of a slow client, counted in the relay's outbound
+/// total while they wait (and uncounted when sent or dropped).
+struct HeldFrames {
+    frames: VecDeque<String>,
+    bytes: usize,
+    total: Arc<OutboundBytes>,
+}
+
+impl HeldFrames {
+    fn new(total: Arc<OutboundBytes>) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            bytes: 0,
+            total,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn push(&mut self, frame: String) {
+        self.bytes += frame.len();
+        self.total.add(frame.len());
+        self.frames.push_back(frame);
+    }
+
+    fn pop(&mut self) -> Option<String> {
+        let frame = self.frames.pop_front()?;
+        self.bytes -= frame.len();
+        self.total.sub(frame.len());
+        Some(frame)
+    }
+}
+
+impl Drop for HeldFrames {
+    fn drop(&mut self) {
+        self.total.sub(self.bytes);
+    }
+}
+
 /// A REQ's stored part: the query, EOSE, then the handover to live delivery.
 async fn stored_part(conn: Arc<Conn>, sub: Arc<LiveSub>, filters: Vec<Filter>) {
     let relay = conn.relay.clone();
@@ -928,6 +1013,13 @@ async fn stored_part(conn: Arc<Conn>, sub: Arc<LiveSub>, filters: Vec<Filter>) {
             .await
             .map_err(StoredError::Store)?;
         metrics::histogram!("orly_req_seconds").record(started.elapsed().as_secs_f64());
+        // Results stream from the store's cursor while the client keeps up. Once its outbox
+        // is half full the rest is read ahead into `held`, so that the store's connection
+        // goes back to its pool instead of waiting on a client that may never read (a
+        // handful of those would otherwise hold every read connection). `held` counts toward
+        // the total outbound budget: past it new REQs are refused, and a slow connection
+        // reading ahead is closed.
+        let mut held = HeldFrames::new(relay.outbound.clone());
         while let Some(ev) = answer.events.next().await {
             let ev = ev.map_err(StoredError::Store)?;
             if conn.sink.gate && privileged::is_privileged(Kind::from(ev.kind)) {
@@ -937,15 +1029,28 @@ async fn stored_part(conn: Arc<Conn>, sub: Arc<LiveSub>, filters: Vec<Filter>) {
                     continue;
                 }
             }
-            if !conn
-                .outbox
-                .push_stored(message::event_message(&sub_id, &ev.json))
-                .await
-            {
+            let frame = message::event_message(&sub_id, &ev.json);
+            if held.is_empty() {
+                match conn.outbox.try_push_stored(frame) {
+                    Ok(true) => continue,
+                    Ok(false) => return Err(StoredError::Closed),
+                    Err(frame) => held.push(frame),
+                }
+            } else {
+                held.push(frame);
+            }
+            if !held.is_empty() && !conn.outbox.may_hold(held.bytes) {
                 return Err(StoredError::Closed);
             }
         }
-        Ok(answer.serial)
+        let serial = answer.serial;
+        drop(answer);
+        while let Some(frame) = held.pop() {
+            if !conn.outbox.push_stored(frame).await {
+                return Err(StoredError::Closed);
+            }
+        }
+        Ok(serial)
     };
     let outcome = tokio::time::timeout(limits.query_timeout, work).await;
     let reason = match outcome {
@@ -1221,6 +1326,59 @@ mod tests {
         assert!(heavy.is_closed());
         assert!(!light.is_closed());
         assert_eq!(total.get(), 10);
+    }
+
+    #[test]
+    fn held_frames_count_toward_the_total_until_sent_or_dropped() {
+        let total = Arc::new(OutboundBytes::default());
+        let o = Outbox::new(100, total.clone(), usize::MAX);
+        assert_eq!(o.try_push_stored("a".repeat(40)), Ok(true));
+        // Half the budget is taken: the next stored result is given back, not queued.
+        assert_eq!(o.try_push_stored("b".repeat(40)), Err("b".repeat(40)));
+        let mut held = HeldFrames::new(total.clone());
+        held.push("b".repeat(40));
+        held.push("c".repeat(30));
+        assert_eq!(total.get(), 110);
+        assert_eq!(held.pop().as_deref(), Some("b".repeat(40).as_str()));
+        assert_eq!(total.get(), 70);
+        drop(held);
+        assert_eq!(total.get(), 40);
+        o.close(1001, "bye");
+        assert_eq!(o.try_push_stored("d".into()), Ok(false));
+        assert_eq!(total.get(), 0);
+
+        // Past the total budget, a connection may not read ahead beyond the heavy mark.
+        let o = Outbox::new(1000, total.clone(), 100);
+        assert!(o.push("e".repeat(200)));
+        assert!(o.may_hold(300), "at the heavy mark (half of 1000)");
+        assert!(!o.may_hold(301));
+        assert!(o.is_closed());
+        assert_eq!(total.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn past_the_total_budget_connections_may_hold_a_sixteenth_of_their_budget() {
+        let total = Arc::new(OutboundBytes::default());
+        let budget = 16 << 20;
+        let a = Arc::new(Outbox::new(budget, total.clone(), 4 << 20));
+        let b = Outbox::new(budget, total.clone(), 4 << 20);
+        // Under the total, each holds up to its own budget.
+        assert!(a.push("a".repeat(3 << 20)));
+        assert!(b.push("b".repeat(1536 << 10)));
+        // Over it (4.5 MiB > 4 MiB), stored results wait once a connection holds 1 MiB (a
+        // sixteenth of its budget), not 8 MiB.
+        let waiting = {
+            let a = a.clone();
+            tokio::spawn(async move { a.push_stored("s".repeat(10)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        // And a live event for a connection holding more than 1 MiB closes it.
+        assert!(!b.push("b".into()));
+        assert!(b.is_closed());
+        a.close(1001, "bye");
+        assert!(!waiting.await.unwrap());
+        assert_eq!(total.get(), 0);
     }
 
     #[test]

@@ -195,8 +195,18 @@ fn quote(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
+/// `["EVENT",<sub>,<json>]`, allocated at its exact size: these frames wait in the outboxes
+/// of slow readers, and `format!` would leave up to half of each allocation unused (the
+/// closing `]` doubles the buffer), twice the memory the byte budgets account for.
 pub fn event_message(sub_id: &str, event_json: &str) -> String {
-    format!("[\"EVENT\",{},{}]", quote(sub_id), event_json)
+    let sub = quote(sub_id);
+    let mut out = String::with_capacity(10 + sub.len() + event_json.len() + 1);
+    out.push_str("[\"EVENT\",");
+    out.push_str(&sub);
+    out.push(',');
+    out.push_str(event_json);
+    out.push(']');
+    out
 }
 
 pub fn ok_message(event_id: &str, accepted: bool, message: &str) -> String {
@@ -238,6 +248,14 @@ pub fn auth_message(challenge: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn event_frames_are_allocated_at_their_size() {
+        let json = format!(r#"{{"content":"{}"}}"#, "x".repeat(600));
+        let frame = event_message("sub \"1\"", &json);
+        assert_eq!(frame, format!(r#"["EVENT","sub \"1\"",{json}]"#));
+        assert_eq!(frame.capacity(), frame.len());
+    }
+
     use super::*;
 
     #[test]
