@@ -37,7 +37,7 @@ pub struct Args {
     /// PostgreSQL URL (with --db-type postgres), e.g. postgres://user:pass@127.0.0.1/orly.
     #[arg(long, env = env::DB_URL)]
     pub db_url: Option<String>,
-    /// Connection pool size of the SQL backend.
+    /// Connection pool size of the SQL backend (for SQLite: the read pool).
     #[arg(long, env = "ORLY_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub max_connections: u32,
     /// Log level or tracing filter directive (falls back to ORLY_DB_LOG_LEVEL when unset).

@@ -55,7 +55,7 @@ pub struct StoreConfig {
     pub grpc_server: String,
     /// Deadline of one gRPC call (streams: of each message).
     pub grpc_timeout: Duration,
-    /// Connection pool size for SQL backends.
+    /// Connection pool size for SQL backends (for SQLite: the read pool; the writer has its own).
     pub max_connections: u32,
 }
 
@@ -67,7 +67,7 @@ impl Default for StoreConfig {
             postgres_url: None,
             grpc_server: "127.0.0.1:50051".into(),
             grpc_timeout: Duration::from_secs(10),
-            max_connections: 8,
+            max_connections: crate::sqlite::DEFAULT_READ_CONNECTIONS,
         }
     }
 }
@@ -95,7 +95,12 @@ pub async fn open_store(cfg: &StoreConfig) -> Result<SharedStore> {
                     cfg.data_dir.display()
                 ))
             })?;
-            let store = crate::sqlite::SqliteStore::open(&sqlite_path(&cfg.data_dir)).await?;
+            let options = crate::sqlite::SqliteOptions {
+                read_connections: cfg.max_connections,
+                ..crate::sqlite::SqliteOptions::default()
+            };
+            let store =
+                crate::sqlite::SqliteStore::open_with(&sqlite_path(&cfg.data_dir), options).await?;
             Ok(Arc::new(store))
         }
         StoreKind::Postgres => {

@@ -94,6 +94,10 @@ pub struct Cli {
     /// Deadline of one call to orly-db over gRPC.
     #[arg(long, env = "ORLY_GRPC_DB_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub grpc_db_timeout: Duration,
+    /// Connections of the SQL store: the SQLite read pool (stored queries run concurrently up
+    /// to this many) or the PostgreSQL pool.
+    #[arg(long, env = "ORLY_DB_MAX_CONNECTIONS", default_value_t = orly_db::sqlite::DEFAULT_READ_CONNECTIONS)]
+    pub db_max_connections: u32,
 
     /// Where access control runs: local (in this process) or grpc (the orly-acl service).
     #[arg(long, env = env::ACL_TYPE, value_enum, default_value_t = AclType::Local)]
@@ -287,7 +291,8 @@ pub struct Cli {
     #[arg(long, env = "ORLY_MAX_OUTBOUND_BYTES", default_value_t = 16 << 20)]
     pub max_outbound_bytes: usize,
     /// Bytes queued for every connection together; past it new REQs get `CLOSED
-    /// "rate-limited: …"` and connections holding more than half their own budget are closed.
+    /// "rate-limited: …"`, and a connection holding more than a sixteenth of its own budget
+    /// (at least 64 KiB) is closed at its next live event.
     #[arg(long, env = "ORLY_MAX_OUTBOUND_BYTES_TOTAL", default_value_t = 1 << 30)]
     pub max_outbound_bytes_total: usize,
     /// How long one WebSocket send may take; a client that reads nothing for this long is
@@ -322,7 +327,7 @@ impl Cli {
             postgres_url: self.db_url.clone(),
             grpc_server,
             grpc_timeout: self.grpc_db_timeout,
-            ..StoreConfig::default()
+            max_connections: self.db_max_connections,
         }
     }
 
@@ -522,6 +527,7 @@ pub fn ignored_variables(cli: &Cli, is_set: impl Fn(&str) -> bool) -> Vec<&'stat
             "ORLY_GRPC_DB_TIMEOUT",
         ],
     );
+    when(db == StoreKind::Grpc, &["ORLY_DB_MAX_CONNECTIONS"]);
     let acl_grpc = cli.acl_type == AclType::Grpc;
     when(!acl_grpc, &[env::GRPC_ACL_SERVER, "ORLY_GRPC_ACL_TIMEOUT"]);
     // The service re-reads its own lists; the relay's refresh interval is then unused.
@@ -724,6 +730,17 @@ mod tests {
         assert_eq!(
             ignored(&["--db-type", "grpc"], &set),
             vec!["ORLY_DATA_DIR", "ORLY_DB_URL"]
+        );
+        // The pool size is orly-db's over gRPC; the relay's own SQL stores use it.
+        let pool = ["ORLY_DB_MAX_CONNECTIONS"];
+        assert!(ignored(&[], &pool).is_empty());
+        assert!(ignored(&["--db-type", "postgres"], &pool).is_empty());
+        assert_eq!(ignored(&["--db-type", "grpc"], &pool), pool);
+        assert_eq!(
+            cli(&["--db-max-connections", "3"])
+                .store_config()
+                .max_connections,
+            3
         );
     }
 
