@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nostr::{Event, Filter, Kind, PublicKey, Timestamp};
 use orly_common::acl::{AccessContext, Acl, Decision};
+use orly_common::time::now_secs_i64 as now_secs;
 use orly_db::SharedStore;
 use parking_lot::RwLock;
 
-use crate::{now_secs, AclAdmin, AclError, Level, ListEntry, ListKind, Mode};
+use crate::{AclAdmin, AclError, Level, ListEntry, ListKind, Mode};
 
 /// How long a caller may reuse a cacheable decision.
 pub const DECISION_CACHE_TTL: Duration = Duration::from_secs(5);

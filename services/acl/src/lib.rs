@@ -239,11 +239,3 @@ pub trait AclAdmin: Send + Sync + 'static {
     /// Every entry, sorted by key.
     async fn list(&self, list: ListKind) -> Result<Vec<ListEntry>, AclError>;
 }
-
-/// Unix seconds now.
-pub(crate) fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
