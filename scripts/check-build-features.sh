@@ -22,7 +22,11 @@ import json, sys
 def units(path):
     out = {}
     for u in json.load(open(path))["units"]:
-        key = (u["pkg_id"], u["target"]["name"], u["mode"], tuple(u["target"]["kind"]))
+        # The profile and platform belong to the key: a build dependency (host, opt-level 0)
+        # and the same crate as a normal dependency (target, release) are different units.
+        profile = json.dumps(u.get("profile", {}), sort_keys=True)
+        key = (u["pkg_id"], u["target"]["name"], u["mode"], tuple(u["target"]["kind"]),
+               profile, u.get("platform"))
         out.setdefault(key, []).append(set(u["features"]))
     return out
 
