@@ -19,7 +19,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::dataset::Dataset;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Longest wait for any single frame before the run is declared stuck.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
@@ -30,9 +30,14 @@ const CONNECT_CONCURRENCY: usize = 64;
 
 /// Connects (Nagle off) and consumes the relay's `["AUTH", challenge]` greeting.
 pub async fn connect(url: &str) -> anyhow::Result<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
         .await
         .with_context(|| format!("connecting to {url}"))?;
+    greeted(ws).await
+}
+
+/// Consumes the relay's `["AUTH", challenge]` greeting on a fresh connection.
+pub async fn greeted(mut ws: Ws) -> anyhow::Result<Ws> {
     let greeting = next_text(&mut ws).await?;
     if !greeting.starts_with(r#"["AUTH""#) {
         bail!("expected an AUTH greeting, got {greeting}");
@@ -41,7 +46,7 @@ pub async fn connect(url: &str) -> anyhow::Result<Ws> {
 }
 
 /// The next text frame (pings are answered by tungstenite while reading).
-async fn next_text<S>(stream: &mut S) -> anyhow::Result<String>
+pub async fn next_text<S>(stream: &mut S) -> anyhow::Result<String>
 where
     S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
@@ -265,7 +270,7 @@ async fn timed_req(ws: &mut Ws, filter: &Value) -> anyhow::Result<(Duration, usi
 }
 
 /// The nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -1,10 +1,12 @@
 //! The relay benchmark's load: the shared corpus (notes and reactions with `p` and `e` tags),
 //! as ready-to-send EVENT messages plus what the queries need to pick realistic values.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use nostr::JsonUtil;
 
+use super::matcher::EventKey;
 use crate::dataset::{self, Shape, Times};
 
 /// A fixed seed, so runs differ only in keys and timestamps.
@@ -20,6 +22,11 @@ pub struct Dataset {
     pub ids: Vec<String>,
     /// Hex pubkeys of the authors; the `p` tags point at them too.
     pub authors: Vec<String>,
+    /// The authors' keys, in the order of `authors` (the fan-out and load phases sign fresh
+    /// events with them).
+    pub keys: Vec<nostr::Keys>,
+    /// Each event as the client-side matcher sees it, in the order of `messages`.
+    pub events: Vec<EventKey>,
     /// The oldest and newest created_at.
     pub oldest: u64,
     pub newest: u64,
@@ -49,6 +56,8 @@ pub fn generate(n: usize, authors: usize) -> anyhow::Result<Dataset> {
             .iter()
             .map(|k| k.public_key().to_hex())
             .collect(),
+        keys: corpus.keys.clone(),
+        events: event_keys(&corpus.events, &corpus.keys),
         oldest: times.clone().min().unwrap_or_default(),
         newest: times.max().unwrap_or_default(),
     };
@@ -59,4 +68,25 @@ pub fn generate(n: usize, authors: usize) -> anyhow::Result<Dataset> {
         started.elapsed().as_secs_f64()
     );
     Ok(data)
+}
+
+/// The matcher's view of `events`, whose authors and `p` tags are all among `keys`.
+pub fn event_keys(events: &[nostr::Event], keys: &[nostr::Keys]) -> Vec<EventKey> {
+    let index: HashMap<nostr::PublicKey, u32> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.public_key(), i as u32))
+        .collect();
+    events
+        .iter()
+        .map(|e| EventKey {
+            author: index[&e.pubkey],
+            kind: e.kind.as_u16(),
+            p: e.tags
+                .public_keys()
+                .filter_map(|pk| index.get(pk).copied())
+                .collect(),
+            created_at: e.created_at.as_secs(),
+        })
+        .collect()
 }

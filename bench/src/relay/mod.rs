@@ -1,9 +1,18 @@
 //! `orly-bench`'s parts: ingest rate, REQ latency and memory of the real `orly` binary in
 //! several deployments ([`Mode`]), driven over raw WebSockets ([`client`]) against child
-//! processes ([`process`]), printed as one table ([`report`]).
+//! processes ([`process`]); live fan-out latency over many subscriptions, on one relay or
+//! across replicas ([`fanout`]); the load of many connections and stalled readers
+//! ([`load`]); printed as tables ([`report`]). [`live`] holds the subscribers, publishers and
+//! delivery tally both share, [`matcher`] the client side's filter matching, [`net`] the
+//! sockets.
 
 pub mod client;
 pub mod dataset;
+pub mod fanout;
+pub mod live;
+pub mod load;
+pub mod matcher;
+pub mod net;
 pub mod postgres;
 pub mod process;
 pub mod report;

@@ -68,9 +68,19 @@ impl Proc {
         orly: &Orly,
         service: Service,
         dir: &Path,
-        env: &[(&str, String)],
+        env: &[(String, String)],
     ) -> anyhow::Result<Self> {
-        let name = service.binary();
+        Self::spawn_named(orly, service, service.binary(), dir, env)
+    }
+
+    /// [`Proc::spawn`] under another log name (a second relay replica).
+    fn spawn_named(
+        orly: &Orly,
+        service: Service,
+        name: &'static str,
+        dir: &Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = orly.command(service);
         for (key, _) in std::env::vars_os() {
@@ -78,8 +88,9 @@ impl Proc {
                 cmd.env_remove(key);
             }
         }
-        cmd.envs(env.iter().map(|(k, v)| (k, v)))
-            .env("ORLY_LOG_LEVEL", "warn")
+        // Quiet by default; `--relay-env ORLY_LOG_LEVEL=…` wins.
+        cmd.env("ORLY_LOG_LEVEL", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
@@ -124,15 +135,29 @@ impl Proc {
 
     /// Resident set size in MB (VmRSS from /proc).
     pub fn rss_mb(&self) -> anyhow::Result<f64> {
+        self.status_mb("VmRSS:")
+    }
+
+    /// Peak resident set size since the process started, in MB (VmHWM from /proc).
+    pub fn peak_rss_mb(&self) -> anyhow::Result<f64> {
+        self.status_mb("VmHWM:")
+    }
+
+    fn status_mb(&self, field: &str) -> anyhow::Result<f64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .with_context(|| format!("reading /proc status of {}", self.name))?;
         let kb: f64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .context("no VmRSS in /proc/<pid>/status")?;
+            .with_context(|| format!("no {field} in /proc/<pid>/status"))?;
         Ok(kb / 1024.0)
+    }
+
+    /// Whether the child is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// CPU time (user + system, all threads) used so far, in seconds.
@@ -166,27 +191,39 @@ impl Drop for Proc {
 
 /// A running relay and whatever backs it; everything stops, and the data dir goes, on drop.
 pub struct Stack {
-    // Field order is drop order: relay, then orly-acl, then orly-db, then the directory.
+    // Field order is drop order: relays, then orly-acl, then orly-db, then the directory.
     pub relay: Proc,
+    /// More relays on the same store ([`Stack::add_replica`]), for the fan-out across replicas.
+    pub replicas: Vec<Proc>,
     /// Held so the orly-acl process lives as long as the relay.
     _acl: Option<Proc>,
     pub db: Option<Proc>,
+    /// The first relay's URL.
     pub url: String,
-    _dir: tempfile::TempDir,
+    /// The replicas' URLs, in the order of `replicas`.
+    pub replica_urls: Vec<String>,
+    /// What a relay of this stack is started with, but its port and data directory.
+    relay_env: Vec<(String, String)>,
+    /// Whether a second relay may share the store (not an in-process SQLite file).
+    shared_store: bool,
+    dir: tempfile::TempDir,
 }
 
 impl Stack {
-    pub async fn start(orly: &Orly, backend: Backend<'_>) -> anyhow::Result<Self> {
+    /// Starts the stack; `extra_env` (`--relay-env`) goes to every relay, after (and so
+    /// over) the stack's own settings.
+    pub async fn start(
+        orly: &Orly,
+        backend: Backend<'_>,
+        extra_env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("orly-bench-").tempdir()?;
         let data_dir = dir.path().display().to_string();
-        let port = free_port()?;
-        let mut env = vec![
-            ("ORLY_LISTEN", "127.0.0.1".to_string()),
-            ("ORLY_PORT", port.to_string()),
-            ("ORLY_DATA_DIR", data_dir.clone()),
-        ];
+        let mut env: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, v: String| env.push((k.to_string(), v));
         let mut db = None;
         let mut acl = None;
+        let mut shared_store = false;
         match backend {
             Backend::Follows {
                 admin,
@@ -194,55 +231,138 @@ impl Stack {
                 grpc,
             } => {
                 seed_follow_list(dir.path(), admin, follows).await?;
-                env.push(("ORLY_DB_TYPE", "sqlite".into()));
-                env.push(("ORLY_ACL_MODE", "follows".into()));
-                env.push(("ORLY_ADMINS", admin.public_key().to_hex()));
+                set("ORLY_DB_TYPE", "sqlite".into());
+                set("ORLY_ACL_MODE", "follows".into());
+                set("ORLY_ADMINS", admin.public_key().to_hex());
                 if grpc {
                     let acl_port = free_port()?;
-                    let acl_env = [
+                    let acl_env = owned(&[
                         ("ORLY_ACL_LISTEN", format!("127.0.0.1:{acl_port}")),
                         ("ORLY_ACL_MODE", "follows".into()),
                         ("ORLY_ADMINS", admin.public_key().to_hex()),
                         // The same SQLite file as the relay (WAL allows both processes).
                         ("ORLY_ACL_DB_TYPE", "sqlite".into()),
                         ("ORLY_DATA_DIR", data_dir.clone()),
-                    ];
+                    ]);
                     let mut p = Proc::spawn(orly, Service::Acl, dir.path(), &acl_env)?;
                     p.wait_listening(acl_port).await?;
                     acl = Some(p);
-                    env.push(("ORLY_ACL_TYPE", "grpc".into()));
-                    env.push(("ORLY_GRPC_ACL_SERVER", format!("127.0.0.1:{acl_port}")));
+                    set("ORLY_ACL_TYPE", "grpc".into());
+                    set("ORLY_GRPC_ACL_SERVER", format!("127.0.0.1:{acl_port}"));
                 }
             }
-            Backend::Sqlite => env.push(("ORLY_DB_TYPE", "sqlite".into())),
+            Backend::Sqlite => set("ORLY_DB_TYPE", "sqlite".into()),
             Backend::Postgres { url } => {
-                env.push(("ORLY_DB_TYPE", "postgres".into()));
-                env.push(("ORLY_DB_URL", url.to_string()));
+                shared_store = true;
+                set("ORLY_DB_TYPE", "postgres".into());
+                set("ORLY_DB_URL", url.to_string());
             }
             Backend::Split => {
+                shared_store = true;
                 let db_port = free_port()?;
-                let db_env = [
+                let db_env = owned(&[
                     ("ORLY_DB_LISTEN", format!("127.0.0.1:{db_port}")),
                     ("ORLY_DB_TYPE", "sqlite".into()),
                     ("ORLY_DATA_DIR", data_dir.clone()),
-                ];
+                ]);
                 let mut p = Proc::spawn(orly, Service::Db, dir.path(), &db_env)?;
                 p.wait_listening(db_port).await?;
                 db = Some(p);
-                env.push(("ORLY_DB_TYPE", "grpc".into()));
-                env.push(("ORLY_GRPC_DB_SERVER", format!("127.0.0.1:{db_port}")));
+                set("ORLY_DB_TYPE", "grpc".into());
+                set("ORLY_GRPC_DB_SERVER", format!("127.0.0.1:{db_port}"));
             }
         }
-        let mut relay = Proc::spawn(orly, Service::Relay, dir.path(), &env)?;
-        relay.wait_listening(port).await?;
+        env.extend(extra_env.iter().cloned());
+        let (relay, url) = start_relay(orly, Service::Relay.binary(), dir.path(), &env).await?;
         Ok(Self {
             relay,
+            replicas: Vec::new(),
             _acl: acl,
             db,
-            url: format!("ws://127.0.0.1:{port}"),
-            _dir: dir,
+            url,
+            replica_urls: Vec::new(),
+            relay_env: env,
+            shared_store,
+            dir,
         })
     }
+
+    /// Starts one more relay on the same store (split mode's orly-db, or PostgreSQL) and
+    /// returns its URL.
+    pub async fn add_replica(&mut self, orly: &Orly) -> anyhow::Result<String> {
+        anyhow::ensure!(
+            self.shared_store,
+            "a second relay needs a shared store (split or PostgreSQL)"
+        );
+        anyhow::ensure!(
+            self.replicas.len() < REPLICA_NAMES.len(),
+            "too many replicas"
+        );
+        let name = REPLICA_NAMES[self.replicas.len()];
+        let (relay, url) = start_relay(orly, name, self.dir.path(), &self.relay_env).await?;
+        self.replicas.push(relay);
+        self.replica_urls.push(url.clone());
+        Ok(url)
+    }
+
+    /// Every relay process: the first, then the replicas.
+    pub fn relays(&self) -> impl Iterator<Item = &Proc> {
+        std::iter::once(&self.relay).chain(&self.replicas)
+    }
+
+    /// Every relay URL, the first relay's first.
+    pub fn urls(&self) -> Vec<String> {
+        std::iter::once(self.url.clone())
+            .chain(self.replica_urls.iter().cloned())
+            .collect()
+    }
+
+    /// The last lines of every child's log.
+    pub fn log_tail(&self) -> String {
+        let mut log = String::new();
+        for p in self.relays().chain(&self.db) {
+            let tail = p.log_tail();
+            if !tail.trim().is_empty() {
+                log.push_str(&format!("[{}]\n{tail}\n", p.name));
+            }
+        }
+        log
+    }
+}
+
+/// Log names of the second and later relays.
+const REPLICA_NAMES: [&str; 3] = ["orly-replica-b", "orly-replica-c", "orly-replica-d"];
+
+/// Starts a relay on a free port (its own data directory under `dir`) and waits for it.
+async fn start_relay(
+    orly: &Orly,
+    name: &'static str,
+    dir: &Path,
+    env: &[(String, String)],
+) -> anyhow::Result<(Proc, String)> {
+    let port = free_port()?;
+    let data_dir = if name == Service::Relay.binary() {
+        dir.to_path_buf()
+    } else {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d)?;
+        d
+    };
+    let mut all = owned(&[
+        ("ORLY_LISTEN", "127.0.0.1".to_string()),
+        ("ORLY_PORT", port.to_string()),
+        ("ORLY_DATA_DIR", data_dir.display().to_string()),
+    ]);
+    all.extend(env.iter().cloned());
+    let mut relay = Proc::spawn_named(orly, Service::Relay, name, dir, &all)?;
+    relay.wait_listening(port).await?;
+    Ok((relay, format!("ws://127.0.0.1:{port}")))
+}
+
+fn owned(env: &[(&str, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 /// A free loopback port (bound, then released for a child to take).
