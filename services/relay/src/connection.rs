@@ -98,15 +98,20 @@ impl Outbox {
         }
         if st.bytes + held > self.heavy() && self.total.get() > self.total_limit {
             drop(st);
-            metrics::counter!("orly_slow_consumers_dropped_total", "reason" => "total_budget")
-                .increment(1);
-            self.close(
-                1008,
-                "rate-limited: reading too slowly while the relay is short of memory",
-            );
+            self.shed();
             return false;
         }
         true
+    }
+
+    /// Closes a connection holding too much while the relay is past its total budget.
+    fn shed(&self) {
+        metrics::counter!("orly_slow_consumers_dropped_total", "reason" => "total_budget")
+            .increment(1);
+        self.close(
+            1008,
+            "rate-limited: reading too slowly while the relay is short of memory",
+        );
     }
 
     /// Bytes queued.
@@ -144,12 +149,7 @@ impl Outbox {
         }
         if st.bytes > self.heavy() && self.total.get() > self.total_limit {
             drop(st);
-            metrics::counter!("orly_slow_consumers_dropped_total", "reason" => "total_budget")
-                .increment(1);
-            self.close(
-                1008,
-                "rate-limited: reading too slowly while the relay is short of memory",
-            );
+            self.shed();
             return false;
         }
         self.enqueue(&mut st, msg);
