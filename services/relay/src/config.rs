@@ -243,6 +243,12 @@ pub struct Cli {
     /// the right-most address that is not a trusted proxy. Empty: the TCP peer is the client.
     #[arg(long, env = "ORLY_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
+    /// Which header the trusted proxies' chain is read from: `auto` (`Forwarded` when present,
+    /// else `X-Forwarded-For`), `forwarded` or `x-forwarded-for`. Behind a proxy that writes
+    /// only `X-Forwarded-For` and passes a client's `Forwarded` through, `auto` would let the
+    /// client name its address: choose the proxy's header.
+    #[arg(long, env = "ORLY_TRUSTED_PROXY_HEADER", value_enum, default_value_t = crate::proxy::ProxyHeader::Auto)]
+    pub trusted_proxy_header: crate::proxy::ProxyHeader,
     /// How often this process may purge expired (NIP-40) events; one process among those
     /// sharing the store does it at a time (a store lease).
     #[arg(long, env = "ORLY_PURGE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
@@ -433,8 +439,9 @@ impl Cli {
             relay_url: self.relay_url.clone(),
             trusted_proxies: self
                 .trusted_proxies
-                .parse()
-                .map_err(|e| format!("ORLY_TRUSTED_PROXIES: {e}"))?,
+                .parse::<crate::proxy::TrustedProxies>()
+                .map_err(|e| format!("ORLY_TRUSTED_PROXIES: {e}"))?
+                .with_header(self.trusted_proxy_header),
             name: self.name.clone(),
             description: self.description.clone(),
             contact: self.contact.clone(),
@@ -702,6 +709,27 @@ mod tests {
         assert_eq!(cli(&["--acl-type", "grpc"]).acl_type, AclType::Grpc);
         assert!(<Cli as clap::CommandFactory>::command()
             .try_get_matches_from(["orly", "--acl-type", "remote"])
+            .is_err());
+    }
+
+    #[test]
+    fn the_trusted_proxies_header_is_chosen() {
+        use crate::proxy::ProxyHeader;
+        let header = |args: &[&str]| cli(args).relay_config().unwrap().trusted_proxies.header();
+        assert_eq!(
+            header(&["--trusted-proxies", "10.0.0.0/8"]),
+            ProxyHeader::Auto
+        );
+        assert_eq!(
+            header(&["--trusted-proxy-header", "x-forwarded-for"]),
+            ProxyHeader::XForwardedFor
+        );
+        assert_eq!(
+            header(&["--trusted-proxy-header", "forwarded"]),
+            ProxyHeader::Forwarded
+        );
+        assert!(<Cli as clap::CommandFactory>::command()
+            .try_get_matches_from(["orly", "--trusted-proxy-header", "x-real-ip"])
             .is_err());
     }
 

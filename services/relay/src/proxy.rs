@@ -32,8 +32,8 @@ pub struct ProxyParseError {
     pub entry: String,
 }
 
-/// Which header carries the proxies' chain.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Which header carries the proxies' chain (`ORLY_TRUSTED_PROXY_HEADER`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProxyHeader {
     /// `Forwarded` when the request has one, else `X-Forwarded-For`. Behind a proxy that only
     /// writes `X-Forwarded-For` and passes a client's `Forwarded` through, prefer
@@ -44,6 +44,7 @@ pub enum ProxyHeader {
     /// `Forwarded` only.
     Forwarded,
     /// `X-Forwarded-For` only.
+    #[value(name = "x-forwarded-for")]
     XForwardedFor,
 }
 
