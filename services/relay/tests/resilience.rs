@@ -110,6 +110,12 @@ async fn silent_connections_are_closed_and_live_ones_kept() {
     let mut live = RawClient::connect(&relay.url()).await;
     // A TCP peer that completes the handshake and then never reads nor answers.
     let (silent, _) = tokio_tungstenite::connect_async(relay.url()).await.unwrap();
+    // The relay counts a connection once its task runs, a moment after the client's
+    // handshake returns.
+    let counted = tokio::time::Instant::now() + Duration::from_secs(5);
+    while relay.running.relay.connections() < 2 && tokio::time::Instant::now() < counted {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(relay.running.relay.connections(), 2);
 
     let reader = tokio::spawn(async move {
