@@ -323,7 +323,12 @@ pub fn plan(cfg: &LauncherConfig, exes: &Executables) -> Result<Vec<Tier>, Launc
         kv(env::GRPC_SERVER, &db_client),
     ];
     // orly-db's storage settings.
-    let mut relay_remove: Vec<String> = vec![env::DB_URL.into(), env::DATA_DIR.into()];
+    // orly-db reads these in the relay's place (the relay reaches it over gRPC).
+    let mut relay_remove: Vec<String> = vec![
+        env::DB_URL.into(),
+        env::DATA_DIR.into(),
+        "ORLY_DB_MAX_CONNECTIONS".into(),
+    ];
 
     if cfg.acl_enabled {
         let addr = socket_addr("ORLY_LAUNCHER_ACL_LISTEN", &cfg.acl_listen)?;
@@ -558,6 +563,7 @@ mod tests {
         for var in [
             "ORLY_DB_URL",
             "ORLY_DATA_DIR",
+            "ORLY_DB_MAX_CONNECTIONS",
             "ORLY_RELAY_PEERS",
             "ORLY_SYNC_DISTRIBUTED_PEERS",
             "ORLY_SYNC_DISTRIBUTED_INTERVAL",
