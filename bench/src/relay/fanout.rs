@@ -4,7 +4,6 @@
 //! time from the EVENT leaving the publisher to its arrival. With two relays on one store,
 //! subscribers are spread over both and the publisher is on the first.
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -180,15 +179,7 @@ pub async fn run(
         plan.rate,
         total_expected as f64 / events.len().max(1) as f64
     );
-    let ids = Arc::new(events.index());
-    let counter = Arc::new(AtomicUsize::new(0));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let readers = live::spawn_readers(
-        opened.into_iter().map(|(ws, _)| ws).collect(),
-        &ids,
-        &counter,
-        &stop_rx,
-    );
+    let readers = live::Readers::start(opened.into_iter().map(|(ws, _)| ws).collect(), &events);
     // Let the subscriptions settle everywhere (the replicas register them on their own).
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -209,12 +200,12 @@ pub async fn run(
     )
     .await
     .context("publishing the fan-out events")?;
-    let drained = live::wait_arrivals(&counter, total_expected, plan.drain).await;
+    let drained = live::wait_arrivals(&readers.counter, total_expected, plan.drain).await;
     // A moment more, for duplicates.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let secs = started.elapsed().as_secs_f64();
     let cpu_used = cpu()?.since(&cpu_before);
-    let outs = live::stop_readers(&stop_tx, readers).await?;
+    let outs = readers.stop().await?;
 
     let dropped = outs.iter().filter(|o| o.closed.is_some()).count();
     if let Some(why) = outs.iter().find_map(|o| o.closed.as_ref()) {

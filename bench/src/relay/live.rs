@@ -220,21 +220,42 @@ pub struct ReaderOut {
     pub closed: Option<String>,
 }
 
-/// A reader task per connection, recording every EVENT until `stop` turns true; `counter`
-/// counts arrivals of known events as they come.
-pub fn spawn_readers(
-    conns: Vec<Ws>,
-    ids: &Arc<HashMap<String, u32>>,
-    counter: &Arc<AtomicUsize>,
-    stop: &watch::Receiver<bool>,
-) -> Vec<JoinHandle<ReaderOut>> {
-    conns
-        .into_iter()
-        .map(|ws| {
-            let (ids, counter, stop) = (ids.clone(), counter.clone(), stop.clone());
-            tokio::spawn(read_arrivals(ws, ids, counter, stop))
-        })
-        .collect()
+/// A reader task per subscriber connection, recording every EVENT of `events` until stopped;
+/// `counter` counts arrivals of known events as they come.
+pub struct Readers {
+    pub counter: Arc<AtomicUsize>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<ReaderOut>>,
+}
+
+impl Readers {
+    pub fn start(conns: Vec<Ws>, events: &LiveEvents) -> Self {
+        let ids = Arc::new(events.index());
+        let counter = Arc::new(AtomicUsize::new(0));
+        let (stop, stop_rx) = watch::channel(false);
+        let tasks = conns
+            .into_iter()
+            .map(|ws| {
+                let (ids, counter, stop) = (ids.clone(), counter.clone(), stop_rx.clone());
+                tokio::spawn(read_arrivals(ws, ids, counter, stop))
+            })
+            .collect();
+        Self {
+            counter,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Stops the readers and returns what each recorded.
+    pub async fn stop(self) -> anyhow::Result<Vec<ReaderOut>> {
+        self.stop.send_replace(true);
+        let mut out = Vec::with_capacity(self.tasks.len());
+        for r in self.tasks {
+            out.push(r.await.context("a reader panicked")?);
+        }
+        Ok(out)
+    }
 }
 
 async fn read_arrivals(
@@ -537,19 +558,6 @@ pub fn tally(
     out.unexpected = first.values().map(|(n, _)| n).sum();
     out.groups = ms.into_iter().map(Latencies::of).collect();
     out
-}
-
-/// Stops the readers and gathers what they saw.
-pub async fn stop_readers(
-    stop: &watch::Sender<bool>,
-    readers: Vec<JoinHandle<ReaderOut>>,
-) -> anyhow::Result<Vec<ReaderOut>> {
-    stop.send_replace(true);
-    let mut out = Vec::with_capacity(readers.len());
-    for r in readers {
-        out.push(r.await.context("a reader panicked")?);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

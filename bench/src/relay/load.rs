@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -168,15 +167,7 @@ pub async fn run(
     };
     events.extend(probes);
     let expected = matcher::expected(&filters, &events.keys);
-    let ids = Arc::new(events.index());
-    let counter = Arc::new(AtomicUsize::new(0));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let readers = live::spawn_readers(
-        opened.into_iter().map(|(ws, _)| ws).collect(),
-        &ids,
-        &counter,
-        &stop_rx,
-    );
+    let readers = live::Readers::start(opened.into_iter().map(|(ws, _)| ws).collect(), &events);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_subscribed_mb = stack.relay.rss_mb()?;
     eprintln!("  load: relay RSS {rss_subscribed_mb:.1} MB with the subscribers");
@@ -318,7 +309,7 @@ pub async fn run(
     );
     let sent: Vec<(u32, Instant)> = bulk.sent.iter().chain(&probes.sent).copied().collect();
     let target: usize = sent.iter().map(|&(e, _)| expected[e as usize].len()).sum();
-    if !live::wait_arrivals(&counter, target, Duration::from_secs(15)).await {
+    if !live::wait_arrivals(&readers.counter, target, Duration::from_secs(15)).await {
         eprintln!("  load: deliveries still missing 15 s after the ingest");
     }
 
@@ -331,7 +322,7 @@ pub async fn run(
     watch_stop_tx.send_replace(true);
     let closed_at = stall_watch.await.context("the stall watcher panicked")?;
     let rss_peak_sampled_mb = rss_watch.await.context("the RSS watcher panicked")?;
-    let outs = live::stop_readers(&stop_tx, readers).await?;
+    let outs = readers.stop().await?;
     let relay_alive = stack.relay.is_running();
     let rss_end_mb = stack.relay.rss_mb().unwrap_or(f64::NAN);
     let rss_hwm_mb = stack.relay.peak_rss_mb().unwrap_or(f64::NAN);
