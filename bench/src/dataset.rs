@@ -106,6 +106,30 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// `f(index, item)` for every item, split over every core, in order.
+pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync) -> Vec<R> {
+    let chunk = items.len().div_ceil(cores()).max(1);
+    let f = &f;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items
+            .chunks(chunk)
+            .enumerate()
+            .map(|(c, part)| {
+                s.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(i, item)| f(c * chunk + i, item))
+                        .collect::<Vec<R>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
 /// Generates `n` events of `shape` and signs them on every core.
 pub fn generate(n: usize, shape: &Shape) -> anyhow::Result<Corpus> {
     let keys: Vec<Keys> = (0..shape.authors.max(1))
@@ -116,21 +140,9 @@ pub fn generate(n: usize, shape: &Shape) -> anyhow::Result<Corpus> {
     let specs: Vec<Spec> = (0..n)
         .map(|i| spec(i, shape, &mut rng, keys.len(), now))
         .collect();
-    let chunk = n.div_ceil(cores()).max(1);
-    let events = std::thread::scope(|s| {
-        let handles: Vec<_> = specs
-            .chunks(chunk)
-            .map(|part| s.spawn(|| sign_all(part, &keys)))
-            .collect();
-        let mut all = Vec::with_capacity(n);
-        for h in handles {
-            all.extend(
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("a signing thread panicked"))??,
-            );
-        }
-        anyhow::Ok(all)
-    })?;
+    let events = par_map(&specs, |_, s| sign(s, &keys))
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
     Ok(Corpus { events, keys })
 }
 
@@ -162,24 +174,19 @@ fn spec(i: usize, shape: &Shape, rng: &mut StdRng, authors: usize, now: u64) -> 
     }
 }
 
-fn sign_all(specs: &[Spec], keys: &[Keys]) -> anyhow::Result<Vec<Event>> {
-    specs
-        .iter()
-        .map(|s| {
-            let mut tags = Vec::new();
-            if let Some(p) = s.p {
-                tags.push(Tag::public_key(keys[p].public_key()));
-            }
-            if let Some(target) = s.target {
-                tags.push(Tag::event(target));
-            }
-            EventBuilder::new(s.kind, s.content.as_str())
-                .tags(tags)
-                .custom_created_at(Timestamp::from(s.created_at))
-                .sign_with_keys(&keys[s.author])
-                .context("signing an event")
-        })
-        .collect()
+fn sign(s: &Spec, keys: &[Keys]) -> anyhow::Result<Event> {
+    let mut tags = Vec::new();
+    if let Some(p) = s.p {
+        tags.push(Tag::public_key(keys[p].public_key()));
+    }
+    if let Some(target) = s.target {
+        tags.push(Tag::event(target));
+    }
+    EventBuilder::new(s.kind, s.content.as_str())
+        .tags(tags)
+        .custom_created_at(Timestamp::from(s.created_at))
+        .sign_with_keys(&keys[s.author])
+        .context("signing an event")
 }
 
 /// Events saved between pauses by [`fill`] when asked to pause.

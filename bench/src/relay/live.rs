@@ -97,39 +97,15 @@ pub fn sign_events(
             (author, p, kinds[rng.gen_range(0..kinds.len())])
         })
         .collect();
-    let chunk = n.div_ceil(crate::dataset::cores()).max(1);
-    let events: Vec<nostr::Event> = std::thread::scope(|s| {
-        let parts: Vec<_> = specs
-            .chunks(chunk)
-            .enumerate()
-            .map(|(c, part)| {
-                s.spawn(move || {
-                    part.iter()
-                        .enumerate()
-                        .map(|(i, &(author, p, kind))| {
-                            let keys = &data.keys[author as usize];
-                            nostr::EventBuilder::new(
-                                nostr::Kind::from(kind),
-                                format!("live {seed} {}", c * chunk + i),
-                            )
-                            .tags([nostr::Tag::public_key(data.keys[p as usize].public_key())])
-                            .custom_created_at(now)
-                            .sign_with_keys(keys)
-                            .context("signing a live event")
-                        })
-                        .collect::<anyhow::Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        let mut all = Vec::with_capacity(n);
-        for h in parts {
-            all.extend(
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("a signing thread panicked"))??,
-            );
-        }
-        anyhow::Ok(all)
-    })?;
+    let events = crate::dataset::par_map(&specs, |i, &(author, p, kind)| {
+        nostr::EventBuilder::new(nostr::Kind::from(kind), format!("live {seed} {i}"))
+            .tags([nostr::Tag::public_key(data.keys[p as usize].public_key())])
+            .custom_created_at(now)
+            .sign_with_keys(&data.keys[author as usize])
+            .context("signing a live event")
+    })
+    .into_iter()
+    .collect::<anyhow::Result<Vec<_>>>()?;
     use nostr::JsonUtil;
     Ok(LiveEvents {
         messages: events

@@ -69,29 +69,12 @@ impl Filter {
 /// For each event, the subscriptions (indexes into `filters`) it must reach, ascending:
 /// every filter tested against every event, split over the cores.
 pub fn expected(filters: &[Filter], events: &[EventKey]) -> Vec<Vec<u32>> {
-    let threads = crate::dataset::cores();
-    let chunk = events.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = events
-            .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|e| {
-                            filters
-                                .iter()
-                                .enumerate()
-                                .filter(|(_, f)| f.matches(e))
-                                .map(|(i, _)| i as u32)
-                                .collect::<Vec<u32>>()
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| h.join().expect("a matcher thread panicked"))
+    crate::dataset::par_map(events, |_, e| {
+        filters
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.matches(e))
+            .map(|(i, _)| i as u32)
             .collect()
     })
 }
