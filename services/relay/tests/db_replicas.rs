@@ -22,10 +22,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{free_port, note, now, orly_command, RawClient};
+use common::{clean_orly_command, note, now, RawClient, RelayProcess};
 use nostr::Keys;
 use orly_testkit::{free_port_on_all, loopback, TestDns};
 use serde_json::json;
@@ -108,17 +108,6 @@ impl TestDatabase {
     }
 }
 
-/// `cmd` without any ORLY_* variable of the caller's environment.
-fn clean(mut cmd: Command) -> Command {
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("ORLY_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    cmd
-}
-
 /// One `orly db` process on `addr` over PostgreSQL, logging the HTTP/2 frames it receives to
 /// a file; SIGKILLed when dropped.
 struct DbReplica {
@@ -132,7 +121,7 @@ impl DbReplica {
     fn spawn(addr: SocketAddr, url: &str, dir: &Path) -> Self {
         let log = dir.join(format!("orly-db-{}.log", addr.ip()));
         let stderr = std::fs::File::create(&log).expect("log file");
-        let child = clean(orly_command("db"))
+        let child = clean_orly_command("db")
             .env("ORLY_DB_LISTEN", addr.to_string())
             .env("ORLY_DB_TYPE", "postgres")
             .env("ORLY_DB_URL", url)
@@ -208,53 +197,19 @@ fn calls_now(replicas: &[&DbReplica]) -> BTreeMap<SocketAddr, u64> {
     calls_since(replicas, &BTreeMap::new())
 }
 
-/// The `orly` relay in split mode, its store at `db` (a name), SIGKILLed when dropped.
-struct RelayProcess {
-    child: Child,
-    url: String,
-}
-
-impl RelayProcess {
-    async fn start(db: &str, dns: SocketAddr) -> Self {
-        let port = free_port();
-        let child = clean(orly_command(""))
-            .env("ORLY_LISTEN", "127.0.0.1")
-            .env("ORLY_PORT", port.to_string())
-            .env("ORLY_DB_TYPE", "grpc")
-            .env("ORLY_GRPC_DB_SERVER", db)
-            .env("ORLY_DNS_SERVERS", dns.to_string())
-            .env(
-                "ORLY_GRPC_RESOLVE_INTERVAL",
-                format!("{}ms", RESOLVE.as_millis()),
-            )
-            .env("ORLY_NEGENTROPY_ENABLED", "false")
-            .env("ORLY_LOG_LEVEL", "warn")
-            .spawn()
-            .expect("spawn orly");
-        let mut relay = Self {
-            child,
-            url: format!("ws://127.0.0.1:{port}"),
-        };
-        let started = Instant::now();
-        while tokio_tungstenite::connect_async(relay.url.as_str())
-            .await
-            .is_err()
-        {
-            if let Ok(Some(status)) = relay.child.try_wait() {
-                panic!("the relay exited: {status}");
-            }
-            assert!(started.elapsed() < DEADLINE, "the relay did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        relay
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The `orly` relay in split mode, its store at `db` (a name).
+async fn start_relay(db: &str, dns: SocketAddr) -> RelayProcess {
+    RelayProcess::start(&[
+        ("ORLY_DB_TYPE", "grpc".to_string()),
+        ("ORLY_GRPC_DB_SERVER", db.to_string()),
+        ("ORLY_DNS_SERVERS", dns.to_string()),
+        (
+            "ORLY_GRPC_RESOLVE_INTERVAL",
+            format!("{}ms", RESOLVE.as_millis()),
+        ),
+        ("ORLY_NEGENTROPY_ENABLED", "false".to_string()),
+    ])
+    .await
 }
 
 /// `clients` WebSocket clients at once, each publishing `events` notes of its own author (every
@@ -312,7 +267,7 @@ async fn db_replicas_behind_one_name_share_load_grow_and_lose_one() {
     r3.wait_ready().await;
     let dns = TestDns::start().await.unwrap();
     dns.set(NAME, &ips[..2]);
-    let relay = RelayProcess::start(&format!("{NAME}:{port}"), dns.addr()).await;
+    let relay = start_relay(&format!("{NAME}:{port}"), dns.addr()).await;
 
     // Writes and queries from several clients reach both replicas.
     let before = calls_now(&[&r2, &r3]);

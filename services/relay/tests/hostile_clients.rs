@@ -14,7 +14,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,59 +32,33 @@ const MIB: u64 = 1 << 20;
 // The relay process
 // ---------------------------------------------------------------------------------------
 
-/// An `orly` relay process in local mode (SQLite in a temp dir), SIGKILLed on drop.
-struct RelayProcess {
-    child: Child,
+/// An `orly` relay process in local mode, its SQLite store in a temp dir.
+struct LocalRelay {
+    relay: RelayProcess,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
-impl RelayProcess {
+impl LocalRelay {
     async fn start(env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut cmd = orly_command("");
-        // Nothing of the test's own environment leaks in.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ORLY_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("ORLY_LISTEN", "127.0.0.1")
-            .env("ORLY_PORT", port.to_string())
-            .env("ORLY_DATA_DIR", dir.path())
-            .env("ORLY_LOG_LEVEL", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn orly");
-        let mut relay = Self {
-            child,
-            port,
+        let data_dir = dir.path().display().to_string();
+        let mut all = vec![("ORLY_DATA_DIR", data_dir.as_str())];
+        all.extend_from_slice(env);
+        let relay = RelayProcess::start(&all).await;
+        Self {
+            port: relay.port,
+            relay,
             _dir: dir,
-        };
-        let started = Instant::now();
-        while tokio_tungstenite::connect_async(relay.url()).await.is_err() {
-            if let Ok(Some(status)) = relay.child.try_wait() {
-                panic!("the relay exited: {status}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the relay did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        relay
     }
 
     fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}", self.port)
+        self.relay.url.clone()
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.relay.pid()
     }
 
     /// The process's resident memory in KiB (VmRSS).
@@ -94,16 +67,7 @@ impl RelayProcess {
     }
 
     fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("the relay exited: {status}");
-        }
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.relay.assert_alive();
     }
 }
 
@@ -441,7 +405,7 @@ async fn never_reading_clients_are_closed_and_memory_stays_bounded() {
     let total_budget: u64 = 64 * MIB;
     let write_timeout = Duration::from_secs(3);
     let margin = Duration::from_secs(10);
-    let mut relay = RelayProcess::start(&[
+    let mut relay = LocalRelay::start(&[
         ("ORLY_MAX_OUTBOUND_BYTES", "1048576"),
         ("ORLY_MAX_OUTBOUND_BYTES_TOTAL", "67108864"),
         ("ORLY_WRITE_TIMEOUT", "3s"),
@@ -724,7 +688,7 @@ async fn never_reading_clients_are_closed_and_memory_stays_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_closed_by_the_byte_budget_not_before() {
     let budget: u64 = 256 * 1024;
-    let relay = RelayProcess::start(&[
+    let relay = LocalRelay::start(&[
         ("ORLY_MAX_OUTBOUND_BYTES", "262144"),
         ("ORLY_WRITE_TIMEOUT", "20s"),
     ])
@@ -889,7 +853,7 @@ async fn a_slow_reader_is_closed_by_the_byte_budget_not_before() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_client_with_a_5000_event_req_is_never_closed() {
-    let relay = RelayProcess::start(&[]).await;
+    let relay = LocalRelay::start(&[]).await;
     // ~4 KB each: ~21 MB in all, more than the default 16 MiB budget.
     let keys = Keys::generate();
     let events = notes(&keys, 5000, 4000);

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{note, now, orly_command, Mode, RawClient, TestRelay};
+use common::{clean_orly_command, note, now, Mode, RawClient, RelayProcess, TestRelay};
 use nostr::{Event, EventId, Filter, Keys, Kind};
 use nostr_sdk::prelude::{
     Client, MemoryDatabase, MemoryDatabaseOptions, NostrDatabase, SyncDirection, SyncOptions,
@@ -626,19 +626,6 @@ async fn sync_replicas_share_peers_by_lease_and_take_over_a_dead_one() {
     drop(b);
 }
 
-/// `cmd` without any ORLY_* variable of the caller's environment: a child sees only what the
-/// test gives it.
-fn clean(mut cmd: std::process::Command) -> std::process::Command {
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("ORLY_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
-    cmd
-}
-
 /// The body of `GET path` on `addr` (HTTP/1.0: the server closes when done), or `None` when
 /// nothing answers.
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
@@ -667,7 +654,7 @@ struct NegProcess {
 impl NegProcess {
     async fn start(addr: SocketAddr, data_dir: &Path) -> Self {
         let metrics = SocketAddr::new(addr.ip(), free_port_on(addr.ip()));
-        let child = clean(orly_command("sync-negentropy"))
+        let child = clean_orly_command("sync-negentropy")
             .env("ORLY_SYNC_NEGENTROPY_LISTEN", addr.to_string())
             .env("ORLY_SYNC_NEGENTROPY_DB_TYPE", "sqlite")
             .env("ORLY_DATA_DIR", data_dir)
@@ -759,52 +746,6 @@ async fn opens_since(
 
 async fn opens_now(replicas: &[&NegProcess]) -> BTreeMap<SocketAddr, u64> {
     opens_since(replicas, &BTreeMap::new()).await
-}
-
-/// An `orly` relay process (`envs` on top of a loopback listener), SIGKILLed when dropped.
-struct RelayProcess {
-    child: std::process::Child,
-    url: String,
-}
-
-impl RelayProcess {
-    async fn start(envs: &[(&str, String)]) -> Self {
-        let port = common::free_port();
-        let mut cmd = clean(orly_command(""));
-        cmd.env("ORLY_LISTEN", "127.0.0.1")
-            .env("ORLY_PORT", port.to_string())
-            .env("ORLY_LOG_LEVEL", "warn");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn orly");
-        let mut relay = Self {
-            child,
-            url: format!("ws://127.0.0.1:{port}"),
-        };
-        let started = Instant::now();
-        while tokio_tungstenite::connect_async(relay.url.as_str())
-            .await
-            .is_err()
-        {
-            if let Ok(Some(status)) = relay.child.try_wait() {
-                panic!("the relay exited: {status}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the relay did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        relay
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn store_cases(store: &SharedStore, cases: &[Arc<ClientCase>]) {

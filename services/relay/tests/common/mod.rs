@@ -43,6 +43,74 @@ pub fn orly_command(program: &str) -> Command {
     cmd
 }
 
+/// [`orly_command`] without the test process's own `ORLY_*` settings, stdin and stdout null.
+pub fn clean_orly_command(program: &str) -> Command {
+    let mut cmd = orly_command(program);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ORLY_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    cmd
+}
+
+/// An `orly` relay process on a free loopback port with `env` on top of
+/// [`clean_orly_command`], up once it accepts a WebSocket; SIGKILLed when dropped.
+pub struct RelayProcess {
+    pub child: Child,
+    pub port: u16,
+    pub url: String,
+}
+
+impl RelayProcess {
+    pub async fn start<V: AsRef<std::ffi::OsStr>>(env: &[(&str, V)]) -> Self {
+        let port = free_port();
+        let mut cmd = clean_orly_command("");
+        cmd.env("ORLY_LISTEN", "127.0.0.1")
+            .env("ORLY_PORT", port.to_string())
+            .env("ORLY_LOG_LEVEL", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut relay = Self {
+            child: cmd.spawn().expect("spawn orly"),
+            port,
+            url: format!("ws://127.0.0.1:{port}"),
+        };
+        let started = std::time::Instant::now();
+        while tokio_tungstenite::connect_async(relay.url.as_str())
+            .await
+            .is_err()
+        {
+            relay.assert_alive();
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the relay did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        relay
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("the relay exited: {status}");
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// An orly-db child process, killed on drop.
 pub struct DbProcess {
     pub child: Child,
