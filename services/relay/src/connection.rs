@@ -1039,7 +1039,8 @@ async fn stored_part(conn: Arc<Conn>, sub: Arc<LiveSub>, filters: Vec<Filter>) {
             } else {
                 held.push(frame);
             }
-            if !held.is_empty() && !conn.outbox.may_hold(held.bytes) {
+            // Only reached with something held (a result queued at once continues above).
+            if !conn.outbox.may_hold(held.bytes) {
                 return Err(StoredError::Closed);
             }
         }
