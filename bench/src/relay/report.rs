@@ -216,42 +216,23 @@ fn print_fanout(info: &RunInfo, rows: &[Row]) {
                 missed.push("deliveries");
             }
             let first = g == 0;
+            // The pair counts and CPU are per mode: on its first line only.
+            let once = |v: String| if first { v } else { String::new() };
             t.push(vec![
-                if first { name.clone() } else { String::new() },
-                if first {
-                    f.relays.to_string()
-                } else {
-                    String::new()
-                },
+                once(name.clone()),
+                once(f.relays.to_string()),
                 on,
-                if first {
-                    f.tally.expected.to_string()
-                } else {
-                    String::new()
-                },
-                if first {
-                    f.tally.delivered.to_string()
-                } else {
-                    String::new()
-                },
-                if first {
-                    f.tally.missing.to_string()
-                } else {
-                    String::new()
-                },
-                if first {
-                    f.tally.duplicates.to_string()
-                } else {
-                    String::new()
-                },
+                once(f.tally.expected.to_string()),
+                once(f.tally.delivered.to_string()),
+                once(f.tally.missing.to_string()),
+                once(f.tally.duplicates.to_string()),
                 ms(lat.p50_ms),
                 ms(lat.p99_ms),
                 ms(lat.max_ms),
-                if first {
-                    format!("{:.0}", per_event_us(f.cpu.relay, f.published.sent.len()))
-                } else {
-                    String::new()
-                },
+                once(format!(
+                    "{:.0}",
+                    per_event_us(f.cpu.relay, f.published.sent.len())
+                )),
                 if missed.is_empty() {
                     "none".into()
                 } else {
