@@ -27,8 +27,11 @@ use crate::{RawEvent, Result, SaveOutcome, StoreError};
 pub const MAX_UNLIMITED_RESULTS: u64 = 10_000;
 /// Longest single-letter tag value (bytes) that is indexed, and longest accepted `d` tag.
 pub const MAX_INDEXED_TAG_VALUE: usize = 1024;
-/// Largest number of save requests committed in one transaction.
-pub const MAX_WRITE_BATCH: usize = 512;
+/// Largest number of save requests committed in one transaction. Under a saturating ingest
+/// every batch writes each index page it touched to the WAL once, so the cost per event falls
+/// as the batch grows (SQLite alone, 100,000 events: 68 µs per event at 512, 43 µs at 4,096);
+/// below saturation a batch is only what queued during the previous commit.
+pub const MAX_WRITE_BATCH: usize = 4096;
 
 pub const MSG_EPHEMERAL: &str = "invalid: ephemeral events are not stored";
 pub const MSG_EXPIRED: &str = "invalid: event has expired";
@@ -367,9 +370,30 @@ pub struct SaveRequest {
 /// Spawns the single writer task; returns the channel that feeds it. Every committed event
 /// enters `hub` (the feed) before its save is answered.
 pub fn spawn_writer<S: BatchSaver>(saver: S, hub: Arc<FeedHub>) -> mpsc::Sender<SaveRequest> {
-    let (tx, rx) = mpsc::channel(MAX_WRITE_BATCH * 4);
+    let (tx, rx) = mpsc::channel(MAX_WRITE_BATCH * 2);
     tokio::spawn(run_writer(saver, rx, hub));
     tx
+}
+
+/// [`spawn_writer`] on a thread of its own (with a single-threaded runtime) instead of the
+/// caller's runtime, for a saver whose database work runs on threads of its own (SQLite's).
+/// On the shared runtime, every wake-up of the writer between its statements waited behind
+/// the queue of EVENTs being verified (up to ~100 ms per statement under a saturating
+/// ingest, the SQLite thread idle meanwhile); here it is answered at once.
+pub fn spawn_writer_thread<S: BatchSaver>(
+    saver: S,
+    hub: Arc<FeedHub>,
+) -> Result<mpsc::Sender<SaveRequest>> {
+    let (tx, rx) = mpsc::channel(MAX_WRITE_BATCH * 2);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("starting the store writer: {e}")))?;
+    std::thread::Builder::new()
+        .name("orly-db-writer".into())
+        .spawn(move || runtime.block_on(run_writer(saver, rx, hub)))
+        .map_err(|e| StoreError::Unavailable(format!("starting the store writer: {e}")))?;
+    Ok(tx)
 }
 
 /// Puts the stored events of a committed batch on the feed, in serial order.
@@ -398,30 +422,31 @@ async fn run_writer<S: BatchSaver>(
         if rx.recv_many(&mut batch, MAX_WRITE_BATCH).await == 0 {
             return; // every sender is gone
         }
-        let events: Vec<Pending> = batch.iter().map(|r| r.pending.clone()).collect();
+        let (events, replies): (Vec<Pending>, Vec<_>) =
+            batch.drain(..).map(|r| (r.pending, r.reply)).unzip();
         match saver.save_batch(&events).await {
-            Ok(outcomes) if outcomes.len() == batch.len() => {
+            Ok(outcomes) if outcomes.len() == replies.len() => {
                 publish(&hub, &events, &outcomes);
-                for (req, out) in batch.drain(..).zip(outcomes) {
-                    let _ = req.reply.send(Ok(out));
+                for (reply, out) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(out));
                 }
             }
             Ok(_) => {
-                for req in batch.drain(..) {
-                    let _ = req.reply.send(Err(StoreError::Corrupt(
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Corrupt(
                         "writer returned a wrong number of outcomes".into(),
                     )));
                 }
             }
-            Err(err) if batch.len() == 1 => {
-                if let Some(req) = batch.pop() {
-                    let _ = req.reply.send(Err(err));
+            Err(err) if replies.len() == 1 => {
+                if let Some(reply) = replies.into_iter().next() {
+                    let _ = reply.send(Err(err));
                 }
             }
             Err(err) => {
                 // One bad event must not fail the others: retry each alone.
-                tracing::warn!(error = %err, size = batch.len(), "batch save failed; retrying one by one");
-                for (req, ev) in batch.drain(..).zip(events) {
+                tracing::warn!(error = %err, size = replies.len(), "batch save failed; retrying one by one");
+                for (reply, ev) in replies.into_iter().zip(events) {
                     let res = match saver.save_batch(std::slice::from_ref(&ev)).await {
                         Ok(outcomes) if outcomes.len() == 1 => {
                             publish(&hub, std::slice::from_ref(&ev), &outcomes);
@@ -430,7 +455,7 @@ async fn run_writer<S: BatchSaver>(
                         Ok(_) => Err(StoreError::Corrupt("no outcome".into())),
                         Err(e) => Err(e),
                     };
-                    let _ = req.reply.send(res);
+                    let _ = reply.send(res);
                 }
             }
         }

@@ -2,11 +2,12 @@
 //!
 //! One file in WAL mode with `synchronous=NORMAL`: a committed transaction survives a process
 //! crash (`kill -9`); only a power loss may drop the last transactions. SQLite allows one
-//! writer at a time, so every `save_event` goes to a single writer task that owns its own
-//! connection and commits everything waiting in one transaction (group commit, at most
-//! [`MAX_WRITE_BATCH`](crate::rules::MAX_WRITE_BATCH) events). Each event keeps its own outcome:
-//! all refusals are decided by checks before any write, and if the batch fails with a
-//! database error it is rolled back and its events are retried one by one. Serials come from
+//! writer at a time, so every `save_event` goes to a single writer (a task on a thread of its
+//! own) that owns its own connection and commits everything waiting in one transaction
+//! (group commit, at most [`MAX_WRITE_BATCH`](crate::rules::MAX_WRITE_BATCH) events). Each
+//! event keeps its own outcome: the insert of plain events skips duplicate and deleted ids
+//! itself, other refusals are decided by checks before any write, and if the batch fails with
+//! a database error it is rolled back and its events are retried one by one. Serials come from
 //! `INTEGER PRIMARY KEY AUTOINCREMENT`, so with one writer serial order is commit order.
 //! Reads (and the rare small writes: markers, leases, admin deletes) use a separate pool of
 //! configurable size. The writer puts every committed event on the feed ([`crate::feed`]), and
@@ -135,7 +136,7 @@ impl SqliteStore {
         let wal = std::path::PathBuf::from(wal);
         let checkpointing = Arc::new(tokio::sync::Mutex::new(()));
         let hub = FeedHub::new(latest_serial(&pool).await?);
-        let writer = rules::spawn_writer(
+        let writer = rules::spawn_writer_thread(
             SqliteSaver {
                 conn,
                 wal: wal.clone(),
@@ -143,7 +144,7 @@ impl SqliteStore {
                 checkpointing: checkpointing.clone(),
             },
             hub.clone(),
-        );
+        )?;
         tokio::spawn(checkpoint_loop(
             pool.clone(),
             writer.downgrade(),
@@ -290,97 +291,165 @@ async fn save_all(
         .collect()
 }
 
-/// Saves a run of plain events (see [`save_all`]) in two round trips; empties `run`.
+/// Appends `s` as a JSON string.
+fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, s);
+}
+
+/// Appends 32 bytes as a JSON string of lowercase hex.
+fn push_json_hex(buf: &mut Vec<u8>, bytes: &[u8; 32]) {
+    let mut hex = [0u8; 64];
+    // 64 bytes is exactly the room 32 bytes need.
+    let _ = hex::encode_to_slice(bytes, &mut hex);
+    buf.push(b'"');
+    buf.extend_from_slice(&hex);
+    buf.push(b'"');
+}
+
+fn json_text(buf: Vec<u8>) -> Result<String> {
+    String::from_utf8(buf).map_err(|e| StoreError::Corrupt(format!("batch JSON: {e}")))
+}
+
+/// Saves a run of plain events (see [`save_all`]) in two statements; empties `run`. The
+/// insert skips duplicates and deleted ids itself and returns the serial of each row it
+/// wrote, so nothing is looked up by id twice; the few events it skipped are told apart
+/// afterwards. The rows go to SQLite as one JSON array written directly (no intermediate
+/// values: the writer builds thousands of them per batch).
 async fn save_run(
     conn: &mut SqliteConnection,
     events: &[Pending],
     run: &mut Vec<usize>,
     outcomes: &mut [Option<SaveOutcome>],
 ) -> Result<()> {
+    use std::io::Write as _;
     if run.is_empty() {
         return Ok(());
     }
-    let probe: Vec<serde_json::Value> = run
-        .iter()
-        .map(|&i| serde_json::json!([events[i].event.id.to_hex(), events[i].event.pubkey.to_hex()]))
-        .collect();
-    let rows = sqlx::query(
-        "SELECT j.key, \
-                EXISTS(SELECT 1 FROM events WHERE id = unhex(j.value ->> 0)), \
-                EXISTS(SELECT 1 FROM deleted_ids \
-                       WHERE id = unhex(j.value ->> 0) AND pubkey = unhex(j.value ->> 1)) \
-         FROM json_each(?1) AS j",
+    // [[id, pubkey, created_at, kind, expires_at, json], …]
+    let size: usize = run.iter().map(|&i| events[i].json.len() + 256).sum();
+    let mut rows = Vec::with_capacity(size + 2);
+    rows.push(b'[');
+    for (k, &i) in run.iter().enumerate() {
+        let ev = &events[i].event;
+        if k > 0 {
+            rows.push(b',');
+        }
+        rows.push(b'[');
+        push_json_hex(&mut rows, ev.id.as_bytes());
+        rows.push(b',');
+        push_json_hex(&mut rows, &ev.pubkey.to_bytes());
+        let _ = write!(
+            rows,
+            ",{},{},",
+            rules::ts_i64(ev.created_at.as_secs()),
+            rules::event_kind(ev)
+        );
+        let _ = match rules::expiration(ev) {
+            Some(x) => write!(rows, "{x},"),
+            None => write!(rows, "null,"),
+        };
+        push_json_str(&mut rows, &events[i].json);
+        rows.push(b']');
+    }
+    rows.push(b']');
+    let inserted = sqlx::query(
+        "INSERT INTO events (id, pubkey, created_at, kind, d, expires_at, json) \
+             SELECT unhex(j.value ->> 0), unhex(j.value ->> 1), j.value ->> 2, j.value ->> 3, \
+                    NULL, j.value ->> 4, j.value ->> 5 \
+             FROM json_each(?1) AS j \
+             WHERE NOT EXISTS (SELECT 1 FROM deleted_ids AS x \
+                               WHERE x.id = unhex(j.value ->> 0) AND x.pubkey = unhex(j.value ->> 1)) \
+             ORDER BY j.key \
+         ON CONFLICT (id) DO NOTHING \
+         RETURNING serial, id",
     )
-    .bind(serde_json::Value::from(probe).to_string())
+    .bind(json_text(rows)?)
     .fetch_all(&mut *conn)
     .await?;
-    let mut flags = vec![(false, false); run.len()];
-    for r in &rows {
-        let k: i64 = r.try_get(0)?;
-        if let Some(f) = usize::try_from(k).ok().and_then(|k| flags.get_mut(k)) {
-            *f = (r.try_get(1)?, r.try_get(2)?);
-        }
+    let mut serials: std::collections::HashMap<[u8; 32], i64> =
+        std::collections::HashMap::with_capacity(inserted.len());
+    for r in &inserted {
+        let id: Vec<u8> = r.try_get(1)?;
+        let id: [u8; 32] = id
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("stored id is not 32 bytes".into()))?;
+        serials.insert(id, r.try_get(0)?);
     }
-    let mut seen = std::collections::HashSet::new();
-    let mut insert: Vec<usize> = Vec::new();
-    for (k, &i) in run.iter().enumerate() {
-        let (dup, deleted) = flags[k];
-        outcomes[i] = if dup || !seen.insert(events[i].event.id) {
-            Some(SaveOutcome::Duplicate)
-        } else if deleted {
-            Some(SaveOutcome::Rejected(rules::MSG_DELETED.into()))
-        } else {
-            insert.push(i);
-            None
+
+    // [[name, value, created_at, serial], …]
+    let mut tags = Vec::new();
+    // The outcome of each id's first copy in this run: a later copy is a duplicate of a
+    // stored one, and refused as the first was otherwise.
+    let mut firsts: std::collections::HashMap<EventId, SaveOutcome> =
+        std::collections::HashMap::with_capacity(run.len());
+    for &i in run.iter() {
+        let ev = &events[i].event;
+        if let Some(first) = firsts.get(&ev.id) {
+            outcomes[i] = Some(match first {
+                SaveOutcome::Stored { .. } => SaveOutcome::Duplicate,
+                other => other.clone(),
+            });
+            continue;
+        }
+        let Some(&serial) = serials.get(ev.id.as_bytes()) else {
+            let out = skipped(conn, ev).await?;
+            firsts.insert(ev.id, out.clone());
+            outcomes[i] = Some(out);
+            continue;
         };
+        let out = SaveOutcome::Stored {
+            serial: rules::u64_of(serial, "serial")?,
+        };
+        firsts.insert(ev.id, out.clone());
+        outcomes[i] = Some(out);
+        for (name, value) in rules::index_tags(ev) {
+            tags.push(if tags.is_empty() { b'[' } else { b',' });
+            tags.push(b'[');
+            push_json_str(&mut tags, &name);
+            tags.push(b',');
+            push_json_str(&mut tags, &value);
+            let _ = write!(
+                tags,
+                ",{},{serial}]",
+                rules::ts_i64(ev.created_at.as_secs())
+            );
+        }
     }
-    if !insert.is_empty() {
-        let rows_json: Vec<serde_json::Value> = insert
-            .iter()
-            .map(|&i| {
-                let ev = &events[i].event;
-                serde_json::json!([
-                    ev.id.to_hex(),
-                    ev.pubkey.to_hex(),
-                    rules::ts_i64(ev.created_at.as_secs()),
-                    rules::event_kind(ev),
-                    rules::expiration(ev),
-                    events[i].json,
-                    rules::index_tags(ev),
-                ])
-            })
-            .collect();
-        let rows = sqlx::query(
-            "INSERT INTO events (id, pubkey, created_at, kind, d, expires_at, json) \
-                 SELECT unhex(j.value ->> 0), unhex(j.value ->> 1), j.value ->> 2, j.value ->> 3, \
-                        NULL, j.value ->> 4, j.value ->> 5 \
-                 FROM json_each(?1) AS j ORDER BY j.key; \
-             INSERT OR IGNORE INTO tags (name, value, created_at, serial) \
-                 SELECT t.value ->> 0, t.value ->> 1, e.created_at, e.serial \
-                 FROM json_each(?1) AS j \
-                 CROSS JOIN events AS e ON e.id = unhex(j.value ->> 0) \
-                 CROSS JOIN json_each(j.value, '$[6]') AS t; \
-             SELECT j.key, e.serial FROM json_each(?1) AS j \
-                 CROSS JOIN events AS e ON e.id = unhex(j.value ->> 0);",
+    if !tags.is_empty() {
+        tags.push(b']');
+        sqlx::query(
+            "INSERT OR IGNORE INTO tags (name, value, created_at, serial) \
+             SELECT t.value ->> 0, t.value ->> 1, t.value ->> 2, t.value ->> 3 \
+             FROM json_each(?1) AS t",
         )
-        .bind(serde_json::Value::from(rows_json).to_string())
-        .fetch_all(&mut *conn)
+        .bind(json_text(tags)?)
+        .execute(&mut *conn)
         .await?;
-        for r in &rows {
-            let k: i64 = r.try_get(0)?;
-            let serial: i64 = r.try_get(1)?;
-            if let Some(&i) = usize::try_from(k).ok().and_then(|k| insert.get(k)) {
-                outcomes[i] = Some(SaveOutcome::Stored {
-                    serial: rules::u64_of(serial, "serial")?,
-                });
-            }
-        }
-        if insert.iter().any(|&i| outcomes[i].is_none()) {
-            return Err(StoreError::Corrupt("inserted event has no serial".into()));
-        }
     }
     run.clear();
     Ok(())
+}
+
+/// Why the batch insert skipped `ev`: it was stored already, or its author deleted it.
+async fn skipped(conn: &mut SqliteConnection, ev: &Event) -> Result<SaveOutcome> {
+    let (dup, deleted): (bool, bool) = sqlx::query_as(
+        "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1), \
+                EXISTS(SELECT 1 FROM deleted_ids WHERE id = ?1 AND pubkey = ?2)",
+    )
+    .bind(ev.id.as_bytes().as_slice())
+    .bind(ev.pubkey.as_bytes().as_slice())
+    .fetch_one(&mut *conn)
+    .await?;
+    if dup {
+        Ok(SaveOutcome::Duplicate)
+    } else if deleted {
+        Ok(SaveOutcome::Rejected(rules::MSG_DELETED.into()))
+    } else {
+        Err(StoreError::Corrupt(
+            "the batch insert skipped an event that is neither stored nor deleted".into(),
+        ))
+    }
 }
 
 /// Saves one event inside the writer's open transaction. Every refusal is decided before

@@ -2,7 +2,7 @@
 //! dir) and PostgreSQL (a fresh database per test on the server at `ORLY_TEST_PG_URL`; see
 //! `scripts/test-postgres.sh`). Without `ORLY_TEST_PG_URL` the PostgreSQL tests say so and pass.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,6 +168,7 @@ store_tests!(
     identity_secret_persists,
     count,
     concurrent_saves,
+    one_batch_gives_each_event_its_own_outcome,
     search_is_unsupported,
     admin_delete,
     large_filter_lists,
@@ -1166,6 +1167,71 @@ async fn count(fx: &Fx) {
         2
     );
     assert_eq!(s.count(&[]).await.unwrap(), 0);
+}
+
+/// Saves sent together are committed as one batch by the writer: copies within the batch,
+/// events stored before and events their author deleted must each get their own outcome,
+/// and the stored ones their tags.
+async fn one_batch_gives_each_event_its_own_outcome(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let (a, b) = (Keys::generate(), Keys::generate());
+    let old = ev(&a, 1, "stored before", T0, vec![]);
+    stored(s, &old).await;
+    let gone = ev(&a, 1, "deleted before it arrives", T0 + 1, vec![]);
+    stored(s, &ev(&a, 5, "", T0 + 2, vec![Tag::event(gone.id)])).await;
+    let fresh: Vec<Event> = (0..50)
+        .map(|i| {
+            let p = if i % 2 == 0 { &a } else { &b };
+            ev(
+                &b,
+                1,
+                &format!("fresh {i}"),
+                T0 + 10 + i,
+                vec![Tag::public_key(p.public_key()), Tag::hashtag("batch")],
+            )
+        })
+        .collect();
+    // Interleaved: fresh, its copy, the stored one, the deleted one, …
+    let mut sent: Vec<&Event> = Vec::new();
+    for (i, e) in fresh.iter().enumerate() {
+        sent.push(e);
+        if i % 5 == 0 {
+            sent.push(e);
+            sent.push(&old);
+            sent.push(&gone);
+        }
+    }
+    let outcomes = futures::future::join_all(sent.iter().map(|e| s.save_event(e))).await;
+    let mut stored_once = HashMap::new();
+    for (e, out) in sent.iter().zip(outcomes) {
+        match out.unwrap() {
+            SaveOutcome::Stored { serial } => {
+                assert!(
+                    stored_once.insert(e.id, serial).is_none(),
+                    "{} stored twice",
+                    e.id
+                );
+            }
+            SaveOutcome::Duplicate => {
+                assert!(e.id == old.id || fresh.iter().any(|f| f.id == e.id))
+            }
+            SaveOutcome::Rejected(msg) => {
+                assert_eq!(e.id, gone.id, "{msg}");
+                assert!(msg.starts_with("blocked:"), "{msg}");
+            }
+        }
+    }
+    assert_eq!(
+        stored_once.len(),
+        fresh.len(),
+        "every fresh event stored once"
+    );
+    assert!(fresh.iter().all(|f| stored_once.contains_key(&f.id)));
+    let tagged = ids(s, vec![Filter::new().hashtag("batch")]).await;
+    assert_eq!(tagged.len(), fresh.len());
+    let to_a = ids(s, vec![Filter::new().pubkey(a.public_key())]).await;
+    assert_eq!(to_a.len(), fresh.len() / 2);
+    assert!(s.fetch_by_ids(&[gone.id]).await.unwrap().is_empty());
 }
 
 async fn concurrent_saves(fx: &Fx) {
