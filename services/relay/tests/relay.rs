@@ -32,6 +32,7 @@ both_modes!(
     bad_input_is_refused_and_changes_nothing,
     auth_and_protected_events,
     too_many_subscriptions_and_close,
+    a_pipelining_publisher_gets_every_ok_before_its_next_req,
 );
 
 async fn stored_count(client: &mut RawClient) -> u64 {
@@ -548,4 +549,44 @@ async fn too_many_subscriptions_and_close(mode: Mode) {
     c.req("s20", &[json!({"kinds": [1], "limit": 0})])
         .await
         .unwrap();
+}
+
+/// A publisher that sends 1,500 EVENTs without waiting (more than any fixed per-connection
+/// count the relay processes at once, less than its byte budget) gets an OK for each, and a
+/// REQ it sends after them sees all of them: the REQ waits until they are answered.
+async fn a_pipelining_publisher_gets_every_ok_before_its_next_req(mode: Mode) {
+    let relay = TestRelay::start(mode).await;
+    let keys = Keys::generate();
+    let base = now() - 10_000;
+    let events: Vec<nostr::Event> = (0..1500u64)
+        .map(|i| note(&keys, &format!("pipelined {i}"), base + i))
+        .collect();
+    let mut c = common::RawClient::connect(&relay.url()).await;
+    for e in &events {
+        c.send(format!(r#"["EVENT",{}]"#, e.as_json())).await;
+    }
+    c.send_json(json!(["REQ", "all", {"authors": [keys.public_key().to_hex()], "limit": 5000}]))
+        .await;
+    let mut oks = std::collections::HashSet::new();
+    let mut got = 0;
+    loop {
+        let v = c.recv().await;
+        match v[0].as_str() {
+            Some("OK") => {
+                assert_eq!(v[2], true, "refused: {v}");
+                assert_eq!(got, 0, "an OK after the REQ's first event: {v}");
+                assert!(
+                    oks.insert(v[1].as_str().unwrap().to_string()),
+                    "two OKs: {v}"
+                );
+            }
+            Some("EVENT") => got += 1,
+            Some("EOSE") => break,
+            Some("AUTH") => {}
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    assert_eq!(oks.len(), events.len());
+    assert!(events.iter().all(|e| oks.contains(&e.id.to_hex())));
+    assert_eq!(got, events.len(), "the REQ sees every event sent before it");
 }
