@@ -551,9 +551,9 @@ async fn too_many_subscriptions_and_close(mode: Mode) {
         .unwrap();
 }
 
-/// A publisher that sends 1,500 EVENTs without waiting (more than any fixed per-connection
-/// count the relay processes at once, less than its byte budget) gets an OK for each, and a
-/// REQ it sends after them sees all of them: the REQ waits until they are answered.
+/// A publisher that sends 1,500 EVENTs without waiting (more than the relay takes in flight
+/// per connection: the rest waits in the socket) gets an OK for each, and a REQ it sends after
+/// them sees all of them: the REQ waits until they are answered.
 async fn a_pipelining_publisher_gets_every_ok_before_its_next_req(mode: Mode) {
     let relay = TestRelay::start(mode).await;
     let keys = Keys::generate();
