@@ -35,12 +35,12 @@ use crate::state::{OutboundBytes, Relay};
 
 /// Bytes of EVENTs one connection may have in flight (received, not yet answered), each
 /// counted as its JSON plus [`EVENT_OVERHEAD`]. Deep enough that pipelining publishers keep
-/// the store's group commit fed (about 230 typical events: with a fixed 32 per connection,
+/// the store's group commit fed (about 115 typical events: with a fixed 32 per connection,
 /// eight publishers left the SQLite writer batches of ~130 events and it spent twice the CPU
 /// per event), small enough that a connection holds little memory whatever the event size
-/// (32 events of 128 KiB were 4 MiB). 1 MiB gave ~10% more ingest but 20-40 MB more resident
-/// memory that the allocator kept after the burst.
-const EVENT_BYTES_IN_FLIGHT: usize = 256 << 10;
+/// (32 events of 128 KiB were 4 MiB; now one of them). 256 KiB and 1 MiB gave 10-15% more
+/// ingest but kept 20-50 MB more resident memory after the burst (orly-bench, docs/benchmarks.md).
+const EVENT_BYTES_IN_FLIGHT: usize = 128 << 10;
 /// What an EVENT in flight costs beyond its JSON (the parsed event, its task).
 const EVENT_OVERHEAD: usize = 512;
 /// How far an AUTH event's created_at may be from now.
@@ -754,7 +754,7 @@ async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
     let raw = raw.get().to_string();
     let conn = conn.clone();
     tokio::spawn(async move {
-        let reply = ingest(&conn, &raw).await;
+        let reply = ingest(&conn, raw).await;
         conn.send(reply);
         drop(permit);
     });
@@ -762,19 +762,21 @@ async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
 
 /// Validates, authorizes and stores (or, ephemeral, publishes) one EVENT; returns the
 /// message to send back. Live delivery is the feed's: nothing here waits for it.
-async fn ingest(conn: &Conn, raw: &str) -> String {
+async fn ingest(conn: &Conn, raw: String) -> String {
     let relay = &conn.relay;
     let limits = &relay.config.limits;
-    let event = match Event::from_json(raw) {
+    let event = match Event::from_json(&raw) {
         Ok(e) => e,
         Err(e) => {
             let reason = format!("invalid: malformed event: {e}");
-            return match message::sniff_event_id(raw) {
+            return match message::sniff_event_id(&raw) {
                 Some(id) => message::ok_message(&id, false, &reason),
                 None => message::notice_message(&reason),
             };
         }
     };
+    // Parsed: the received text is not needed while the event waits for the store.
+    drop(raw);
     let id = event.id.to_hex();
     let refuse = |reason: &str| {
         metrics::counter!("orly_events_total", "result" => "refused").increment(1);
