@@ -175,6 +175,9 @@ pub mod env {
     pub const DB_TYPE: &str = "ORLY_DB_TYPE";
     pub const DB_URL: &str = "ORLY_DB_URL";
     pub const DATA_DIR: &str = "ORLY_DATA_DIR";
+    /// Connections of the SQL store (SQLite's read pool, PostgreSQL's pool): orly-db's, or the
+    /// relay's own store in local mode.
+    pub const DB_MAX_CONNECTIONS: &str = "ORLY_DB_MAX_CONNECTIONS";
     pub const LOG_LEVEL: &str = "ORLY_LOG_LEVEL";
     pub const METRICS_LISTEN: &str = "ORLY_METRICS_LISTEN";
     pub const LISTEN: &str = "ORLY_LISTEN";

@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, env = env::DB_URL)]
     pub db_url: Option<String>,
     /// Connection pool size of the SQL backend (for SQLite: the read pool).
-    #[arg(long, env = "ORLY_DB_MAX_CONNECTIONS", default_value_t = 8)]
+    #[arg(long, env = env::DB_MAX_CONNECTIONS, default_value_t = crate::sqlite::DEFAULT_READ_CONNECTIONS)]
     pub max_connections: u32,
     /// Log level or tracing filter directive (falls back to ORLY_DB_LOG_LEVEL when unset).
     #[arg(long, env = env::LOG_LEVEL, default_value = "info")]

@@ -327,7 +327,7 @@ pub fn plan(cfg: &LauncherConfig, exes: &Executables) -> Result<Vec<Tier>, Launc
     let mut relay_remove: Vec<String> = vec![
         env::DB_URL.into(),
         env::DATA_DIR.into(),
-        "ORLY_DB_MAX_CONNECTIONS".into(),
+        env::DB_MAX_CONNECTIONS.into(),
     ];
 
     if cfg.acl_enabled {

@@ -96,7 +96,7 @@ pub struct Cli {
     pub grpc_db_timeout: Duration,
     /// Connections of the SQL store: the SQLite read pool (stored queries run concurrently up
     /// to this many) or the PostgreSQL pool.
-    #[arg(long, env = "ORLY_DB_MAX_CONNECTIONS", default_value_t = orly_db::sqlite::DEFAULT_READ_CONNECTIONS)]
+    #[arg(long, env = env::DB_MAX_CONNECTIONS, default_value_t = orly_db::sqlite::DEFAULT_READ_CONNECTIONS)]
     pub db_max_connections: u32,
 
     /// Where access control runs: local (in this process) or grpc (the orly-acl service).
@@ -534,7 +534,7 @@ pub fn ignored_variables(cli: &Cli, is_set: impl Fn(&str) -> bool) -> Vec<&'stat
             "ORLY_GRPC_DB_TIMEOUT",
         ],
     );
-    when(db == StoreKind::Grpc, &["ORLY_DB_MAX_CONNECTIONS"]);
+    when(db == StoreKind::Grpc, &[env::DB_MAX_CONNECTIONS]);
     let acl_grpc = cli.acl_type == AclType::Grpc;
     when(!acl_grpc, &[env::GRPC_ACL_SERVER, "ORLY_GRPC_ACL_TIMEOUT"]);
     // The service re-reads its own lists; the relay's refresh interval is then unused.
