@@ -379,30 +379,17 @@ async fn save_run(
 
     // [[name, value, created_at, serial], …]
     let mut tags = Vec::new();
-    // The outcome of each id's first copy in this run: a later copy is a duplicate of a
-    // stored one, and refused as the first was otherwise.
-    let mut firsts: std::collections::HashMap<EventId, SaveOutcome> =
-        std::collections::HashMap::with_capacity(run.len());
     for &i in run.iter() {
         let ev = &events[i].event;
-        if let Some(first) = firsts.get(&ev.id) {
-            outcomes[i] = Some(match first {
-                SaveOutcome::Stored { .. } => SaveOutcome::Duplicate,
-                other => other.clone(),
-            });
-            continue;
-        }
-        let Some(&serial) = serials.get(ev.id.as_bytes()) else {
-            let out = skipped(conn, ev).await?;
-            firsts.insert(ev.id, out.clone());
-            outcomes[i] = Some(out);
+        // Taken by the first copy of an id: a later copy in this run is told apart like any
+        // skipped event (by then it is stored, or it was refused as the first was).
+        let Some(serial) = serials.remove(ev.id.as_bytes()) else {
+            outcomes[i] = Some(skipped(conn, ev).await?);
             continue;
         };
-        let out = SaveOutcome::Stored {
+        outcomes[i] = Some(SaveOutcome::Stored {
             serial: rules::u64_of(serial, "serial")?,
-        };
-        firsts.insert(ev.id, out.clone());
-        outcomes[i] = Some(out);
+        });
         for (name, value) in rules::index_tags(ev) {
             tags.push(if tags.is_empty() { b'[' } else { b',' });
             tags.push(b'[');
@@ -431,16 +418,22 @@ async fn save_run(
     Ok(())
 }
 
-/// Why the batch insert skipped `ev`: it was stored already, or its author deleted it.
-async fn skipped(conn: &mut SqliteConnection, ev: &Event) -> Result<SaveOutcome> {
-    let (dup, deleted): (bool, bool) = sqlx::query_as(
+/// Whether `ev`'s id is stored, and whether its author deleted it (NIP-09 `e`).
+async fn stored_or_deleted(conn: &mut SqliteConnection, ev: &Event) -> Result<(bool, bool)> {
+    Ok(sqlx::query_as(
         "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1), \
                 EXISTS(SELECT 1 FROM deleted_ids WHERE id = ?1 AND pubkey = ?2)",
     )
     .bind(ev.id.as_bytes().as_slice())
     .bind(ev.pubkey.as_bytes().as_slice())
     .fetch_one(&mut *conn)
-    .await?;
+    .await?)
+}
+
+/// Why the batch insert skipped `ev`: it was stored already (before, or as an earlier copy in
+/// this batch), or its author deleted it.
+async fn skipped(conn: &mut SqliteConnection, ev: &Event) -> Result<SaveOutcome> {
+    let (dup, deleted) = stored_or_deleted(conn, ev).await?;
     if dup {
         Ok(SaveOutcome::Duplicate)
     } else if deleted {
@@ -471,8 +464,8 @@ async fn save_one(
 
     // Regular events need two probes; replaceable/addressable ones two more. The explicit
     // `d IS NOT NULL` lets SQLite use the partial index `events_replace`.
-    let row = if d.is_some() {
-        sqlx::query(
+    let (dup, del_id, del_addr, newer) = if d.is_some() {
+        let row = sqlx::query(
             "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1), \
                     EXISTS(SELECT 1 FROM deleted_ids WHERE id = ?1 AND pubkey = ?2), \
                     EXISTS(SELECT 1 FROM deleted_addrs WHERE kind = ?3 AND pubkey = ?2 AND d = ?4 \
@@ -487,23 +480,17 @@ async fn save_one(
         .bind(d)
         .bind(created)
         .fetch_one(&mut *conn)
-        .await?
-    } else {
-        sqlx::query(
-            "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1), \
-                    EXISTS(SELECT 1 FROM deleted_ids WHERE id = ?1 AND pubkey = ?2), 0, 0",
+        .await?;
+        (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
         )
-        .bind(id)
-        .bind(pk)
-        .fetch_one(&mut *conn)
-        .await?
+    } else {
+        let (dup, deleted) = stored_or_deleted(conn, ev).await?;
+        (dup, deleted, false, false)
     };
-    let (dup, del_id, del_addr, newer): (bool, bool, bool, bool) = (
-        row.try_get(0)?,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        row.try_get(3)?,
-    );
     if dup {
         return Ok(SaveOutcome::Duplicate);
     }
