@@ -324,7 +324,10 @@ async fn save_one(
     .await?;
     let tags = rules::index_tags(ev);
     if !tags.is_empty() {
-        let (names, values): (Vec<String>, Vec<String>) = tags.into_iter().unzip();
+        let (names, values): (Vec<String>, Vec<String>) = tags
+            .into_iter()
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .unzip();
         sqlx::query(
             "INSERT INTO tags (name, value, created_at, serial) \
              SELECT n, v, $3, $4 FROM unnest($1::text[], $2::text[]) AS t(n, v) \

@@ -114,8 +114,9 @@ pub fn indexable_value(v: &str) -> bool {
 }
 
 /// The `(name, value)` pairs indexed for `#x` filters: every tag whose name is one ASCII
-/// letter, with its first value; deduplicated.
-pub fn index_tags(event: &Event) -> Vec<(String, String)> {
+/// letter, with its first value; deduplicated. Borrowed: the SQLite writer only writes them
+/// into its batch.
+pub fn index_tags(event: &Event) -> Vec<(&str, &str)> {
     let mut seen: HashSet<(&str, &str)> = HashSet::new();
     let mut out = Vec::new();
     for tag in event.tags.iter() {
@@ -130,7 +131,7 @@ pub fn index_tags(event: &Event) -> Vec<(String, String)> {
             continue;
         }
         if seen.insert((name.as_str(), value.as_str())) {
-            out.push((name.clone(), value.clone()));
+            out.push((name.as_str(), value.as_str()));
         }
     }
     out

@@ -393,9 +393,9 @@ async fn save_run(
         for (name, value) in rules::index_tags(ev) {
             tags.push(if tags.is_empty() { b'[' } else { b',' });
             tags.push(b'[');
-            push_json_str(&mut tags, &name);
+            push_json_str(&mut tags, name);
             tags.push(b',');
-            push_json_str(&mut tags, &value);
+            push_json_str(&mut tags, value);
             let _ = write!(
                 tags,
                 ",{},{serial}]",
