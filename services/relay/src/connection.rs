@@ -222,15 +222,11 @@ impl Outbox {
             let ready = self.ready.notified();
             tokio::pin!(ready);
             ready.as_mut().enable();
+            if let Some(m) = self.try_next() {
+                return Next::Send(m);
+            }
             {
                 let mut st = self.state.lock();
-                if let Some(m) = st.queue.pop_front() {
-                    st.bytes -= m.len();
-                    self.total.sub(m.len());
-                    drop(st);
-                    self.room.notify_waiters();
-                    return Next::Send(m);
-                }
                 if st.closed {
                     return Next::Close(st.frame.take());
                 }
