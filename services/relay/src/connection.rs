@@ -134,10 +134,15 @@ impl Outbox {
     }
 
     fn enqueue(&self, st: &mut OutboxState, msg: String) {
+        self.enqueue_quietly(st, msg);
+        self.ready.notify_one();
+    }
+
+    /// Queues without waking the writer (the caller wakes it once for several messages).
+    fn enqueue_quietly(&self, st: &mut OutboxState, msg: String) {
         st.bytes += msg.len();
         self.total.add(msg.len());
         st.queue.push_back(msg);
-        self.ready.notify_one();
     }
 
     /// Queues a reply or a live event at once; past the budget the connection is closed
@@ -181,6 +186,16 @@ impl Outbox {
         }
     }
 
+    /// Where stored results stop and wait: half the budget, or the lower mark while the
+    /// relay is short of memory.
+    fn stored_room(&self) -> usize {
+        if self.total.get() > self.total_limit {
+            self.heavy()
+        } else {
+            self.budget / 2
+        }
+    }
+
     /// [`push_stored`](Self::push_stored) without waiting: `Err` gives the message back
     /// when the outbox has no room for it now.
     pub fn try_push_stored(&self, msg: String) -> Result<bool, String> {
@@ -188,18 +203,38 @@ impl Outbox {
         if st.closed {
             return Ok(false);
         }
-        // Short of memory, stored results wait at the lower mark too.
-        let room = if self.total.get() > self.total_limit {
-            self.heavy()
-        } else {
-            self.budget / 2
-        };
-        if st.bytes == 0 || st.bytes + msg.len() <= room {
+        if st.bytes == 0 || st.bytes + msg.len() <= self.stored_room() {
             self.enqueue(&mut st, msg);
             Ok(true)
         } else {
             Err(msg)
         }
+    }
+
+    /// Queues stored results from the front of `frames` while they fit (as
+    /// [`try_push_stored`](Self::try_push_stored)) and wakes the writer once for all of them:
+    /// queued one at a time, each woke the writer, which sent every event in a system call
+    /// and a TCP segment of its own. What does not fit stays in `frames`. `false`: closed.
+    pub fn try_push_stored_many(&self, frames: &mut VecDeque<String>) -> bool {
+        let mut st = self.state.lock();
+        if st.closed {
+            return false;
+        }
+        let room = self.stored_room();
+        let mut queued = false;
+        while let Some(frame) = frames.pop_front() {
+            if st.bytes != 0 && st.bytes + frame.len() > room {
+                frames.push_front(frame);
+                break;
+            }
+            self.enqueue_quietly(&mut st, frame);
+            queued = true;
+        }
+        drop(st);
+        if queued {
+            self.ready.notify_one();
+        }
+        true
     }
 
     /// The next queued message if there is one now (none once closed: [`next`](Self::next)
@@ -543,7 +578,8 @@ async fn write_loop(
 }
 
 /// Sends `first` and what else is queued now (up to [`WRITE_BATCH_BYTES`]) with one flush:
-/// a publisher pipelining EVENTs gets its OKs in a few writes instead of one system call each.
+/// a publisher pipelining EVENTs gets its OKs in a few writes instead of one system call each
+/// (the socket's write buffer, `WRITE_BUFFER` in `server.rs`, holds frames until the flush).
 async fn send_queued(
     sink: &mut futures::stream::SplitSink<WebSocket, Message>,
     first: Message,
@@ -778,10 +814,10 @@ async fn ingest(conn: &Conn, raw: String) -> String {
         metrics::counter!("orly_events_total", "result" => "refused").increment(1);
         message::ok_message(&id, false, reason)
     };
-    if !event.verify_id() {
+    if !crate::verify::id_matches(&event) {
         return refuse("invalid: event id does not match its content");
     }
-    if !event.verify_signature() {
+    if !relay.verifier.signature_ok(&event) {
         return refuse("invalid: bad signature");
     }
     if event.tags.len() > limits.max_event_tags {
@@ -1030,6 +1066,29 @@ impl Drop for HeldFrames {
     }
 }
 
+/// Queues a chunk of a REQ's results; what the outbox has no room for now is read ahead
+/// into `held`, which the connection may be closed for holding.
+fn queue_chunk(
+    conn: &Conn,
+    chunk: &mut VecDeque<String>,
+    held: &mut HeldFrames,
+) -> Result<(), StoredError> {
+    if !conn.outbox.try_push_stored_many(chunk) {
+        return Err(StoredError::Closed);
+    }
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    for frame in chunk.drain(..) {
+        held.push(frame);
+    }
+    if conn.outbox.may_hold(held.bytes) {
+        Ok(())
+    } else {
+        Err(StoredError::Closed)
+    }
+}
+
 /// A REQ's stored part: the query, EOSE, then the handover to live delivery.
 async fn stored_part(conn: Arc<Conn>, sub: Arc<LiveSub>, filters: Vec<Filter>) {
     let relay = conn.relay.clone();
@@ -1071,6 +1130,9 @@ async fn stored_part(conn: Arc<Conn>, sub: Arc<LiveSub>, filters: Vec<Filter>) {
         // the total outbound budget: past it new REQs are refused, and a slow connection
         // reading ahead is closed.
         let mut held = HeldFrames::new(relay.outbound.clone());
+        // Results reach the outbox a chunk at a time (see `Outbox::try_push_stored_many`).
+        let mut chunk = VecDeque::new();
+        let mut chunk_bytes = 0;
         while let Some(ev) = answer.events.next().await {
             let ev = ev.map_err(StoredError::Store)?;
             if conn.sink.gate && privileged::is_privileged(Kind::from(ev.kind)) {
@@ -1082,19 +1144,20 @@ async fn stored_part(conn: Arc<Conn>, sub: Arc<LiveSub>, filters: Vec<Filter>) {
             }
             let frame = message::event_message(&sub_id, &ev.json);
             if held.is_empty() {
-                match conn.outbox.try_push_stored(frame) {
-                    Ok(true) => continue,
-                    Ok(false) => return Err(StoredError::Closed),
-                    Err(frame) => held.push(frame),
+                chunk_bytes += frame.len();
+                chunk.push_back(frame);
+                if chunk_bytes >= WRITE_BATCH_BYTES {
+                    queue_chunk(&conn, &mut chunk, &mut held)?;
+                    chunk_bytes = 0;
                 }
-            } else {
-                held.push(frame);
+                continue;
             }
-            // Only reached with something held (a result queued at once continues above).
+            held.push(frame);
             if !conn.outbox.may_hold(held.bytes) {
                 return Err(StoredError::Closed);
             }
         }
+        queue_chunk(&conn, &mut chunk, &mut held)?;
         let serial = answer.serial;
         drop(answer);
         while let Some(frame) = held.pop() {
@@ -1378,6 +1441,28 @@ mod tests {
         assert!(heavy.is_closed());
         assert!(!light.is_closed());
         assert_eq!(total.get(), 10);
+    }
+
+    #[tokio::test]
+    async fn stored_results_are_queued_together_up_to_the_room() {
+        let (o, total) = outbox(100);
+        let mut frames: VecDeque<String> =
+            ["a", "b", "c", "d"].iter().map(|c| c.repeat(20)).collect();
+        // Half the budget (50 bytes) takes two frames of 20; the rest stays, in order.
+        assert!(o.try_push_stored_many(&mut frames));
+        assert_eq!(o.bytes(), 40);
+        assert_eq!(total.get(), 40);
+        assert_eq!(frames, ["c".repeat(20), "d".repeat(20)]);
+        assert_eq!(o.try_next(), Some("a".repeat(20)));
+        assert_eq!(o.try_next(), Some("b".repeat(20)));
+        // An empty outbox takes a frame larger than the room, as `try_push_stored` does.
+        let mut big: VecDeque<String> = [("e".repeat(70))].into_iter().collect();
+        assert!(o.try_push_stored_many(&mut big));
+        assert!(big.is_empty());
+        assert_eq!(o.bytes(), 70);
+        o.close(1000, "bye");
+        assert!(!o.try_push_stored_many(&mut frames));
+        assert_eq!(frames.len(), 2);
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub use crate::state::Relay;
 /// Hard cap on a WebSocket message: beyond the configured limit we still read the message
 /// (to answer it with a clear refusal); beyond this the socket is closed by the protocol layer.
 const HARD_MESSAGE_CAP_FACTOR: usize = 4;
+/// Bytes of WebSocket frames buffered before they are written to the socket (a flush writes
+/// them at once in any case). With 0 every frame was a system call and a TCP segment of its
+/// own, so a REQ's hundred results, or a publisher's hundred OKs, took a hundred sends. The
+/// buffer keeps its capacity after a burst, so it stays small: 50,000 connections x 8 KiB.
+const WRITE_BUFFER: usize = 8 << 10;
 
 /// Largest sync request body (a fetch names at most 1000 ids).
 const MAX_SYNC_BODY: usize = 1024 * 1024;
@@ -248,7 +253,7 @@ async fn root(
             .max_frame_size(cap)
             // Small buffers keep an idle connection cheap; they grow with traffic.
             .read_buffer_size(4096)
-            .write_buffer_size(0)
+            .write_buffer_size(WRITE_BUFFER)
             .max_write_buffer_size(cap.max(1 << 20))
             .on_upgrade(move |socket| crate::connection::run(relay, socket, ip));
     }
