@@ -15,6 +15,7 @@ pub mod proxy;
 pub mod server;
 pub mod state;
 pub mod sync;
+pub mod verify;
 
 pub use config::{AclType, Cli, Limits, RelayConfig, SyncType};
 pub use server::{spawn, RunningRelay};

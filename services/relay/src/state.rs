@@ -34,6 +34,9 @@ impl OutboundBytes {
     }
 }
 
+/// Authors whose parsed keys the verifier keeps (about 100 bytes each).
+const VERIFIER_KEYS: usize = 16_384;
+
 /// The relay (see the module docs).
 pub struct Relay {
     pub config: RelayConfig,
@@ -51,6 +54,8 @@ pub struct Relay {
     pub instance: String,
     /// Bytes waiting in every connection's outbox.
     pub outbound: Arc<OutboundBytes>,
+    /// Checks EVENT signatures, keeping authors' parsed keys.
+    pub verifier: crate::verify::Verifier,
     connections: AtomicUsize,
     draining: AtomicBool,
     identity: orly_sync::serve::Identity,
@@ -110,6 +115,7 @@ impl RelayBuilder {
             live,
             instance: hex::encode(rand::random::<[u8; 6]>()),
             outbound: Arc::new(OutboundBytes::default()),
+            verifier: crate::verify::Verifier::new(VERIFIER_KEYS),
             connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
