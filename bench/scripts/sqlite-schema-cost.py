@@ -26,10 +26,12 @@ ap.add_argument("--events", type=int, default=100_000)
 ap.add_argument("--cache-kib", type=int, default=16000)
 ap.add_argument("--batch", type=int, default=2048)
 ap.add_argument("--drop-index", default="")
+ap.add_argument("--page-size", type=int, default=4096)
 args = ap.parse_args()
 
 with tempfile.TemporaryDirectory() as tmp:
     db = sqlite3.connect(os.path.join(tmp, "orly.db"), isolation_level=None)
+    db.execute(f"PRAGMA page_size={args.page_size}")
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
                    f"cache_size=-{args.cache_kib}", "temp_store=memory"):
         db.execute(f"PRAGMA {pragma}")
@@ -54,6 +56,10 @@ with tempfile.TemporaryDirectory() as tmp:
                           "sig": os.urandom(64).hex()})
         rows.append((eid, pk, created, kind, doc, tags))
 
+    def written():
+        with open("/proc/self/io") as f:
+            return int(next(l for l in f if l.startswith("wchar:")).split()[1])
+    wchar = written()
     cpu = time.process_time()
     wall = time.time()
     for start in range(0, len(rows), args.batch):
@@ -70,7 +76,9 @@ with tempfile.TemporaryDirectory() as tmp:
                            "VALUES (?, ?, ?, ?)", (name, value, created, serial))
         db.execute("COMMIT")
     cpu = time.process_time() - cpu
+    wchar = written() - wchar
     wall = time.time() - wall
     size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
     print(f"{args.events} events: {cpu / args.events * 1e6:.0f} us CPU per event, "
-          f"{args.events / wall:.0f} events/s wall, {size / 1e6:.0f} MB on disk")
+          f"{args.events / wall:.0f} events/s wall, {size / 1e6:.0f} MB on disk, "
+          f"{wchar / args.events / 1024:.1f} KiB written per event")
