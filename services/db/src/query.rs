@@ -38,7 +38,22 @@ pub trait Dialect {
     fn in_ints(&mut self, col: &str, values: &[i64]) -> String;
     fn in_texts(&mut self, col: &str, values: &[String]) -> String;
     fn binds(&self) -> &[Bind];
+
+    /// The event's author is `author`, written the way the backend's author indexes are
+    /// walked.
+    fn author_is(&mut self, author: &[u8; 32]) -> String {
+        format!("e.pubkey = {}", self.bind(Bind::Blob(author.to_vec())))
+    }
+
+    /// The event's author is one of `authors`, likewise.
+    fn author_in(&mut self, authors: &[[u8; 32]]) -> String {
+        self.in_blobs("e.pubkey", authors)
+    }
 }
+
+/// SQLite's author indexes hold this prefix of the pubkey (migration 0004): a walk goes down
+/// it and compares the whole key on each row.
+const SQLITE_AUTHOR_KEY: &str = "substr(e.pubkey, 1, 8)";
 
 /// SQLite: `?` placeholders, `IN (?, …)` lists (or a JSON array for long ones).
 #[derive(Debug, Default)]
@@ -96,6 +111,27 @@ impl Dialect for Sqlite {
     fn binds(&self) -> &[Bind] {
         &self.binds
     }
+
+    fn author_is(&mut self, author: &[u8; 32]) -> String {
+        let prefix = self.bind(Bind::Blob(author[..8].to_vec()));
+        let whole = self.bind(Bind::Blob(author.to_vec()));
+        format!("{SQLITE_AUTHOR_KEY} = {prefix} AND e.pubkey = {whole}")
+    }
+
+    fn author_in(&mut self, authors: &[[u8; 32]]) -> String {
+        let prefixes = if authors.len() > SQLITE_MAX_INLINE {
+            let hexes: Vec<String> = authors.iter().map(|a| hex::encode(&a[..8])).collect();
+            let p = self.bind(Bind::Text(serde_json::Value::from(hexes).to_string()));
+            format!("{SQLITE_AUTHOR_KEY} IN (SELECT unhex(value) FROM json_each({p}))")
+        } else {
+            let ps: Vec<String> = authors
+                .iter()
+                .map(|a| self.bind(Bind::Blob(a[..8].to_vec())))
+                .collect();
+            format!("{SQLITE_AUTHOR_KEY} IN ({})", ps.join(","))
+        };
+        format!("{prefixes} AND {}", self.in_blobs("e.pubkey", authors))
+    }
 }
 
 /// PostgreSQL: numbered placeholders, `= ANY($n)` over one array.
@@ -138,9 +174,11 @@ impl Dialect for Postgres {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
     Ids,
-    /// `events_pubkey_created`, one walk per author.
+    /// `events_author_created` (SQLite; `events_pubkey_created` on PostgreSQL), one walk
+    /// per author.
     Authors,
-    /// `events_pubkey_kind_created`, one walk per (author, kind).
+    /// `events_author_kind_created` (SQLite; `events_pubkey_kind_created` on PostgreSQL),
+    /// one walk per (author, kind).
     AuthorsKinds,
     /// The tags table's primary key, one walk per value of the tag at this index.
     Tag(usize),
@@ -193,7 +231,7 @@ fn conditions(f: &NormFilter, skip: Skip, now: i64, d: &mut dyn Dialect) -> Vec<
         w.push(d.in_blobs("e.id", &f.ids));
     }
     if !skip.authors && !f.authors.is_empty() {
-        w.push(d.in_blobs("e.pubkey", &f.authors));
+        w.push(d.author_in(&f.authors));
     }
     if !skip.kinds && !f.kinds.is_empty() {
         w.push(d.in_ints("e.kind", &f.kinds));
@@ -283,7 +321,7 @@ pub fn limited(f: &NormFilter, cols: &str, limit: u64, now: i64, d: &mut dyn Dia
             walk_events(cols, first, rest, limit, d)
         }
         Driver::Authors if f.authors.len() > MAX_EXPANDED_VALUES => {
-            let first = vec![d.in_blobs("e.pubkey", &f.authors)];
+            let first = vec![d.author_in(&f.authors)];
             let rest = conditions(
                 f,
                 Skip {
@@ -298,7 +336,7 @@ pub fn limited(f: &NormFilter, cols: &str, limit: u64, now: i64, d: &mut dyn Dia
         Driver::Authors => {
             let mut parts = Vec::new();
             for a in &f.authors {
-                let first = vec![format!("e.pubkey = {}", d.bind(Bind::Blob(a.to_vec())))];
+                let first = vec![d.author_is(a)];
                 let rest = conditions(
                     f,
                     Skip {
@@ -317,7 +355,7 @@ pub fn limited(f: &NormFilter, cols: &str, limit: u64, now: i64, d: &mut dyn Dia
             for a in &f.authors {
                 for k in &f.kinds {
                     let first = vec![
-                        format!("e.pubkey = {}", d.bind(Bind::Blob(a.to_vec()))),
+                        d.author_is(a),
                         format!("e.kind = {}", d.bind(Bind::Int(*k))),
                     ];
                     let skip = Skip {

@@ -172,6 +172,7 @@ store_tests!(
     search_is_unsupported,
     admin_delete,
     large_filter_lists,
+    authors_sharing_a_key_prefix_stay_apart,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1595,13 +1596,13 @@ fn plan_shapes(
         (
             "author",
             Filter::new().author(author).limit(100),
-            "events_pubkey_created",
+            "events_author_created",
             "events_pubkey",
         ),
         (
             "authors",
             Filter::new().authors([author, other]).limit(100),
-            "events_pubkey_created",
+            "events_author_created",
             "events_pubkey",
         ),
         (
@@ -1610,7 +1611,7 @@ fn plan_shapes(
                 .authors([author, other])
                 .kinds([Kind::from(0), Kind::from(3)])
                 .limit(100),
-            "events_pubkey_kind_created",
+            "events_author_kind_created",
             "events_pubkey_kind_created",
         ),
         (
@@ -1722,4 +1723,65 @@ async fn postgres_query_plans_walk_one_index_per_shape_and_stop_at_the_limit() {
     }
     drop(store);
     fx.finish().await;
+}
+
+/// An event under `pubkey` (a key nobody holds: the store does not check signatures).
+fn forged(pubkey: nostr::PublicKey, kind: u16, created_at: u64, content: &str) -> Event {
+    let sig = ev(&Keys::generate(), 1, "any", T0, vec![]).sig;
+    let (created_at, kind, tags) = (
+        Timestamp::from(created_at),
+        Kind::from(kind),
+        nostr::Tags::new(),
+    );
+    let id = EventId::new(&pubkey, &created_at, &kind, &tags, content);
+    Event::new(id, pubkey, created_at, kind, tags, content, sig)
+}
+
+/// SQLite's author indexes hold the first 8 bytes of a pubkey: authors whose keys share
+/// them must still get only their own events, by every path a filter on authors takes (one
+/// walk per author, per author and kind, a long list inline and as JSON, COUNT).
+async fn authors_sharing_a_key_prefix_stay_apart(fx: &Fx) {
+    let s = fx.store.as_ref();
+    let a = nostr::PublicKey::from_byte_array([7; 32]);
+    let mut b = [7u8; 32];
+    b[8..].fill(9);
+    let b = nostr::PublicKey::from_byte_array(b);
+    let mine = forged(a, 1, T0, "a's");
+    let theirs = forged(b, 1, T0 + 1, "b's");
+    let their_profile = forged(b, 0, T0 + 2, "{}");
+    for e in [&mine, &theirs, &their_profile] {
+        stored(s, e).await;
+    }
+    let others = |n: usize| -> Vec<nostr::PublicKey> {
+        (0..n)
+            .map(|_| Keys::generate().public_key())
+            .chain([a])
+            .collect()
+    };
+    for filter in [
+        Filter::new().author(a).limit(10),
+        Filter::new()
+            .author(a)
+            .kinds([Kind::from(0), Kind::from(1)])
+            .limit(10),
+        Filter::new().authors(others(100)).limit(10),
+        Filter::new().authors(others(300)).limit(10),
+        Filter::new().authors(others(300)).kind(Kind::from(1)),
+    ] {
+        assert_eq!(
+            ids(s, vec![filter.clone()]).await,
+            vec![mine.id],
+            "{filter:?}"
+        );
+    }
+    assert_eq!(s.count(&[Filter::new().author(a)]).await.unwrap(), 1);
+    assert_eq!(s.count(&[Filter::new().author(b)]).await.unwrap(), 2);
+    assert_eq!(
+        ids(
+            s,
+            vec![Filter::new().author(b).kind(Kind::from(0)).limit(5)]
+        )
+        .await,
+        vec![their_profile.id]
+    );
 }
