@@ -301,6 +301,16 @@ pub struct Cli {
     /// (at least 64 KiB) is closed at its next live event.
     #[arg(long, env = "ORLY_MAX_OUTBOUND_BYTES_TOTAL", default_value_t = 1 << 30)]
     pub max_outbound_bytes_total: usize,
+    /// Bytes of EVENTs one connection may have in flight (received, not yet answered), each
+    /// counted as its JSON plus 512 B; past it the relay reads nothing more from that
+    /// connection until OKs go out. Always room for one message of the largest size.
+    #[arg(long, env = "ORLY_MAX_EVENT_BYTES_IN_FLIGHT", default_value_t = DEFAULT_EVENT_BYTES_IN_FLIGHT)]
+    pub max_event_bytes_in_flight: usize,
+    /// The same for every connection together: past it, connections wait their turn (their
+    /// publishers are slowed by TCP) until the store catches up. Never less than one
+    /// connection's.
+    #[arg(long, env = "ORLY_MAX_EVENT_BYTES_IN_FLIGHT_TOTAL", default_value_t = DEFAULT_EVENT_BYTES_IN_FLIGHT_TOTAL)]
+    pub max_event_bytes_in_flight_total: usize,
     /// How long one WebSocket send may take; a client that reads nothing for this long is
     /// closed and its queue freed.
     #[arg(long, env = "ORLY_WRITE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
@@ -456,6 +466,8 @@ impl Cli {
                 created_at_future_limit: self.created_at_future_limit,
                 max_outbound_bytes: self.max_outbound_bytes,
                 max_outbound_bytes_total: self.max_outbound_bytes_total,
+                max_event_bytes_in_flight: self.max_event_bytes_in_flight,
+                max_event_bytes_in_flight_total: self.max_event_bytes_in_flight_total,
                 write_timeout: self.write_timeout,
                 query_timeout: self.query_timeout,
                 max_concurrent_reqs: self.max_concurrent_reqs.max(1),
@@ -570,6 +582,18 @@ pub fn ignored_variables(cli: &Cli, is_set: impl Fn(&str) -> bool) -> Vec<&'stat
     ignored
 }
 
+/// Default of `ORLY_MAX_EVENT_BYTES_IN_FLIGHT`. Deep enough that a few pipelining publishers
+/// fill the store's group commits: the SQLite writer's cost per event falls with the batch
+/// size (each commit rewrites every index page it touched; at 128 KiB per connection eight
+/// publishers gave batches of ~1,200 and ~24 KiB written per event, at 512 KiB ~14 KiB and
+/// 15-20% less relay CPU per event, orly-bench, docs/benchmarks.md).
+pub const DEFAULT_EVENT_BYTES_IN_FLIGHT: usize = 512 << 10;
+/// Default of `ORLY_MAX_EVENT_BYTES_IN_FLIGHT_TOTAL`: with 50,000 connections the
+/// per-connection bound alone would allow 25 GB.
+pub const DEFAULT_EVENT_BYTES_IN_FLIGHT_TOTAL: usize = 64 << 20;
+/// What an EVENT in flight counts beyond its JSON (the parsed event, its task).
+pub const EVENT_OVERHEAD: usize = 512;
+
 /// Limits enforced per connection and per message.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -583,6 +607,8 @@ pub struct Limits {
     pub created_at_future_limit: Duration,
     pub max_outbound_bytes: usize,
     pub max_outbound_bytes_total: usize,
+    pub max_event_bytes_in_flight: usize,
+    pub max_event_bytes_in_flight_total: usize,
     pub write_timeout: Duration,
     pub query_timeout: Duration,
     pub max_concurrent_reqs: usize,
@@ -603,12 +629,33 @@ impl Default for Limits {
             created_at_future_limit: Duration::from_secs(900),
             max_outbound_bytes: 16 << 20,
             max_outbound_bytes_total: 1 << 30,
+            max_event_bytes_in_flight: DEFAULT_EVENT_BYTES_IN_FLIGHT,
+            max_event_bytes_in_flight_total: DEFAULT_EVENT_BYTES_IN_FLIGHT_TOTAL,
             write_timeout: Duration::from_secs(20),
             query_timeout: Duration::from_secs(30),
             max_concurrent_reqs: 4,
             events_per_second: 0,
             ping_interval: Duration::from_secs(30),
         }
+    }
+}
+
+impl Limits {
+    /// Byte permits of one connection's EVENTs in flight: the configured bound, at least room
+    /// for one message of the largest size.
+    pub fn event_budget(&self) -> u32 {
+        let bytes = self
+            .max_event_bytes_in_flight
+            .max(self.max_message_size.saturating_add(EVENT_OVERHEAD));
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
+    /// Byte permits of every connection's EVENTs in flight together (never less than one
+    /// connection's, so any EVENT can get in).
+    pub fn event_budget_total(&self) -> usize {
+        self.max_event_bytes_in_flight_total
+            .max(self.event_budget() as usize)
+            .min(tokio::sync::Semaphore::MAX_PERMITS)
     }
 }
 

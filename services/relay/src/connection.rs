@@ -33,16 +33,6 @@ use crate::live::{LiveEvent, LiveSub, SubKey, Subscriber};
 use crate::message::{self, ClientMessage};
 use crate::state::{OutboundBytes, Relay};
 
-/// Bytes of EVENTs one connection may have in flight (received, not yet answered), each
-/// counted as its JSON plus [`EVENT_OVERHEAD`]. Deep enough that pipelining publishers keep
-/// the store's group commit fed (about 115 typical events: with a fixed 32 per connection,
-/// eight publishers left the SQLite writer batches of ~130 events and it spent twice the CPU
-/// per event), small enough that a connection holds little memory whatever the event size
-/// (32 events of 128 KiB were 4 MiB; now one of them). 256 KiB and 1 MiB gave 10-15% more
-/// ingest but kept 20-50 MB more resident memory after the burst (orly-bench, docs/benchmarks.md).
-const EVENT_BYTES_IN_FLIGHT: usize = 128 << 10;
-/// What an EVENT in flight costs beyond its JSON (the parsed event, its task).
-const EVENT_OVERHEAD: usize = 512;
 /// How far an AUTH event's created_at may be from now.
 const AUTH_WINDOW_SECS: u64 = 600;
 /// Bytes of queued messages the writer hands the socket before one flush.
@@ -350,7 +340,7 @@ struct Conn {
     neg_sessions: Mutex<HashSet<String>>,
     /// This connection's id at the negentropy subsystem (unique across relay processes).
     neg_key: String,
-    /// Byte permits of EVENTs in flight ([`EVENT_BYTES_IN_FLIGHT`]).
+    /// Byte permits of this connection's EVENTs in flight (`Limits::event_budget`).
     events_in_flight: Arc<Semaphore>,
     /// The permits `events_in_flight` started with (always room for the largest message).
     event_budget: u32,
@@ -425,10 +415,7 @@ impl Conn {
 pub async fn run(relay: Arc<Relay>, socket: WebSocket, ip: IpAddr) {
     let limits = relay.config.limits.clone();
     let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-    let event_budget = u32::try_from(
-        EVENT_BYTES_IN_FLIGHT.max(limits.max_message_size.saturating_add(EVENT_OVERHEAD)),
-    )
-    .unwrap_or(u32::MAX);
+    let event_budget = limits.event_budget();
     relay.connection_opened();
     let outbox = Arc::new(Outbox::new(
         limits.max_outbound_bytes,
@@ -777,10 +764,25 @@ async fn wait_for_events(conn: &Conn) {
 }
 
 async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
-    let cost = u32::try_from(raw.get().len().saturating_add(EVENT_OVERHEAD))
-        .unwrap_or(u32::MAX)
-        .min(conn.event_budget);
+    let cost = u32::try_from(
+        raw.get()
+            .len()
+            .saturating_add(crate::config::EVENT_OVERHEAD),
+    )
+    .unwrap_or(u32::MAX)
+    .min(conn.event_budget);
     let Ok(permit) = conn.events_in_flight.clone().acquire_many_owned(cost).await else {
+        return;
+    };
+    // Every connection's EVENTs together stay within the relay's total too: past it this
+    // connection is not read until the store catches up (TCP slows its publisher).
+    let Ok(shared) = conn
+        .relay
+        .events_in_flight
+        .clone()
+        .acquire_many_owned(cost)
+        .await
+    else {
         return;
     };
     let raw = raw.get().to_string();
@@ -788,7 +790,7 @@ async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
     tokio::spawn(async move {
         let reply = ingest(&conn, raw).await;
         conn.send(reply);
-        drop(permit);
+        drop((permit, shared));
     });
 }
 

@@ -56,6 +56,9 @@ pub struct Relay {
     pub outbound: Arc<OutboundBytes>,
     /// Checks EVENT signatures, keeping authors' parsed keys.
     pub verifier: crate::verify::Verifier,
+    /// Byte permits of every connection's EVENTs in flight together
+    /// (`ORLY_MAX_EVENT_BYTES_IN_FLIGHT_TOTAL`).
+    pub events_in_flight: Arc<tokio::sync::Semaphore>,
     connections: AtomicUsize,
     draining: AtomicBool,
     identity: orly_sync::serve::Identity,
@@ -104,6 +107,7 @@ impl RelayBuilder {
             Arc::new(crate::sync::SideEffects::new(hooks, self.store.clone())) as Arc<dyn FeedTap>
         });
         let feed = tokio::spawn(live.clone().run_feed(self.store.clone(), tap));
+        let events_total = self.config.limits.event_budget_total();
         Arc::new(Relay {
             identity: orly_sync::serve::Identity::new(self.store.clone()),
             config: self.config,
@@ -116,6 +120,7 @@ impl RelayBuilder {
             instance: hex::encode(rand::random::<[u8; 6]>()),
             outbound: Arc::new(OutboundBytes::default()),
             verifier: crate::verify::Verifier::new(VERIFIER_KEYS),
+            events_in_flight: Arc::new(tokio::sync::Semaphore::new(events_total)),
             connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,

@@ -3,11 +3,14 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{note, now, Mode, RawClient, TestRelay};
 use nostr::{EventBuilder, JsonUtil, Keys, Kind, Tag};
 use nostr_sdk::{Client, Filter};
+use orly::{Limits, RelayConfig};
 use serde_json::{json, Value};
 
 macro_rules! both_modes {
@@ -33,6 +36,7 @@ both_modes!(
     auth_and_protected_events,
     too_many_subscriptions_and_close,
     a_pipelining_publisher_gets_every_ok_before_its_next_req,
+    publishers_share_the_relays_events_in_flight_budget,
 );
 
 async fn stored_count(client: &mut RawClient) -> u64 {
@@ -589,4 +593,90 @@ async fn a_pipelining_publisher_gets_every_ok_before_its_next_req(mode: Mode) {
     assert_eq!(oks.len(), events.len());
     assert!(events.iter().all(|e| oks.contains(&e.id.to_hex())));
     assert_eq!(got, events.len(), "the REQ sees every event sent before it");
+}
+
+/// Four publishers pipelining EVENTs through a relay whose total EVENT budget is one
+/// connection's: each EVENT takes its bytes from the shared budget while in flight (seen
+/// taken while they publish), every EVENT still gets its OK (connections wait their turn,
+/// none is starved or stuck), and the budget is whole again afterwards.
+async fn publishers_share_the_relays_events_in_flight_budget(mode: Mode) {
+    let limits = Limits {
+        max_message_size: 4096,
+        max_event_bytes_in_flight: 1,
+        max_event_bytes_in_flight_total: 1,
+        ..Limits::default()
+    };
+    let total = limits.event_budget_total();
+    assert_eq!(
+        total,
+        4096 + orly::config::EVENT_OVERHEAD,
+        "clamped up to one message"
+    );
+    let relay = TestRelay::start_with(
+        mode,
+        RelayConfig {
+            limits,
+            ..RelayConfig::default()
+        },
+    )
+    .await;
+    let budget = relay.running.relay.events_in_flight.clone();
+    assert_eq!(budget.available_permits(), total);
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (budget, done) = (budget.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut least = usize::MAX;
+            while !done.load(Ordering::Relaxed) {
+                least = least.min(budget.available_permits());
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            least
+        })
+    };
+    let base = now() - 10_000;
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            let url = relay.url();
+            tokio::spawn(async move {
+                let keys = Keys::generate();
+                let mut c = RawClient::connect(&url).await;
+                let events: Vec<nostr::Event> = (0..300u64)
+                    .map(|i| note(&keys, &format!("shared budget {p} {i}"), base + i))
+                    .collect();
+                for e in &events {
+                    c.send(format!(r#"["EVENT",{}]"#, e.as_json())).await;
+                }
+                let mut oks = std::collections::HashSet::new();
+                while oks.len() < events.len() {
+                    let v = c.recv().await;
+                    if v[0] == "OK" {
+                        assert_eq!(v[2], true, "refused: {v}");
+                        oks.insert(v[1].as_str().unwrap().to_string());
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    let least = sampler.await.unwrap();
+    assert!(
+        least < total,
+        "EVENTs in flight took from the shared budget"
+    );
+    let mut c = RawClient::connect(&relay.url()).await;
+    assert_eq!(stored_count(&mut c).await, 1200);
+    // Permits go back as each OK is sent; the last may still be on their way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while budget.available_permits() != total && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        budget.available_permits(),
+        total,
+        "every permit is returned"
+    );
 }
