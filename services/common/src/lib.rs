@@ -5,6 +5,7 @@ pub mod acl;
 pub mod config;
 pub mod grpc;
 pub mod grpc_client;
+pub mod memory;
 pub mod metrics;
 pub mod security;
 pub mod service;

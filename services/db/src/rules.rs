@@ -433,6 +433,10 @@ async fn run_writer<S: BatchSaver>(
                 for (reply, out) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(out));
                 }
+                if rx.is_empty() {
+                    // Caught up: what the batches allocated goes back to the OS.
+                    orly_common::memory::burst_ended();
+                }
             }
             Ok(_) => {
                 for reply in replies {

@@ -791,6 +791,10 @@ async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
         let reply = ingest(&conn, raw).await;
         conn.send(reply);
         drop((permit, shared));
+        // The last EVENT of a burst answered: what the burst allocated goes back to the OS.
+        if conn.relay.events_in_flight.available_permits() == conn.relay.events_total {
+            orly_common::memory::burst_ended();
+        }
     });
 }
 

@@ -59,6 +59,8 @@ pub struct Relay {
     /// Byte permits of every connection's EVENTs in flight together
     /// (`ORLY_MAX_EVENT_BYTES_IN_FLIGHT_TOTAL`).
     pub events_in_flight: Arc<tokio::sync::Semaphore>,
+    /// The permits `events_in_flight` started with.
+    pub events_total: usize,
     connections: AtomicUsize,
     draining: AtomicBool,
     identity: orly_sync::serve::Identity,
@@ -121,6 +123,7 @@ impl RelayBuilder {
             outbound: Arc::new(OutboundBytes::default()),
             verifier: crate::verify::Verifier::new(VERIFIER_KEYS),
             events_in_flight: Arc::new(tokio::sync::Semaphore::new(events_total)),
+            events_total,
             connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
