@@ -785,6 +785,9 @@ async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
     else {
         return;
     };
+    let relay = &conn.relay;
+    let in_flight = relay.events_total - relay.events_in_flight.available_permits();
+    relay.events_peak.fetch_max(in_flight, Ordering::Relaxed);
     let raw = raw.get().to_string();
     let conn = conn.clone();
     tokio::spawn(async move {
@@ -792,7 +795,11 @@ async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
         conn.send(reply);
         drop((permit, shared));
         // The last EVENT of a burst answered: what the burst allocated goes back to the OS.
-        if conn.relay.events_in_flight.available_permits() == conn.relay.events_total {
+        let relay = &conn.relay;
+        if relay.events_in_flight.available_permits() == relay.events_total
+            && relay.events_peak.load(Ordering::Relaxed) >= orly_common::memory::BURST_BYTES
+        {
+            relay.events_peak.store(0, Ordering::Relaxed);
             orly_common::memory::burst_ended();
         }
     });

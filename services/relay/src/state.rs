@@ -61,6 +61,8 @@ pub struct Relay {
     pub events_in_flight: Arc<tokio::sync::Semaphore>,
     /// The permits `events_in_flight` started with.
     pub events_total: usize,
+    /// Most bytes of EVENTs in flight at once since the last memory trim.
+    pub events_peak: std::sync::atomic::AtomicUsize,
     connections: AtomicUsize,
     draining: AtomicBool,
     identity: orly_sync::serve::Identity,
@@ -124,6 +126,7 @@ impl RelayBuilder {
             verifier: crate::verify::Verifier::new(VERIFIER_KEYS),
             events_in_flight: Arc::new(tokio::sync::Semaphore::new(events_total)),
             events_total,
+            events_peak: std::sync::atomic::AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
