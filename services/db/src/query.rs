@@ -64,6 +64,23 @@ pub struct Sqlite {
 /// SQLite lists longer than this are passed as one JSON array (SQLite caps binds per statement).
 const SQLITE_MAX_INLINE: usize = 256;
 
+impl Sqlite {
+    /// `col IN (…)` over byte strings: inline blobs, or one JSON array of hex for long lists.
+    fn in_bytes<'v>(
+        &mut self,
+        col: &str,
+        values: impl ExactSizeIterator<Item = &'v [u8]>,
+    ) -> String {
+        if values.len() > SQLITE_MAX_INLINE {
+            let hexes: Vec<String> = values.map(hex::encode).collect();
+            let p = self.bind(Bind::Text(serde_json::Value::from(hexes).to_string()));
+            return format!("{col} IN (SELECT unhex(value) FROM json_each({p}))");
+        }
+        let ps: Vec<String> = values.map(|v| self.bind(Bind::Blob(v.to_vec()))).collect();
+        format!("{col} IN ({})", ps.join(","))
+    }
+}
+
 impl Dialect for Sqlite {
     fn bind(&mut self, b: Bind) -> String {
         self.binds.push(b);
@@ -71,16 +88,7 @@ impl Dialect for Sqlite {
     }
 
     fn in_blobs(&mut self, col: &str, values: &[[u8; 32]]) -> String {
-        if values.len() > SQLITE_MAX_INLINE {
-            let hexes: Vec<String> = values.iter().map(hex::encode).collect();
-            let p = self.bind(Bind::Text(serde_json::Value::from(hexes).to_string()));
-            return format!("{col} IN (SELECT unhex(value) FROM json_each({p}))");
-        }
-        let ps: Vec<String> = values
-            .iter()
-            .map(|v| self.bind(Bind::Blob(v.to_vec())))
-            .collect();
-        format!("{col} IN ({})", ps.join(","))
+        self.in_bytes(col, values.iter().map(|v| v.as_slice()))
     }
 
     fn in_ints(&mut self, col: &str, values: &[i64]) -> String {
@@ -119,17 +127,7 @@ impl Dialect for Sqlite {
     }
 
     fn author_in(&mut self, authors: &[[u8; 32]]) -> String {
-        let prefixes = if authors.len() > SQLITE_MAX_INLINE {
-            let hexes: Vec<String> = authors.iter().map(|a| hex::encode(&a[..8])).collect();
-            let p = self.bind(Bind::Text(serde_json::Value::from(hexes).to_string()));
-            format!("{SQLITE_AUTHOR_KEY} IN (SELECT unhex(value) FROM json_each({p}))")
-        } else {
-            let ps: Vec<String> = authors
-                .iter()
-                .map(|a| self.bind(Bind::Blob(a[..8].to_vec())))
-                .collect();
-            format!("{SQLITE_AUTHOR_KEY} IN ({})", ps.join(","))
-        };
+        let prefixes = self.in_bytes(SQLITE_AUTHOR_KEY, authors.iter().map(|a| &a[..8]));
         format!("{prefixes} AND {}", self.in_blobs("e.pubkey", authors))
     }
 }

@@ -65,16 +65,10 @@ impl Verifier {
 
     /// Whether `event.sig` is its author's signature of `event.id` (BIP-340).
     pub fn signature_ok(&self, event: &Event) -> bool {
-        let Some(key) = self.key(event.pubkey.as_bytes()) else {
-            return false;
-        };
-        let message = Message::from_digest(event.id.to_bytes());
-        nostr::SECP256K1
-            .verify_schnorr(&event.sig, &message, &key)
-            .is_ok()
+        self.verify(event.pubkey.as_bytes(), event.id.to_bytes(), &event.sig)
     }
 
-    /// Verifies a signature given as bytes (for tests and callers without an `Event`).
+    /// Whether `sig` is `pubkey`'s signature of `digest` (BIP-340).
     pub fn verify(&self, pubkey: &[u8; 32], digest: [u8; 32], sig: &Signature) -> bool {
         self.key(pubkey).is_some_and(|key| {
             nostr::SECP256K1
