@@ -6,22 +6,51 @@
 //! their size before it, though nothing held that memory any more (`malloc_trim` from a
 //! debugger took orly-db from 122 to 50 MB). [`burst_ended`] returns the free pages, at most
 //! once per [`TRIM_EVERY`]; an end that comes sooner gets one trim when the interval is up.
-//! Callers call it only after a burst of at least [`BURST_BYTES`] (or as many events): a trim
-//! holds the allocator's locks while it runs (tens of milliseconds on a large heap), and
-//! trimming after every lull of a steady trickle showed as 70-110 ms stalls in the live
-//! fan-out's p99.
+//! Callers go through [`Bursts`], which trims only after work in flight (or in one batch)
+//! reached a threshold: a trim holds the allocator's locks while it runs (tens of milliseconds
+//! on a large heap), and trimming after every lull of a steady trickle showed as 70-110 ms
+//! stalls in the live fan-out's p99.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::time::now_ms;
 
 /// Least time between two trims.
 pub const TRIM_EVERY: Duration = Duration::from_secs(2);
-/// Work in flight at once (bytes of EVENTs) that makes a burst worth a trim.
+/// Bytes of EVENTs in flight at once that make a burst worth a trim (the relay).
 pub const BURST_BYTES: usize = 1 << 20;
-/// Events written since the last trim that make a burst worth one.
-pub const BURST_EVENTS: usize = 4096;
+/// Events in one write batch that make a burst worth a trim (the store writer).
+pub const BURST_BATCH: usize = 1024;
+
+/// The largest level of work (bytes in flight, events in a batch) seen since the last trim.
+pub struct Bursts {
+    threshold: usize,
+    peak: AtomicUsize,
+}
+
+impl Bursts {
+    pub const fn new(threshold: usize) -> Self {
+        Self {
+            threshold,
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    /// The work in flight (or in this batch) is `level` now.
+    pub fn observe(&self, level: usize) {
+        self.peak.fetch_max(level, Ordering::Relaxed);
+    }
+
+    /// Nothing is in flight any more: after a burst that reached the threshold, the memory
+    /// goes back to the OS ([`burst_ended`]).
+    pub fn settled(&self) {
+        if self.peak.load(Ordering::Relaxed) >= self.threshold {
+            self.peak.store(0, Ordering::Relaxed);
+            burst_ended();
+        }
+    }
+}
 
 static LAST_TRIM_MS: AtomicU64 = AtomicU64::new(0);
 static TRIM_PENDING: AtomicBool = AtomicBool::new(false);
@@ -130,6 +159,27 @@ mod tests {
         );
         pending.store(false, Ordering::Relaxed);
         assert_eq!(plan(14_000, &last, &pending), Plan::Now);
+    }
+
+    #[tokio::test]
+    async fn only_a_burst_that_reached_the_threshold_is_trimmed_after() {
+        let bursts = Bursts::new(100);
+        bursts.observe(40);
+        bursts.observe(99);
+        bursts.settled();
+        assert_eq!(
+            bursts.peak.load(Ordering::Relaxed),
+            99,
+            "a trickle is not a burst"
+        );
+        bursts.observe(100);
+        bursts.observe(10);
+        bursts.settled();
+        assert_eq!(
+            bursts.peak.load(Ordering::Relaxed),
+            0,
+            "trimmed, measured anew"
+        );
     }
 
     #[tokio::test]

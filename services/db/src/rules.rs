@@ -421,26 +421,24 @@ async fn run_writer<S: BatchSaver>(
     hub: Arc<FeedHub>,
 ) {
     let mut batch: Vec<SaveRequest> = Vec::with_capacity(MAX_WRITE_BATCH);
-    // Events committed since the last memory trim.
-    let mut written = 0usize;
+    // Batch sizes, for returning memory after a burst.
+    let bursts = orly_common::memory::Bursts::new(orly_common::memory::BURST_BATCH);
     loop {
         if rx.recv_many(&mut batch, MAX_WRITE_BATCH).await == 0 {
             return; // every sender is gone
         }
         let (events, replies): (Vec<Pending>, Vec<_>) =
             batch.drain(..).map(|r| (r.pending, r.reply)).unzip();
-        let replies_len = replies.len();
         match saver.save_batch(&events).await {
             Ok(outcomes) if outcomes.len() == replies.len() => {
                 publish(&hub, &events, &outcomes);
+                bursts.observe(outcomes.len());
                 for (reply, out) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(out));
                 }
-                written += replies_len;
-                if rx.is_empty() && written >= orly_common::memory::BURST_EVENTS {
-                    // Caught up after a burst: what its batches allocated goes back to the OS.
-                    written = 0;
-                    orly_common::memory::burst_ended();
+                if rx.is_empty() {
+                    // Caught up: after a burst, what its batches allocated goes back to the OS.
+                    bursts.settled();
                 }
             }
             Ok(_) => {

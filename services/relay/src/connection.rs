@@ -786,8 +786,9 @@ async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
         return;
     };
     let relay = &conn.relay;
-    let in_flight = relay.events_total - relay.events_in_flight.available_permits();
-    relay.events_peak.fetch_max(in_flight, Ordering::Relaxed);
+    relay
+        .event_bursts
+        .observe(relay.events_total - relay.events_in_flight.available_permits());
     let raw = raw.get().to_string();
     let conn = conn.clone();
     tokio::spawn(async move {
@@ -796,11 +797,8 @@ async fn spawn_event(conn: &Arc<Conn>, raw: &RawValue) {
         drop((permit, shared));
         // The last EVENT of a burst answered: what the burst allocated goes back to the OS.
         let relay = &conn.relay;
-        if relay.events_in_flight.available_permits() == relay.events_total
-            && relay.events_peak.load(Ordering::Relaxed) >= orly_common::memory::BURST_BYTES
-        {
-            relay.events_peak.store(0, Ordering::Relaxed);
-            orly_common::memory::burst_ended();
+        if relay.events_in_flight.available_permits() == relay.events_total {
+            relay.event_bursts.settled();
         }
     });
 }

@@ -61,8 +61,8 @@ pub struct Relay {
     pub events_in_flight: Arc<tokio::sync::Semaphore>,
     /// The permits `events_in_flight` started with.
     pub events_total: usize,
-    /// Most bytes of EVENTs in flight at once since the last memory trim.
-    pub events_peak: std::sync::atomic::AtomicUsize,
+    /// Bytes of EVENTs in flight, for returning memory after a burst.
+    pub event_bursts: orly_common::memory::Bursts,
     connections: AtomicUsize,
     draining: AtomicBool,
     identity: orly_sync::serve::Identity,
@@ -126,7 +126,7 @@ impl RelayBuilder {
             verifier: crate::verify::Verifier::new(VERIFIER_KEYS),
             events_in_flight: Arc::new(tokio::sync::Semaphore::new(events_total)),
             events_total,
-            events_peak: std::sync::atomic::AtomicUsize::new(0),
+            event_bursts: orly_common::memory::Bursts::new(orly_common::memory::BURST_BYTES),
             connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
